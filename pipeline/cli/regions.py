@@ -1,0 +1,3 @@
+"""``cloudfree regions list|show|validate`` and ``cloudfree scenes``."""
+
+from __future__ import annotations

@@ -1,0 +1,301 @@
+"""Areas of interest: the region YAML model, its UTM grid and its patch grid.
+
+A region file is data (``regions/*.yaml``); this module validates it with pydantic and turns every
+problem into one line naming the file, the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from affine import Affine
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from rasterio.crs import CRS
+from rasterio.warp import transform_bounds
+
+from pipeline.errors import RegionError
+from pipeline.grid import Grid
+
+PROJECT_REGIONS = Path(__file__).resolve().parents[1] / "regions"
+SENSOR_FAMILIES = ("s1", "s2", "landsat")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Window(_Strict):
+    start: dt.date = Field(description="First acquisition date searched (inclusive).")
+    end: dt.date = Field(description="Last acquisition date searched (inclusive).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Window":
+        if self.end < self.start:
+            raise ValueError(f"window end {self.end} is before start {self.start}; swap them")
+        return self
+
+
+class PatchSpec(_Strict):
+    size: int = Field(256, description="Patch side in pixels; a multiple of 8 so models can downsample.")
+    stride: int | None = Field(None, description="Step between patches in pixels (default: size, no overlap).")
+
+    @field_validator("size")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v <= 0 or v % 8:
+            raise ValueError(f"patch size {v} is not a positive multiple of 8; use e.g. {max(8, round(v / 8) * 8)}")
+        return v
+
+    @field_validator("stride")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"patch stride {v} must be positive")
+        return v
+
+
+class Splits(_Strict):
+    train: float = Field(0.7, ge=0, le=1)
+    val: float = Field(0.15, ge=0, le=1)
+    test: float = Field(0.15, ge=0, le=1)
+    block_size: int = Field(2, ge=1, description="Spatial block side in patches; whole blocks go to one split so nothing leaks.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "Splits":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions sum to {total:g}, not 1; adjust train/val/test")
+        return self
+
+
+class TCSEN12Rule(_Strict):
+    """TCSEN12: a reference (target) date under 5 % cloud; earlier optical may be contaminated; S1 near each."""
+
+    rule: Literal["tcsen12"] = "tcsen12"
+    reference_max_cloud: float = Field(0.05, ge=0, le=1, description="Max cloud+shadow fraction of the reference date.")
+    input_max_cloud: float = Field(1.0, ge=0, le=1, description="Max cloud fraction of the auxiliary optical dates.")
+    input_dates: int = Field(1, ge=1, le=4, description="Auxiliary optical dates before the reference (1: pairs, 2: three-date samples).")
+    max_gap_days: int = Field(30, ge=1, description="Max days between the reference and the oldest auxiliary date.")
+    sar_max_days: int = Field(3, ge=0, description="S1 must lie within this many days of each optical date.")
+    min_valid: float = Field(0.99, ge=0, le=1, description="Min fraction of valid (non-nodata) pixels per date.")
+
+
+class CMSNRule(_Strict):
+    """CMSN: three Landsat dates, each under its own cloud cap (T1, T2, T3)."""
+
+    rule: Literal["cmsn"] = "cmsn"
+    caps: tuple[float, float, float] = Field((0.25, 0.15, 0.10), description="Cloud caps for T1, T2, T3 (T3 is the target).")
+    max_gap_days: int = Field(64, ge=1)
+    min_valid: float = Field(0.99, ge=0, le=1)
+
+
+class SEN12MSCRTSRule(_Strict):
+    """SEN12MS-CR-TS: target = least cloudy date; inputs = the first n dates within a coverage range."""
+
+    rule: Literal["sen12mscr_ts"] = "sen12mscr_ts"
+    n_inputs: int = Field(3, ge=1)
+    coverage_min: float = Field(0.0, ge=0, le=1)
+    coverage_max: float = Field(1.0, ge=0, le=1)
+    min_valid: float = Field(0.99, ge=0, le=1)
+
+
+SelectionRule = Annotated[Union[TCSEN12Rule, CMSNRule, SEN12MSCRTSRule], Field(discriminator="rule")]
+
+
+class WRS(_Strict):
+    path: int = Field(ge=1, le=233)
+    row: int = Field(ge=1, le=248)
+
+
+class Region(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Lower-case slug, also the file name.")
+    description: str = ""
+    active: bool = Field(False, description="Scheduled build-dataset runs build a dataset for active regions that have none.")
+    bbox: tuple[float, float, float, float] | None = Field(None, description="[W, S, E, N] in EPSG:4326 degrees.")
+    geometry: str | None = Field(None, description="GeoJSON file (relative to the region file) instead of bbox.")
+    crs: str = Field("auto", description="'auto' (UTM zone of the centroid) or an EPSG code like 'EPSG:32650'.")
+    resolution: float = Field(10.0, description="Pixel size in metres.")
+    event_date: dt.date | None = None
+    window: Window
+    sensors: tuple[Literal["s1", "s2", "landsat"], ...] = ("s1", "s2")
+    wrs: WRS | None = Field(None, description="Landsat WRS-2 path/row to restrict scenes to.")
+    selection: SelectionRule = Field(default_factory=TCSEN12Rule)
+    patch: PatchSpec = Field(default_factory=PatchSpec)
+    splits: Splits = Field(default_factory=Splits)
+
+    @field_validator("sensors", mode="before")
+    @classmethod
+    def _known_sensors(cls, v: Any) -> Any:
+        for s in v if isinstance(v, (list, tuple)) else [v]:
+            if s not in SENSOR_FAMILIES:
+                raise ValueError(f"unknown sensor {s!r}; use some of {list(SENSOR_FAMILIES)}")
+        return v
+
+    @field_validator("resolution")
+    @classmethod
+    def _positive_resolution(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"resolution {v} must be > 0 metres (e.g. 10 for Sentinel-2, 30 for Landsat)")
+        return v
+
+    @field_validator("bbox")
+    @classmethod
+    def _valid_bbox(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        if v is None:
+            return v
+        w, s, e, n = v
+        for lat in (s, n):
+            if not -90 <= lat <= 90:
+                raise ValueError(
+                    f"latitude {lat} is outside [-90, 90]; bbox is [W, S, E, N] in degrees - are longitude and latitude swapped?"
+                )
+        for lon in (w, e):
+            if not -180 <= lon <= 180:
+                raise ValueError(f"longitude {lon} is outside [-180, 180]; bbox is [W, S, E, N] in degrees")
+        if w > e:
+            if w > 0 > e:
+                raise ValueError(
+                    f"bbox west {w} > east {e}: the AOI crosses the antimeridian, which is not supported; split it into two regions at 180°"
+                )
+            raise ValueError(f"bbox west {w} > east {e}; swap them ([W, S, E, N])")
+        if s > n:
+            raise ValueError(f"bbox south {s} > north {n}; swap them ([W, S, E, N])")
+        if w == e or s == n:
+            raise ValueError(f"bbox {list(v)} has zero area")
+        return v
+
+    @field_validator("crs")
+    @classmethod
+    def _valid_crs(cls, v: str) -> str:
+        if v == "auto":
+            return v
+        try:
+            CRS.from_user_input(v)
+        except Exception as exc:  # rasterio raises CRSError with a terse message
+            raise ValueError(f"crs {v!r} is not a CRS rasterio knows ({exc}); use 'auto' or 'EPSG:326NN'") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Region":
+        if (self.bbox is None) == (self.geometry is None):
+            raise ValueError("give exactly one of 'bbox' ([W, S, E, N]) or 'geometry' (a GeoJSON file)")
+        if self.event_date and not self.window.start <= self.event_date <= self.window.end:
+            raise ValueError(
+                f"event_date {self.event_date} is outside the window {self.window.start}..{self.window.end}; widen the window or fix the date"
+            )
+        return self
+
+    # -- geometry ---------------------------------------------------------------------------------
+    def lonlat_bounds(self, base_dir: Path | None = None) -> tuple[float, float, float, float]:
+        if self.bbox is not None:
+            return self.bbox
+        return _geojson_bounds(Path(base_dir or PROJECT_REGIONS) / str(self.geometry))
+
+    def target_crs(self) -> str:
+        if self.crs != "auto":
+            return self.crs
+        w, s, e, n = self.lonlat_bounds()
+        return utm_crs((w + e) / 2, (s + n) / 2)
+
+    def grid(self) -> Grid:
+        """The AOI's grid in the target CRS, snapped outward to whole pixels of ``resolution``."""
+        crs = self.target_crs()
+        left, bottom, right, top = transform_bounds(CRS.from_epsg(4326), CRS.from_user_input(crs), *self.lonlat_bounds(), densify_pts=21)
+        r = self.resolution
+        left, bottom = math.floor(left / r) * r, math.floor(bottom / r) * r
+        right, top = math.ceil(right / r) * r, math.ceil(top / r) * r
+        return Grid(crs, Affine(r, 0.0, left, 0.0, -r, top), int(round((right - left) / r)), int(round((top - bottom) / r)))
+
+    def patches(self) -> list[tuple[str, Grid]]:
+        """Full patches of ``patch.size`` every ``patch.stride`` pixels; ids encode the pixel offset."""
+        g = self.grid()
+        size, stride = self.patch.size, self.patch.stride or self.patch.size
+        out = []
+        for row in range(0, g.height - size + 1, stride):
+            for col in range(0, g.width - size + 1, stride):
+                out.append((f"r{row:05d}c{col:05d}", g.window(row, col, size, size)))
+        return out
+
+
+def utm_crs(lon: float, lat: float) -> str:
+    zone = min(int((lon + 180) // 6) + 1, 60)
+    return f"EPSG:{(32600 if lat >= 0 else 32700) + zone}"
+
+
+def _geojson_bounds(path: Path) -> tuple[float, float, float, float]:
+    from shapely.geometry import shape
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegionError(f"{path}: GeoJSON file not found; fix the region's 'geometry' path") from None
+    except json.JSONDecodeError as exc:
+        raise RegionError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+    geoms = [f["geometry"] for f in data["features"]] if data.get("type") == "FeatureCollection" else [data.get("geometry", data)]
+    try:
+        shapes = [shape(g) for g in geoms]
+    except Exception as exc:  # shapely raises several types for malformed geometry
+        raise RegionError(f"{path}: malformed GeoJSON geometry ({exc}); it needs a Polygon or MultiPolygon") from None
+    w = min(s.bounds[0] for s in shapes)
+    so = min(s.bounds[1] for s in shapes)
+    e = max(s.bounds[2] for s in shapes)
+    n = max(s.bounds[3] for s in shapes)
+    return (w, so, e, n)
+
+
+def regions_dir() -> Path:
+    return Path(os.environ.get("CLOUDFREE_REGIONS_DIR", PROJECT_REGIONS))
+
+
+def list_regions() -> list[str]:
+    return sorted(p.stem for p in regions_dir().glob("*.yaml"))
+
+
+def _format_errors(source: str, exc: ValidationError, allowed: list[str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{loc}'; allowed keys are: {', '.join(allowed)}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        where = f"field '{loc}'" if loc else "region"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) or loc == "" else f" (got {value!r})"
+        lines.append(f"{source}: {where}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_region(data: Any, source: str = "<region>") -> Region:
+    if not isinstance(data, dict):
+        raise RegionError(f"{source}: a region file must be a YAML mapping of keys (name, bbox, window, ...)")
+    try:
+        return Region.model_validate(data)
+    except ValidationError as exc:
+        raise RegionError(_format_errors(source, exc, list(Region.model_fields))) from None
+
+
+def load_region(name_or_path: str | Path) -> Region:
+    """Load a region by name (``regions/NAME.yaml``) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = regions_dir() / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise RegionError(f"region '{name_or_path}' not found (looked for {path}); known regions: {', '.join(list_regions()) or 'none'}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RegionError(f"{path}: not valid YAML ({exc}); fix the file") from None
+    region = parse_region(data, str(path))
+    if path.stem != region.name and path.parent == regions_dir():
+        raise RegionError(f"{path}: field 'name' is {region.name!r} but the file is named {path.stem!r}; make them equal")
+    if region.geometry is not None:
+        region = region.model_copy(update={"geometry": str((path.parent / region.geometry).resolve())})
+    return region
