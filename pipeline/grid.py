@@ -48,7 +48,7 @@ class Grid:
 
     def window(self, row: int, col: int, height: int, width: int) -> "Grid":
         """The sub-grid starting at pixel (row, col); may extend past this grid's edge."""
-        return Grid(self.crs, self.transform * Affine.translation(col, row), width, height)
+        return Grid(self.crs, self.transform @ Affine.translation(col, row), width, height)
 
     def tiles(self, size: int, stride: int | None = None) -> Iterator[tuple[int, int, "Grid"]]:
         """(row, col, sub-grid) of ``size``-pixel tiles every ``stride`` pixels, clipped to this grid."""

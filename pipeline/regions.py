@@ -229,25 +229,44 @@ def utm_crs(lon: float, lat: float) -> str:
     return f"EPSG:{(32600 if lat >= 0 else 32700) + zone}"
 
 
-def _geojson_bounds(path: Path) -> tuple[float, float, float, float]:
+def _geojson_bounds(path: Path, region_file: Path | None = None) -> tuple[float, float, float, float]:
+    """Lon/lat bounds of a GeoJSON Polygon/MultiPolygon (bare geometry, Feature or FeatureCollection)."""
+    from shapely.errors import ShapelyError
     from shapely.geometry import shape
 
+    where = f"{region_file}: field 'geometry' ({path})" if region_file else f"{path}: field 'geometry'"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise RegionError(f"{path}: GeoJSON file not found; fix the region's 'geometry' path") from None
+        raise RegionError(f"{where}: GeoJSON file not found; fix the region's 'geometry' path (relative to the region file)") from None
     except json.JSONDecodeError as exc:
-        raise RegionError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
-    geoms = [f["geometry"] for f in data["features"]] if data.get("type") == "FeatureCollection" else [data.get("geometry", data)]
+        raise RegionError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
     try:
+        if data.get("type") == "FeatureCollection":
+            geoms = [f["geometry"] for f in data["features"]]
+        else:
+            geoms = [data["geometry"] if data.get("type") == "Feature" else data]
         shapes = [shape(g) for g in geoms]
-    except Exception as exc:  # shapely raises several types for malformed geometry
-        raise RegionError(f"{path}: malformed GeoJSON geometry ({exc}); it needs a Polygon or MultiPolygon") from None
-    w = min(s.bounds[0] for s in shapes)
-    so = min(s.bounds[1] for s in shapes)
-    e = max(s.bounds[2] for s in shapes)
-    n = max(s.bounds[3] for s in shapes)
-    return (w, so, e, n)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ShapelyError) as exc:
+        raise RegionError(
+            f"{where}: malformed GeoJSON geometry ({type(exc).__name__}: {exc}); it needs a Polygon or MultiPolygon "
+            "(bare, in a Feature or in a FeatureCollection) with [lon, lat] rings"
+        ) from None
+    kinds = sorted({s.geom_type for s in shapes if s.geom_type not in ("Polygon", "MultiPolygon")})
+    if not shapes or kinds or any(s.is_empty for s in shapes):
+        found = ", ".join(kinds) or "no geometry / empty geometry"
+        raise RegionError(f"{where}: GeoJSON has {found}; the AOI must be a non-empty Polygon or MultiPolygon")
+    bounds = (
+        min(s.bounds[0] for s in shapes),
+        min(s.bounds[1] for s in shapes),
+        max(s.bounds[2] for s in shapes),
+        max(s.bounds[3] for s in shapes),
+    )
+    try:
+        Region._valid_bbox(bounds)  # the same lat/lon/antimeridian rules as an inline bbox
+    except ValueError as exc:
+        raise RegionError(f"{where}: GeoJSON bounds {list(bounds)}: {exc}") from None
+    return bounds
 
 
 def regions_dir() -> Path:
@@ -258,16 +277,77 @@ def list_regions() -> list[str]:
     return sorted(p.stem for p in regions_dir().glob("*.yaml"))
 
 
-def _format_errors(source: str, exc: ValidationError, allowed: list[str]) -> str:
+_TAGS = ("tcsen12", "cmsn", "sen12mscr_ts")
+_MISSING_HINT = {
+    "name": "add 'name: <slug>' equal to the file name, e.g. name: zhengzhou-demo",
+    "window": "add e.g. 'window: {start: 2021-07-01, end: 2021-08-31}'",
+    "window.start": "add the first date, e.g. 'start: 2021-07-01'",
+    "window.end": "add the last date, e.g. 'end: 2021-08-31'",
+}
+
+
+def _loc_text(loc: tuple) -> str:
+    """('patch', 'size') -> patch.size; ('sensors', 1) -> sensors[1]; union tags are dropped."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i > 0 and part in _TAGS and loc[i - 1] == "selection":
+            continue  # pydantic puts the discriminator value in the path; users never wrote it
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _model_at(loc: tuple) -> type[BaseModel]:
+    """The pydantic model that owns the keys at ``loc`` (for 'allowed keys' lists)."""
+    model: type[BaseModel] = Region
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if part in _TAGS:
+            model = {"tcsen12": TCSEN12Rule, "cmsn": CMSNRule, "sen12mscr_ts": SEN12MSCRTSRule}[part]
+            continue
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            break
+        model = inner[0]
+    return model
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    import difflib
+
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        loc = _loc_text(err["loc"])
+        value = err.get("input")
         if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{loc}'; allowed keys are: {', '.join(allowed)}")
+            parent, key = err["loc"][:-1], str(err["loc"][-1])
+            allowed = list(_model_at(parent).model_fields)
+            close = difflib.get_close_matches(key, allowed, n=1)
+            fix = f"did you mean '{close[0]}'? " if close else "remove it; "
+            under = f" under '{_loc_text(parent)}'" if parent else ""
+            lines.append(f"{source}: unknown key '{loc}' (value {value!r}); {fix}allowed keys{under} are: {', '.join(allowed)}")
+            continue
+        if err["type"] == "missing":
+            if loc.startswith("bbox["):
+                lines.append(f"{source}: field 'bbox' needs 4 numbers [W, S, E, N] in degrees, e.g. [113.6, 34.71, 113.71, 34.8]")
+            else:
+                lines.append(f"{source}: missing required field '{loc}'; {_MISSING_HINT.get(loc, 'add it')}")
             continue
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "string_pattern_mismatch" and loc == "name":
+            msg = "must be a lower-case slug of letters, digits and '-' (e.g. zheng-zhou), equal to the file name"
+        elif err["type"].startswith(("date_", "datetime_")):
+            msg += "; write dates as YYYY-MM-DD"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown selection rule {err.get('ctx', {}).get('tag')!r}; use one of: {', '.join(_TAGS)}"
+        elif loc.startswith("bbox") and err["type"] in ("too_long", "too_short", "tuple_type"):
+            msg += "; bbox is 4 numbers [W, S, E, N] in degrees"
         where = f"field '{loc}'" if loc else "region"
-        value = err.get("input")
         shown = "" if isinstance(value, dict) or loc == "" else f" (got {value!r})"
         lines.append(f"{source}: {where}: {msg}{shown}")
     return "\n".join(lines)
@@ -279,7 +359,7 @@ def parse_region(data: Any, source: str = "<region>") -> Region:
     try:
         return Region.model_validate(data)
     except ValidationError as exc:
-        raise RegionError(_format_errors(source, exc, list(Region.model_fields))) from None
+        raise RegionError(_format_errors(source, exc)) from None
 
 
 def load_region(name_or_path: str | Path) -> Region:
@@ -298,4 +378,5 @@ def load_region(name_or_path: str | Path) -> Region:
         raise RegionError(f"{path}: field 'name' is {region.name!r} but the file is named {path.stem!r}; make them equal")
     if region.geometry is not None:
         region = region.model_copy(update={"geometry": str((path.parent / region.geometry).resolve())})
+        _geojson_bounds(Path(str(region.geometry)), path)  # a broken GeoJSON fails here, not at the first grid() call
     return region
