@@ -55,8 +55,17 @@ class MaskConfig(BaseModel):
     shadow_nir_relative: float = Field(
         0.7, gt=0, description="...and below this fraction of the scene's median clear-land NIR (adapts to dark scenes)."
     )
+    water_swir1_max: float = Field(
+        0.03, gt=0, description="Water (excluded from shadow candidates) has SWIR1 reflectance below this when a SWIR1 band exists; shadowed land keeps more."
+    )
     cloud_height_min_m: float = Field(200.0, ge=0, description="Lowest cloud height scanned when projecting clouds onto their shadows.")
     cloud_height_max_m: float = Field(4000.0, gt=0, description="Highest cloud height scanned when projecting clouds onto their shadows.")
+    shadow_match_min: float = Field(
+        0.4, ge=0, le=1, description="A cloud object gets a shadow only if, at its best-matching height, at least this fraction of its projected footprint is dark."
+    )
+    shadow_match_block_m: float = Field(
+        40.0, gt=0, description="Block size (m) on which cloud objects are matched to dark footprints (coarser = faster, less precise height)."
+    )
     shadow_search_m: float = Field(
         1500.0, gt=0, description="Without sun angles: dark pixels within this distance of a cloud are shadow (no direction known)."
     )

@@ -13,8 +13,9 @@ Methods (``method=``):
 - ``auto``        the first that the bands allow, in this order: qa_pixel, s2cloudless (bands), cloudscore,
                   s2cloudless (CLOUD_PROB), scl, qa60 (outside its gap), spectral.
 
-Methods without a shadow class of their own (all but qa_pixel and scl) get shadows by projecting the cloud
-mask away from the sun over a range of cloud heights and keeping dark-NIR, non-water pixels there; snow
+Methods without a shadow class of their own (all but qa_pixel and scl) get shadows by projecting each cloud
+object away from the sun at the height (within a scanned range) where its footprint is darkest and keeping
+dark-NIR, non-water pixels there (``mask_rules.matched_shadow_zone``); snow
 (NDSI test) and cirrus (B10/B9 reflectance) are added where those bands exist. NaN pixels are NODATA.
 
 ``mask_fractions`` gives the per-patch numbers selection uses: fractions of ALL pixels, cloud counting
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -236,10 +238,13 @@ def _add_cirrus_snow_shadow(
         return
     red, nir = bands.get("red"), bands.get("nir")
     flagged = (codes == MaskClass.CLOUD) | (codes == MaskClass.THIN_CLOUD)
-    dark = mask_rules.dark_pixels(red, nir, (codes == MaskClass.CLEAR) & ~nodata, cfg)
+    swir1 = bands.get("swir1") if bands.has("swir1") else None
+    az, el = sun
+    reach = cfg.shadow_search_m if az is None or el is None else cfg.cloud_height_max_m / math.tan(math.radians(el))
+    shadeable = mask_rules.buffer(flagged, reach, min(abs(transform[0]), abs(transform[4])))
+    dark = mask_rules.dark_pixels(red, nir, (codes == MaskClass.CLEAR) & ~nodata, cfg, swir1, shadeable)
     # Cloud Score+ scores shadows low as well; a dark low-score pixel is a shadow, not a cloud.
     cloud = flagged & ~dark if method == "cloudscore" else codes == MaskClass.CLOUD
-    az, el = sun
     if az is None or el is None:
         log.info("mask %s: sun angles unknown, shadows = dark pixels within %.0f m of clouds", method, cfg.shadow_search_m)
     shadow = mask_rules.cloud_shadow(cloud, dark, transform, az, el, cfg)

@@ -49,6 +49,10 @@ TRANS = np.array([.75, .80, .85, .88, .89, .90, .91, .91, .92, .40, .012, .93, .
 CLOUD = np.array([.52, .50, .48, .47, .48, .48, .48, .47, .47, .30, .06, .32, .20], dtype=np.float32)
 # Cirrus per unit visible cirrus reflectance (ice: B10 sees it above the water vapour).
 CIRRUS = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.9, 1.0, 0.8, 0.6], dtype=np.float32)
+# Diffuse (skylight) share of the ground irradiance under this hazy summer sky: all a cloud shadow keeps
+# once the direct beam is blocked (Rayleigh + aerosol scattering fall with wavelength), so shadows under
+# thick cumulus are ~0.25x clear in NIR and less dark in blue, as in real L1C shadows.
+DIFFUSE = np.array([.50, .45, .38, .32, .30, .28, .26, .25, .25, .25, .25, .18, .15], dtype=np.float32)
 _WAVELENGTH = np.array([443, 492, 560, 665, 704, 740, 783, 833, 865, 945, 1374, 1614, 2202], dtype=np.float32)
 HAZE = (_WAVELENGTH / 560.0) ** -1.3 * np.where(_WAVELENGTH > 1300, 0.3, 1.0).astype(np.float32)
 HAZE[_B["B10"]] = 0.0
@@ -83,8 +87,7 @@ def toa_clear(surf: np.ndarray, band_idx: list[int]) -> np.ndarray:
 
 
 def apply_sky(surf: np.ndarray, sky: Sky, band_idx: list[int]) -> np.ndarray:
-    """TOA with haze, cirrus, shadow (darkened ground, path radiance kept) and thick cloud on top."""
-    sh = (1.0 - np.float32(0.55) * sky.shadow).astype(np.float32)
+    """TOA with haze, cirrus, shadow (direct beam removed, skylight and path radiance kept) and thick cloud on top."""
     a = sky.alpha
     keep = (1.0 - a).astype(np.float32)
     # thicker clouds are brighter; the opacity mixes cloud over the (possibly shaded) ground
@@ -93,7 +96,9 @@ def apply_sky(surf: np.ndarray, sky: Sky, band_idx: list[int]) -> np.ndarray:
     tmp = np.empty(sky.alpha.shape, dtype=np.float32)
     for i, b in enumerate(band_idx):
         o = out[i]
-        np.multiply(surf[i], sh, out=o)
+        np.multiply(sky.shadow, np.float32(1.0) - DIFFUSE[b], out=tmp)
+        tmp *= surf[i]
+        np.subtract(surf[i], tmp, out=o)
         o *= TRANS[b]
         o += PATH[b]
         if HAZE[b]:

@@ -18,11 +18,21 @@ from scipy.special import ndtri
 
 from pipeline.sources.synth_noise import fbm, hash_uniform, key_of, value_noise
 
-# Truth thresholds: what counts as thick cloud, thin cloud (cirrus / haze / cloud rim) and shadow.
+# Truth thresholds: what counts as thick cloud, thin cloud and shadow.
+# Thick cloud: opacity >= 0.5 (optical thickness >= 0.7), the surface no longer dominates the signal.
 CLOUD_ALPHA = 0.5
-THIN_ALPHA = 0.08
+# Thin cloud = a semi-transparent veil that visibly alters the surface signal (CloudSEN12's definition),
+# taken as a blue (B2) TOA brightening of at least THIN_VISIBLE: ~a quarter of clear-sky blue TOA over this
+# cropland and ~5x the L1C radiometric uncertainty. One criterion for the three veils, which add up:
+# a cloud rim adds alpha * (cloud blue ~0.40 - clear blue ~0.13), aerosol haze HAZE_BLUE x its 560 nm
+# reflectance (Angstrom 1.3), cirrus its own reflectance. Aerosol haze is not cloud, and a uniform
+# regional haze below this level is what atmospheric correction removes, so it stays CLEAR.
+THIN_VISIBLE = 0.03
+RIM_BLUE = 0.27
+HAZE_BLUE = (492.0 / 560.0) ** -1.3
+# Cirrus is also thin cloud wherever the 1375 nm band (B10, dark under a clear sky: ~0.003) measures it.
 CIRRUS_MIN = 0.015
-HAZE_MIN = 0.01
+# Shadow: cloud removing >= 40 % of the direct beam (NIR then drops by >= 30 %, see synth_render.DIFFUSE).
 SHADOW_ALPHA = 0.4
 
 REGIMES = ("clear", "clear", "scattered", "broken", "overcast")
@@ -61,7 +71,7 @@ def draw_weather(seed: int, track: str, index: int, when: dt.date, event: dt.dat
     u = [float(v) for v in hash_uniform(np.arange(8), np.full(8, index), key_of("weather", seed, track))]
     cover = {"clear": 0.0, "scattered": 0.05 + 0.3 * u[0], "broken": 0.35 + 0.45 * u[0], "overcast": 1.0}[regime]
     cirrus = 0.0 if regime == "clear" else (0.02 + 0.06 * u[1] if u[2] < 0.3 else 0.0)
-    # haze (aerosol) on some cloudy days only: s2cloudless and users alike treat it as contamination
+    # haze (aerosol) on some cloudy days only; where dense enough to veil the ground it is thin cloud in truth
     haze = 0.0 if regime == "clear" or u[6] < 0.6 else 0.01 + 0.025 * u[3]
     return {
         "synth_regime": regime,
@@ -86,7 +96,8 @@ class Sky:
 
         m = np.full(self.alpha.shape, MaskClass.CLEAR, dtype=np.uint8)
         m[self.shadow >= SHADOW_ALPHA] = MaskClass.SHADOW
-        thin = (self.alpha >= THIN_ALPHA) | (self.cirrus >= CIRRUS_MIN) | (self.haze >= HAZE_MIN)
+        veil = RIM_BLUE * self.alpha + self.cirrus + np.float32(HAZE_BLUE) * self.haze
+        thin = (veil >= THIN_VISIBLE) | (self.cirrus >= CIRRUS_MIN)
         m[thin] = MaskClass.THIN_CLOUD
         m[self.alpha >= CLOUD_ALPHA] = MaskClass.CLOUD
         return m
@@ -144,8 +155,10 @@ def sky_on(xs: np.ndarray, ys: np.ndarray, props: dict[str, Any], seed: int, sce
         az = math.radians(float(props["sun_azimuth"]))
         zen = math.radians(90.0 - float(props["sun_elevation"]))
         reach = float(props["synth_cloud_height_m"]) * math.tan(zen)
-        # the ground point is shaded by the cloud above the point ``reach`` metres towards the sun
-        shadow, _ = _thick(xs + reach * math.sin(az), ys + reach * math.cos(az), props, key)
+        # the ground point is shaded by the cloud above the point ``reach`` metres towards the sun; the
+        # direct beam crosses that cloud on a slant path, tau / cos(zenith)
+        _, tau_sun = _thick(xs + reach * math.sin(az), ys + reach * math.cos(az), props, key)
+        shadow = (1.0 - np.exp(-tau_sun / np.float32(math.cos(zen)))).astype(np.float32)
     elif float(props["synth_cover"]) >= 1.0:
         shadow = np.ones(shape, dtype=np.float32)
     tau_total = (tau + cirrus * np.float32(20.0)).astype(np.float32)
