@@ -1,0 +1,217 @@
+"""Training benchmarks and the zhengzhou-demo result.
+
+Default (``make bench``):
+  1. trainer overhead: ``pipeline.training.train_step`` vs a bare PyTorch step (forward, loss, backward, clip,
+     Adam) on the same model and the same pre-assembled batches, and a full ``train()`` epoch vs a bare loop over
+     the same DataLoader (data assembly included in both);
+  2. CPU samples/s of small ``unet`` and ``crgennet`` at 128 x 128;
+  3. with a CUDA GPU: samples/s of CRGenNet's paper config at 256 x 256, bf16 autocast + channels_last.
+``--demo``: build ``zhengzhou-demo`` from the synthetic source (skipped when already built), train a small unet and
+a small crgennet for ``--minutes`` each on CPU, evaluate both next to the composite baseline on the test split,
+print the tables.
+
+    python bench/training.py [--demo --minutes 4 --data data/zhengzhou-demo --runs runs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.registry import build_model, model_loss, resolve_config  # noqa: E402
+from pipeline.assemble import AssembledDataset, AugmentConfig, model_inputs  # noqa: E402
+from pipeline.train_config import TrainConfig  # noqa: E402
+from pipeline.training import LoopState, build_parts, setup_runtime, train, train_step  # noqa: E402
+
+CRGEN_NO_VGG = {"base": "small", "loss": {"perceptual": 0.0}}  # no ImageNet VGG weights offline
+
+
+def _toy(n: int, size: int):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_assemble import toy_raw_samples
+
+    return toy_raw_samples(n, dates=3, size=size, seed=0)
+
+
+def _batches(cfg: TrainConfig, spec, raw, batch: int, n: int) -> list[dict]:
+    ds = AssembledDataset(raw, spec, train=True, seed=0, augment=cfg.augment)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False)
+    out = []
+    while len(out) < n:
+        out += list(loader)
+    return out[:n]
+
+
+def bare_steps(model_name: str, params, batches: list[dict], device: torch.device, amp=None, channels_last=False) -> float:
+    """Seconds per step of the plainest correct loop: forward, loss, backward, clip, Adam step."""
+    torch.manual_seed(0)
+    model = build_model(model_name, params).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = model_loss(model_name, params).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    times = []
+    for b in batches:
+        inp = {k: v.to(device) for k, v in model_inputs(b).items()}
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
+            out = model(inp)
+            loss, _ = loss_fn(out, inp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[2:])
+
+
+def trainer_steps(cfg: TrainConfig, batches: list[dict]) -> float:
+    rt = setup_runtime(cfg)
+    parts = build_parts(cfg, rt, 1)
+    parts.model.train()
+    st = LoopState()
+    times = []
+    for b in batches:
+        t = time.perf_counter()
+        train_step(parts, b, cfg, rt, st)  # includes the host->device copy the bare loop does outside its timer
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        st.step += 1
+    return statistics.median(times[2:])
+
+
+def overhead(model_name: str, params, size: int, batch: int, steps: int) -> dict:
+    cfg = TrainConfig(model=model_name, model_params=params, batch_size=batch, num_workers=0, precision="fp32",
+                      optimizer={"lr": 1e-3}, grad_clip=1.0)
+    spec = build_model(model_name, params).spec
+    raw = _toy(batch * 4, size)
+    batches = _batches(cfg, spec, raw, batch, steps)
+    dev = torch.device("cpu")
+    # interleave to share the machine's load fairly between the two
+    bare, ours = [], []
+    for _ in range(3):
+        bare.append(bare_steps(model_name, resolve_config(model_name, params), batches, dev))
+        ours.append(trainer_steps(cfg, batches))
+    b, o = min(bare), min(ours)
+    return {"model": model_name, "size": size, "batch": batch, "bare_s_per_step": b, "trainer_s_per_step": o,
+            "step_overhead_pct": 100 * (o / b - 1), "samples_per_s": batch / o}
+
+
+def epoch_overhead(model_name: str, params, size: int, batch: int, n: int) -> dict:
+    """train() (no validation cost counted: samples/s over the training loop only) vs a bare loop over the same DataLoader."""
+    raw = _toy(n, size)
+    cfg = TrainConfig(model=model_name, model_params=params, batch_size=batch, num_workers=0, precision="fp32",
+                      optimizer={"lr": 1e-3}, epochs=1, patience=None)
+    spec = build_model(model_name, params).spec
+    with tempfile.TemporaryDirectory() as d:
+        res = train(cfg, None, Path(d) / "run", train_data=raw, val_data=raw[:batch], progress=False)
+    ours = res.samples_per_s
+    torch.manual_seed(0)
+    rc = resolve_config(model_name, params)
+    model, loss_fn = build_model(model_name, rc), model_loss(model_name, rc)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ds = AssembledDataset(raw, spec, train=True, seed=0, augment=cfg.augment)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True)
+    t = time.perf_counter()
+    for b in loader:
+        inp = model_inputs(b)
+        out = model(inp)
+        loss, _ = loss_fn(out, inp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    bare = n / (time.perf_counter() - t)
+    return {"model": model_name, "bare_samples_per_s": bare, "trainer_samples_per_s": ours, "epoch_overhead_pct": 100 * (bare / ours - 1)}
+
+
+def cuda_paper_crgennet(size: int = 256, batch: int = 8, steps: int = 20) -> dict | None:
+    if not torch.cuda.is_available():
+        return None
+    params = {"base": "paper", "loss": {"perceptual": 0.0}}
+    cfg = TrainConfig(model="crgennet", model_params=params, batch_size=batch, num_workers=0, precision="bf16",
+                      deterministic=False)
+    spec = build_model("crgennet", params).spec
+    batches = _batches(cfg, spec, _toy(batch, size), batch, steps)
+    s = trainer_steps(cfg, batches)
+    return {"model": "crgennet paper", "size": size, "batch": batch, "precision": "bf16", "channels_last": True,
+            "s_per_step": s, "samples_per_s": batch / s, "gpu": torch.cuda.get_device_name()}
+
+
+def demo(data: Path, runs: Path, minutes: float, val_every: int = 4, extend: float = 0.0, only: str | None = None) -> None:
+    from pipeline.dataset_build import build_dataset
+    from pipeline.evaluation import evaluate, markdown_table
+
+    if not (data / "cubes" / "test.zarr").exists():
+        t = time.perf_counter()
+        build_dataset("zhengzhou-demo", "synthetic", data, progress=False)
+        print(f"built {data} in {time.perf_counter() - t:.0f} s")
+    aug = AugmentConfig(crop=64)
+    # the small unet also sees the earlier date (as the composite does); its lr is ours (no published one)
+    setups = (("unet", {"base": "small", "optical_dates": 2}, {"lr": 3e-3}, 1.5 * minutes),
+              ("crgennet", CRGEN_NO_VGG, None, minutes))
+    for name, params, optim, mins in setups:
+        if only and name != only:
+            continue
+        run = runs / name
+        done = (run / "model.json").exists()
+        if not done or extend:
+            # a resumed run's clock includes its earlier epochs: the limit is the total
+            total = mins * 60 + (extend * 60 if done else 0)
+            cfg = TrainConfig(model=name, model_params=params, epochs=1000, patience=None, num_workers=1, augment=aug,
+                              time_limit_s=total, val_every=val_every, optimizer=optim)
+            res = train(cfg, data, run, resume=done, progress=True)
+            print(f"{name}: {res.epochs_run} epochs in {res.seconds:.0f} s, {res.samples_per_s:.2f} samples/s, best "
+                  f"{res.monitor} {res.best_value:.2f} dB at epoch {res.best_epoch}")
+        result = evaluate(run, data, "test")
+        print(markdown_table(result))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", action="store_true", help="zhengzhou-demo: train unet + crgennet, evaluate vs composite")
+    ap.add_argument("--minutes", type=float, default=4.0, help="crgennet training time; unet gets 1.5x")
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "zhengzhou-demo")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    ap.add_argument("--extend", type=float, default=0.0, help="--demo: resume finished runs for this many more minutes")
+    ap.add_argument("--only", choices=["unet", "crgennet"], help="--demo: just this model")
+    ap.add_argument("--steps", type=int, default=12)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.demo:
+        demo(args.data, args.runs, args.minutes, extend=args.extend, only=args.only)
+        return
+    rows = [overhead("unet", "small", 128, 8, args.steps), overhead("crgennet", CRGEN_NO_VGG, 128, 8, args.steps)]
+    for r in rows:
+        print(f"{r['model']:9s} {r['size']}px batch {r['batch']}: bare {r['bare_s_per_step'] * 1e3:.1f} ms/step, trainer "
+              f"{r['trainer_s_per_step'] * 1e3:.1f} ms/step -> step overhead {r['step_overhead_pct']:+.1f} %, "
+              f"{r['samples_per_s']:.1f} samples/s (CPU, {torch.get_num_threads()} threads)")
+    e = epoch_overhead("unet", "small", 64, 8, 64)
+    print(f"unet 64px epoch incl. data assembly: bare {e['bare_samples_per_s']:.1f} samples/s, train() "
+          f"{e['trainer_samples_per_s']:.1f} samples/s -> overhead {e['epoch_overhead_pct']:+.1f} %")
+    g = cuda_paper_crgennet()
+    if g is None:
+        print("no CUDA GPU: CRGenNet paper-config bf16 figure skipped")
+    else:
+        print(f"CRGenNet paper config {g['size']}px batch {g['batch']} bf16 channels_last on {g['gpu']}: "
+              f"{g['s_per_step'] * 1e3:.0f} ms/step, {g['samples_per_s']:.1f} samples/s")
+    print(json.dumps({"cpu": rows, "epoch": e, "cuda": g}, default=float))
+
+
+if __name__ == "__main__":
+    main()
