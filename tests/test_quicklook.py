@@ -67,8 +67,8 @@ def test_preview_command_writes_a_true_colour_png(tmp_path):
 def test_preview_sar_and_no_scene_error(tmp_path):
     res = CliRunner().invoke(app, ["preview", "zhengzhou-demo", "--date", "2021-07-08", "--sensor", "s1", "-o", str(tmp_path / "s1.png")])
     assert res.exit_code == 0, res.output
-    # Landsat 8 + 9 pass every 8 days (07-05, 07-13, ...): nothing within 3 days of 07-09
+    # Landsat 8 alone every 16 days in July 2021 (06-27, 07-13, ...): nothing within 3 days of 07-09
     res = CliRunner().invoke(app, ["preview", "zhengzhou-demo", "--date", "2021-07-09", "--sensor", "landsat", "-o", str(tmp_path / "none.png")])
     assert res.exit_code != 0
-    assert "nearest dates" in str(res.exception) and "2021-07-05" in str(res.exception) and "2021-07-13" in str(res.exception)
+    assert "nearest dates" in str(res.exception) and "2021-06-27" in str(res.exception) and "2021-07-13" in str(res.exception)
     assert not (tmp_path / "none.png").exists()

@@ -16,7 +16,8 @@ from pipeline.regions import load_region
 from pipeline.sensors import S2_BANDS, QAPixel, get_sensor
 from pipeline.sources.base import Source, get_source
 from pipeline.sources.synth_world import CROP, FLOODED, FOREST, WATER
-from pipeline.sources.synthetic import SyntheticSource, mgrs_tile, wrs2_path_row
+from pipeline.sources import synthetic as synmod
+from pipeline.sources.synthetic import MISSIONS, SyntheticSource, mgrs_tile, operating, wrs2_path_row
 
 
 @pytest.fixture(scope="module")
@@ -88,23 +89,98 @@ def test_zhengzhou_july_climatology_gives_references_and_cloudy_dates(s2):
 
 
 def test_landsat_and_s1_search(region, src):
+    # July-August 2021: Landsat 9 is not operational yet (2021-10-31), Landsat 8 alone every 16 days
     ls = src.search(region, region.window.start, region.window.end, "landsat")
-    assert [(b.date - a.date).days for a, b in zip(ls, ls[1:])] == [8] * (len(ls) - 1)
-    assert {s.sensor for s in ls} == {"landsat8_l2", "landsat9_l2"}
-    for s in ls:
+    assert len(ls) >= 3
+    assert [(b.date - a.date).days for a, b in zip(ls, ls[1:])] == [16] * (len(ls) - 1)
+    assert {s.sensor for s in ls} == {"landsat8_l2"} and {s.properties["platform"] for s in ls} == {"LANDSAT_8"}
+    assert src.search(region, region.window.start, region.window.end, "landsat9_l2") == []
+    both = src.search(region, dt.date(2022, 7, 1), dt.date(2022, 8, 31), "landsat")
+    assert [(b.date - a.date).days for a, b in zip(both, both[1:])] == [8] * (len(both) - 1)
+    assert {s.sensor for s in both} == {"landsat8_l2", "landsat9_l2"}
+    for s in ls + both:
         assert re.fullmatch(r"LC0[89]_124036_\d{8}", s.id), s.id
         assert s.id.endswith(s.date.strftime("%Y%m%d"))
-    only8 = src.search(region, region.window.start, region.window.end, "landsat8_l2")
-    assert [s.id for s in only8] == [s.id for s in ls if s.sensor == "landsat8_l2"]
+    only8 = src.search(region, dt.date(2022, 7, 1), dt.date(2022, 8, 31), "landsat8_l2")
+    assert [s.id for s in only8] == [s.id for s in both if s.sensor == "landsat8_l2"]
     assert wrs2_path_row(114.25, 30.6) == (123, 39)
 
     s1 = src.search(region, region.window.start, region.window.end, "s1")
     assert [(b.date - a.date).days for a, b in zip(s1, s1[1:])] == [6] * (len(s1) - 1)
+    assert {s.properties["platform"] for s in s1} == {"SENTINEL-1A", "SENTINEL-1B"}
     for s in s1:
         assert re.fullmatch(r"S1[AB]_IW_GRDH_1SDV_\d{8}T\d{6}_\d{8}T\d{6}_\d{6}_[0-9A-F]{6}_[0-9A-F]{4}", s.id), s.id
         assert s.cloud_cover is None
         assert s.properties["orbit_pass"] in ("ASCENDING", "DESCENDING")
         assert s.properties["instrument_mode"] == "IW" and s.properties["simulated"] is True
+
+
+def _platforms(scenes):
+    return [s.properties["platform"] for s in scenes]
+
+
+def _gaps(scenes):
+    return {(b.date - a.date).days for a, b in zip(scenes, scenes[1:])}
+
+
+def test_s2_mission_dates(region, src):
+    assert src.search(region, dt.date(2015, 1, 1), dt.date(2015, 6, 22), "s2") == []
+    first = src.search(region, dt.date(2015, 6, 1), dt.date(2015, 12, 31), "s2")
+    assert first and first[0].date >= dt.date(2015, 6, 23) and first[0].date <= dt.date(2015, 7, 3)
+    # S2A alone until S2B (2017-03-07): one satellite, a 10-day revisit
+    alone = src.search(region, dt.date(2016, 6, 1), dt.date(2016, 8, 31), "s2")
+    assert set(_platforms(alone)) == {"SENTINEL-2A"} and _gaps(alone) == {10}
+    switch = src.search(region, dt.date(2017, 2, 1), dt.date(2017, 4, 30), "s2")
+    assert all(s.date >= dt.date(2017, 3, 7) for s in switch if s.properties["platform"] == "SENTINEL-2B")
+    assert _gaps([s for s in switch if s.date >= dt.date(2017, 3, 7)]) == {5}
+    # S2C takes over S2A's slot (2025-01-21): still a 5-day revisit, never three satellites on one cycle
+    recent = src.search(region, dt.date(2025, 1, 1), dt.date(2025, 3, 31), "s2")
+    assert _gaps(recent) == {5}
+    assert {p for s, p in zip(recent, _platforms(recent)) if s.date > dt.date(2025, 1, 21)} == {"SENTINEL-2B", "SENTINEL-2C"}
+    # L1C and L2A fly the same platforms on the same dates
+    assert [s.id for s in src.search(region, dt.date(2016, 7, 1), dt.date(2016, 7, 31), "s2_l2a")] == \
+        [s.id for s in alone if s.date.month == 7]
+
+
+def test_landsat_mission_dates(region, src):
+    # the synthetic archive simulates OLI only: nothing before Landsat 8 (2013-04-11), L7/L5 are not served
+    assert src.search(region, dt.date(2012, 1, 1), dt.date(2013, 4, 10), "landsat") == []
+    first = src.search(region, dt.date(2013, 1, 1), dt.date(2013, 6, 30), "landsat")
+    assert first and first[0].date >= dt.date(2013, 4, 11) and _gaps(first) == {16}
+    assert src.search(region, dt.date(2021, 1, 1), dt.date(2021, 10, 30), "landsat9_l2") == []
+    late = src.search(region, dt.date(2021, 9, 1), dt.date(2022, 1, 31), "landsat")
+    l9 = [s for s in late if s.sensor == "landsat9_l2"]
+    assert l9 and min(s.date for s in l9) >= dt.date(2021, 10, 31)
+    assert _gaps([s for s in late if s.date >= dt.date(2021, 10, 31)]) == {8}
+    assert _gaps([s for s in late if s.date < dt.date(2021, 10, 31)]) == {16}
+
+
+def test_s1_mission_dates(region, src):
+    assert src.search(region, dt.date(2014, 4, 3), dt.date(2014, 10, 2), "s1") == []
+    early = src.search(region, dt.date(2014, 10, 1), dt.date(2015, 3, 31), "s1")
+    assert early[0].date >= dt.date(2014, 10, 3) and set(_platforms(early)) == {"SENTINEL-1A"} and _gaps(early) == {12}
+    end_b = src.search(region, dt.date(2021, 11, 1), dt.date(2022, 3, 31), "s1")
+    b = [s for s in end_b if s.properties["platform"] == "SENTINEL-1B"]
+    assert b and max(s.date for s in b) <= dt.date(2021, 12, 23)
+    # S1B's failure: a 12-day single-satellite revisit until S1C
+    after = [s for s in end_b if s.date > dt.date(2021, 12, 23)]
+    assert set(_platforms(after)) == {"SENTINEL-1A"} and _gaps(after) == {12}
+    gap = src.search(region, dt.date(2023, 1, 1), dt.date(2023, 12, 31), "s1")
+    assert set(_platforms(gap)) == {"SENTINEL-1A"} and _gaps(gap) == {12}
+    c = src.search(region, dt.date(2025, 3, 1), dt.date(2025, 4, 30), "s1")
+    assert set(_platforms(c)) == {"SENTINEL-1A", "SENTINEL-1C"} and _gaps(c) == {6}
+    assert all(s.id.startswith("S1C_") for s in c if s.properties["platform"] == "SENTINEL-1C")
+    # S1C flies S1B's ground track: same relative orbits over the region
+    assert {s.properties["relative_orbit"] for s in c if s.properties["platform"] == "SENTINEL-1C"} == \
+        {s.properties["relative_orbit"] for s in b}
+
+
+def test_every_scene_was_acquired_while_its_platform_operated(region, src):
+    for sensor in ("s2", "landsat", "s1"):
+        scenes = src.search(region, dt.date(2013, 1, 1), dt.date(2026, 1, 1), sensor)
+        assert scenes
+        assert all(operating(s.properties["platform"], s.date) for s in scenes), sensor
+        assert {s.properties["platform"] for s in scenes} <= set(MISSIONS)
 
 
 def test_unknown_sensor_is_a_clear_error(region, src):
@@ -165,8 +241,8 @@ def test_patch_read_equals_window_of_full_grid(region, src, s2):
     np.testing.assert_array_equal(tp["mask"].values, tf["mask"].values[row : row + 256, col : col + 256])
     np.testing.assert_array_equal(tp["landcover"].values, tf["landcover"].values[row : row + 256, col : col + 256])
     # Landsat is simulated on its own 30 m world lattice and S1 has per-pixel speckle: both line up too
-    for key, b in (("landsat9_l2", ["SR_B4", "QA_PIXEL"]), ("s1_grd", ["VV"])):
-        other = src.search(region, dt.date(2021, 7, 1), dt.date(2021, 7, 15), key)[0]
+    for key, b in (("landsat8_l2", ["SR_B4", "QA_PIXEL"]), ("s1_grd", ["VV"])):
+        other = src.search(region, dt.date(2021, 7, 1), dt.date(2021, 7, 31), key)[0]
         w = full_grid.window(301, 407, 100, 90)
         np.testing.assert_array_equal(src.read(other, w, b).values, src.read(other, full_grid, b).values[:, 301:401, 407:497])
 
@@ -347,3 +423,44 @@ def test_cirrus_shows_in_b10_and_counts_as_thin_cloud(region, src, patch):
         assert np.median(b10[clear]) < 0.006
     qa = da.sel(band="QA60").values.astype(np.uint16)
     assert ((qa >> 11) & 1).any()
+
+
+# -- read/truth sharing ---------------------------------------------------------------------------
+def test_truth_and_read_share_work_but_not_arrays(region, s2, patch):
+    sc = _by_regime(s2, "scattered")[0]
+    cold = SyntheticSource(seed=0, cache=False)
+    ref_read, ref_truth = cold.read(sc, patch), cold.truth(sc, patch)
+    synmod.clear_caches()
+    warm = SyntheticSource(seed=0)
+    t = warm.truth(sc, patch)
+    da = warm.read(sc, patch)
+    assert len(synmod._RENDERS) == 1  # one render served both
+    np.testing.assert_array_equal(da.values, ref_read.values)
+    for v in ref_truth.data_vars:
+        np.testing.assert_array_equal(t[v].values, ref_truth[v].values)
+    # callers own what they get: scribbling on it does not leak into the next read or truth
+    for v in t.data_vars:
+        t[v].values[...] = 0
+    da.values[...] = 0
+    t2, da2 = warm.truth(sc, patch), warm.read(sc, patch)
+    for v in ref_truth.data_vars:
+        np.testing.assert_array_equal(t2[v].values, ref_truth[v].values)
+    np.testing.assert_array_equal(da2.values, ref_read.values)
+    # same id with other weather (another region's calibration) is another render, not a stale one
+    import dataclasses
+
+    other = dataclasses.replace(sc, properties={**sc.properties, "synth_cover": 1.0})
+    assert (warm.truth(other, patch)["mask"].values == MaskClass.CLOUD).all()
+
+
+def test_render_cache_is_bounded(region, s2, monkeypatch):
+    monkeypatch.setattr(synmod, "RENDER_CACHE_PIXELS", 3 * 64 * 64)
+    synmod.clear_caches()
+    src = SyntheticSource(seed=0)
+    g = region.grid()
+    for i in range(6):
+        src.read(s2[i], g.window(64 * i, 0, 64, 64), ["B2"])
+    assert len(synmod._RENDERS) == 3
+    big = g.window(0, 0, 128, 128)
+    src.read(s2[0], big, ["B2"])  # larger than the bound alone: kept, the rest dropped
+    assert len(synmod._RENDERS) == 1

@@ -72,12 +72,14 @@ LANDSAT_FROM_S2 = {"SR_B1": "B1", "SR_B2": "B2", "SR_B3": "B3", "SR_B4": "B4", "
 SURFACE_TEMP_K = np.array([299, 300, 301, 300, 303, 312, 303, 313, 314, 312, 309, 315, 300], dtype=np.float32)
 
 
-def surface(ground: Ground, band_idx: list[int]) -> np.ndarray:
-    """Cloud-free surface reflectance (len(band_idx), H, W)."""
+def surface(ground: Ground, band_idx: list[int] | None) -> np.ndarray:
+    """Cloud-free surface reflectance (len(band_idx), H, W); all 13 bands when ``band_idx`` is None."""
     k, h, w = ground.abundance.shape
     # always the full 13-band product, in float64, then select and round to float32: BLAS sums in a
     # shape-dependent order, and a pixel must get bit-identical values whatever the grid and bands are
-    out = (SURFACE.T.astype(np.float64) @ ground.abundance.reshape(k, -1)).astype(np.float32).reshape(13, h, w)[band_idx]
+    out = (SURFACE.T.astype(np.float64) @ ground.abundance.reshape(k, -1)).astype(np.float32).reshape(13, h, w)
+    if band_idx is not None:
+        out = out[band_idx]
     out *= ground.texture[None]
     return out
 

@@ -8,13 +8,22 @@ by world lattice indices, see ``synth_noise``), so a patch read equals the same 
 read. Clouds are keyed by (seed, scene id): same seed -> identical arrays; another scene -> other
 clouds. Per-scene weather is drawn at search time from a July monsoon climatology and carried in
 ``Scene.properties`` (``synth_*`` keys), so ``read`` needs nothing but the scene and the grid.
+
+``search`` flies only the platforms that were operating on each date (``MISSIONS``): the revisit follows
+(Sentinel-2 10 days with S2A alone, 5 with A + B; Landsat 16 days with L8 alone, 8 with L8 + L9;
+Sentinel-1 12 days with one satellite, 6 with two), and a window before a mission returns no scenes.
+``read`` and ``truth`` of one scene on one grid share the landscape, sky and surface through a small
+bounded LRU (``RENDER_CACHE_PIXELS``), because masking and evaluation ask for both.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
+import threading
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +37,7 @@ from pipeline.regions import Region, utm_crs
 from pipeline.sensors import S2_BANDS, get_sensor
 from pipeline.sources.base import Scene, raster_attrs
 from pipeline.sources import synth_render as R
+from pipeline.sources import synth_world
 from pipeline.sources.synth_noise import hash_uniform, key_of
 from pipeline.sources.synth_sky import Sky, cloud_threshold, draw_weather, sky_on, sun_position
 from pipeline.sources.synth_world import LANDCOVER, Ground, ground_on, static_for
@@ -37,6 +47,37 @@ log = logging.getLogger(__name__)
 SERVED = ("s2_l1c", "s2_l2a", "landsat8_l2", "landsat9_l2", "s1_grd")
 FAMILIES = {"s2": ("s2_l1c",), "landsat": ("landsat8_l2", "landsat9_l2"), "s1": ("s1_grd",)}
 _S2_EPOCH = dt.date(2015, 6, 27)
+
+# Operating periods (first, last day of archived data; None = still flying) of the simulated platforms.
+# Landsat 7 / 5 are not simulated (their TM/ETM+ bands and SLC-off stripes are not modelled), so Landsat
+# searches before Landsat 8 return nothing.
+MISSIONS: dict[str, tuple[dt.date, dt.date | None]] = {
+    "SENTINEL-2A": (dt.date(2015, 6, 23), dt.date(2025, 1, 20)),
+    "SENTINEL-2B": (dt.date(2017, 3, 7), None),
+    # S2C (launched 2024-09-05) took over S2A's orbit slot on 2025-01-21; S2A's extended campaign is not simulated
+    "SENTINEL-2C": (dt.date(2025, 1, 21), None),
+    "LANDSAT_8": (dt.date(2013, 4, 11), None),
+    "LANDSAT_9": (dt.date(2021, 10, 31), None),
+    "SENTINEL-1A": (dt.date(2014, 10, 3), None),
+    "SENTINEL-1B": (dt.date(2016, 4, 25), dt.date(2021, 12, 23)),  # failed 2021-12-23
+    "SENTINEL-1C": (dt.date(2024, 12, 5), None),  # launch date; fills S1B's slot opposite S1A
+}
+# The two orbit slots of each Sentinel constellation (even / odd acquisition index) and who filled them.
+_S2_SLOTS = (("SENTINEL-2A", "SENTINEL-2C"), ("SENTINEL-2B",))
+_S1_SLOTS = (("SENTINEL-1A",), ("SENTINEL-1B", "SENTINEL-1C"))
+_LANDSAT_PLATFORM = {"landsat8_l2": "LANDSAT_8", "landsat9_l2": "LANDSAT_9"}
+
+
+def operating(platform: str, day: dt.date) -> bool:
+    """Whether ``platform`` (a ``MISSIONS`` key) delivered data on ``day``."""
+    first, last = MISSIONS[platform]
+    return first <= day and (last is None or day <= last)
+
+
+def _slot_platform(slots: tuple[tuple[str, ...], ...], index: int, day: dt.date) -> str | None:
+    return next((p for p in slots[index % len(slots)] if operating(p, day)), None)
+
+
 _LATITUDE_BANDS = "CDEFGHJKLMNPQRSTUVWX"
 
 
@@ -142,11 +183,14 @@ class SyntheticSource:
         phase = int(_u(self.seed, "s2phase", tile) * 5)
         out = []
         for index, day in self._days(start, end, phase, 5):
+            platform = _slot_platform(_S2_SLOTS, index, day)
+            if platform is None:
+                continue
             t0 = _at(day, 10.85 - lon / 15.0 + 0.01 * _u(self.seed, "s2t", tile, index))
             t1 = t0 + dt.timedelta(minutes=9, seconds=21)
             sid = f"{t0:%Y%m%dT%H%M%S}_{t1:%Y%m%dT%H%M%S}_T{tile}"
             props = self._common(region, t0, lon, lat)
-            props.update({"platform": "SENTINEL-2A" if index % 2 == 0 else "SENTINEL-2B", "mgrs_tile": tile})
+            props.update({"platform": platform, "mgrs_tile": tile})
             props.update(draw_weather(self.seed, f"s2:{tile}", index, day, region.event_date))
             out.append(Scene(sid, key, t0, _box(lon, lat, 54.9, 54.9, region), None, props))
         return out
@@ -155,9 +199,12 @@ class SyntheticSource:
         path, row = (region.wrs.path, region.wrs.row) if region.wrs else wrs2_path_row(lon, lat)
         l8_phase = int(_u(self.seed, "l8phase", path) * 16)
         phase = l8_phase if key == "landsat8_l2" else (l8_phase + 8) % 16
-        prefix, platform = ("LC08", "LANDSAT_8") if key == "landsat8_l2" else ("LC09", "LANDSAT_9")
+        platform = _LANDSAT_PLATFORM[key]
+        prefix = "LC08" if key == "landsat8_l2" else "LC09"
         out = []
         for index, day in self._days(start, end, phase, 16):
+            if not operating(platform, day):
+                continue
             when = _at(day, 10.4 - lon / 15.0)
             sid = f"{prefix}_{path:03d}{row:03d}_{day:%Y%m%d}"
             props = self._common(region, when, lon, lat)
@@ -173,20 +220,30 @@ class SyntheticSource:
         phase = int(_u(self.seed, "s1phase", cell) * 6)
         orbit_pass = "ASCENDING" if _u(self.seed, "s1pass", cell) < 0.65 else "DESCENDING"
         out = []
+        orbit0 = int(_u(self.seed, "s1orb", cell) * 175)
         for index, day in self._days(start, end, phase, 6):
-            mission = "S1A" if index % 2 == 0 else "S1B"
+            platform = _slot_platform(_S1_SLOTS, index, day)
+            if platform is None:
+                continue
+            mission = "S1" + platform[-1]
             local = 18.2 if orbit_pass == "ASCENDING" else 6.2
             t0 = _at(day, local - lon / 15.0 + 0.005 * _u(self.seed, "s1t", cell, index))
             t1 = t0 + dt.timedelta(seconds=25)
-            days = (day - dt.date(2014, 4, 3)).days if mission == "S1A" else (day - dt.date(2016, 4, 25)).days
-            absolute = max(1, int(days * 175 / 12) + (int(_u(self.seed, "s1orb", cell) * 175)))
-            relative = (absolute - 73) % 175 + 1 if mission == "S1A" else (absolute - 27) % 175 + 1
+            # absolute orbits count from launch (S1A 2014-04-03); the relative orbit is the ground track,
+            # so S1C, in S1B's slot, flies S1B's relative orbits
+            launch = dt.date(2014, 4, 3) if mission == "S1A" else MISSIONS[platform][0]
+            absolute = max(1, int((day - launch).days * 175 / 12) + orbit0)
+            if mission == "S1A":
+                relative = (absolute - 73) % 175 + 1
+            else:
+                track = max(1, int((day - MISSIONS["SENTINEL-1B"][0]).days * 175 / 12) + orbit0)
+                relative = (track - 27) % 175 + 1
             datatake = int(_u(self.seed, "s1dt", cell, index) * 0xFFFFFF)
             uid = int(_u(self.seed, "s1uid", cell, index) * 0xFFFF)
             sid = f"{mission}_IW_GRDH_1SDV_{t0:%Y%m%dT%H%M%S}_{t1:%Y%m%dT%H%M%S}_{absolute:06d}_{datatake:06X}_{uid:04X}"
             props = self._common(region, t0, lon, lat)
             props.update({
-                "platform": "SENTINEL-1A" if mission == "S1A" else "SENTINEL-1B",
+                "platform": platform,
                 "orbit_pass": orbit_pass,
                 "instrument_mode": "IW",
                 "relative_orbit": relative,
@@ -222,8 +279,7 @@ class SyntheticSource:
         self._check_scene(scene)
         if not self._native_frame(grid):
             return self._via_utm(scene, grid, lambda g: self.read(scene, g, names))
-        r = _Render(self, scene, grid)
-        data = r.bands(names)
+        data = self._render(scene, grid).bands(names)
         da = xr.DataArray(data, dims=("band", "y", "x"), coords={"band": list(names), **grid.coords()},
                           attrs=raster_attrs(scene, grid, simulated=True))
         return da
@@ -239,9 +295,26 @@ class SyntheticSource:
         self._check_scene(scene)
         if not self._native_frame(grid):
             return self._via_utm(scene, grid, lambda g: self.truth(scene, g))
-        return _Render(self, scene, grid).truth()
+        return self._render(scene, grid).truth()
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _render(self, scene: Scene, grid: Grid) -> "_Render":
+        """The scene on the grid, shared by ``read`` and ``truth`` (and repeated reads) via a bounded LRU."""
+        if not self.cache:
+            return _Render(self.seed, self.cache, scene, grid)
+        props = json.dumps(scene.properties, sort_keys=True, default=str)
+        key = (self.seed, scene.id, scene.sensor, scene.datetime.isoformat(), props, str(grid.crs), tuple(grid.transform)[:6], grid.width, grid.height)
+        with _RENDERS_LOCK:
+            r = _RENDERS.get(key)
+            if r is not None:
+                _RENDERS.move_to_end(key)
+                return r
+            r = _RENDERS[key] = _Render(self.seed, self.cache, scene, grid)
+            # the newest render always stays, whatever its size
+            while sum(v.pixels for v in _RENDERS.values()) > RENDER_CACHE_PIXELS and len(_RENDERS) > 1:
+                _RENDERS.popitem(last=False)
+        return r
+
     def _check_scene(self, scene: Scene) -> None:
         if not scene.properties.get("simulated") or "sun_azimuth" not in scene.properties:
             raise SourceError(f"scene {scene.id!r} did not come from the synthetic source's search(); search it with SyntheticSource first")
@@ -291,11 +364,31 @@ class SyntheticSource:
         return ds.assign_coords(**coords)
 
 
-class _Render:
-    """One scene on one grid: shares the ground and the sky between the bands asked for."""
+_RENDERS: "OrderedDict[tuple, _Render]" = OrderedDict()
+_RENDERS_LOCK = threading.Lock()
+# ~130 bytes per simulated pixel once ground, sky and surface are built: one full 1024 x 1024 grid
+# (~150 MB) or a few dozen 256 x 256 patches
+RENDER_CACHE_PIXELS = 1_100_000
 
-    def __init__(self, src: SyntheticSource, scene: Scene, grid: Grid) -> None:
-        self.src, self.scene, self.grid = src, scene, grid
+
+def clear_caches(landscape: bool = True) -> None:
+    """Forget every cached render and, unless ``landscape`` is False, every landscape (cold-read benchmarks)."""
+    with _RENDERS_LOCK:
+        _RENDERS.clear()
+    if landscape:
+        with synth_world._CACHE_LOCK:
+            synth_world._CACHE.clear()
+
+
+class _Render:
+    """One scene on one grid: the ground, sky and clear surface every band and the truth derive from.
+
+    Built lazily and kept while cached, so callers must not get these arrays themselves: ``bands`` and
+    ``truth`` hand out copies.
+    """
+
+    def __init__(self, seed: int, cache: bool, scene: Scene, grid: Grid) -> None:
+        self.seed, self.cache, self.scene, self.grid = seed, cache, scene, grid
         self.family = scene.family
         coords = grid.coords()
         xs, ys = coords["x"], coords["y"]
@@ -310,26 +403,38 @@ class _Render:
         else:
             self.ix = self.iy = None
         self.xs, self.ys = xs, ys
+        self.pixels = len(xs) * len(ys)
         props = scene.properties
         event = props.get("event_date")
         self.event = dt.date.fromisoformat(event) if event else None
-        self.key = key_of("scene", src.seed, scene.id)
+        self.key = key_of("scene", seed, scene.id)
+        self._lock = threading.RLock()  # dask threads reading the same scene build each piece once
         self._ground: Ground | None = None
         self._sky: Sky | None = None
+        self._surface: np.ndarray | None = None
 
     # lazily shared pieces
     @property
     def ground(self) -> Ground:
-        if self._ground is None:
-            st = static_for(self.xs, self.ys, self.res, self.src.seed, cache=self.src.cache)
-            self._ground = ground_on(st, self.scene.date, self.event)
-        return self._ground
+        with self._lock:
+            if self._ground is None:
+                st = static_for(self.xs, self.ys, self.res, self.seed, cache=self.cache)
+                self._ground = ground_on(st, self.scene.date, self.event)
+            return self._ground
 
     @property
     def sky(self) -> Sky:
-        if self._sky is None:
-            self._sky = sky_on(self.xs, self.ys, self.scene.properties, self.src.seed, self.scene.id)
-        return self._sky
+        with self._lock:
+            if self._sky is None:
+                self._sky = sky_on(self.xs, self.ys, self.scene.properties, self.seed, self.scene.id)
+            return self._sky
+
+    def surface(self, idx: list[int]) -> np.ndarray:
+        """Clear surface reflectance of S2 bands ``idx`` (read-only: the full cube itself when all 13)."""
+        with self._lock:
+            if self._surface is None:
+                self._surface = R.surface(self.ground, None)
+        return self._surface if idx == list(range(13)) else self._surface[idx]
 
     def _expand(self, a: np.ndarray) -> np.ndarray:
         if self.ix is None:
@@ -357,8 +462,7 @@ class _Render:
         layers: dict[str, np.ndarray] = {}
         if spectral:
             idx = self._s2_idx(spectral)
-            surf = R.surface(self.ground, idx)
-            toa = R.apply_sky(surf, self.sky, idx)
+            toa = R.apply_sky(self.surface(idx), self.sky, idx)
             if self.scene.sensor == "s2_l2a":
                 toa = R.to_surface(toa, idx)
             layers.update({n: toa[i] for i, n in enumerate(spectral)})
@@ -379,8 +483,7 @@ class _Render:
         sr = [n for n in names if n in R.LANDSAT_FROM_S2]
         if sr:
             idx = self._s2_idx([R.LANDSAT_FROM_S2[n] for n in sr])
-            surf = R.surface(self.ground, idx)
-            toa = R.apply_sky(surf, self.sky, idx)
+            toa = R.apply_sky(self.surface(idx), self.sky, idx)
             sr_vals = R.to_surface(toa, idx)
             layers.update({n: sr_vals[i] for i, n in enumerate(sr)})
         if "ST_B10" in names:
@@ -434,17 +537,22 @@ class _Render:
             names = list(sensor.reflectance_bands)
             s2names = names if self.family == "s2" else [R.LANDSAT_FROM_S2[n] for n in names]
             idx = self._s2_idx(s2names)
-            surf = R.surface(g, idx)
-            clear = surf if self.scene.sensor != "s2_l1c" else R.toa_clear(surf, idx)
-            clear = self._expand(clear.astype(np.float32))
+            surf = self.surface(idx)
+            # new arrays either way (atmosphere added, or a band subset): the cached surface stays private
+            clear = R.toa_clear(surf, idx) if self.scene.sensor == "s2_l1c" else np.array(surf, dtype=np.float32)
+            clear = self._expand(clear)
             mask = self._expand(self.sky.mask())
+
+        def own(a: np.ndarray) -> np.ndarray:  # cached arrays go out as copies
+            return self._expand(a).copy() if self.ix is None else self._expand(a)
+
         ds = xr.Dataset(
             {
-                "clear": (("band", "y", "x"), clear.astype(np.float32)),
-                "mask": (("y", "x"), mask.astype(np.uint8)),
-                "landcover": (("y", "x"), self._expand(g.landcover)),
-                "flooded": (("y", "x"), self._expand(g.flooded)),
-                "dem": (("y", "x"), self._expand(g.dem)),
+                "clear": (("band", "y", "x"), clear.astype(np.float32, copy=False)),
+                "mask": (("y", "x"), mask.astype(np.uint8, copy=False)),
+                "landcover": (("y", "x"), own(g.landcover)),
+                "flooded": (("y", "x"), own(g.flooded)),
+                "dem": (("y", "x"), own(g.dem)),
             },
             coords={"band": names, **coords},
             attrs={**raster_attrs(self.scene, self.grid, simulated=True),
@@ -452,7 +560,7 @@ class _Render:
                    "mask_classes": "0 clear, 1 cloud, 2 shadow, 3 nodata, 4 thin cloud, 5 snow"},
         )
         if self.family == "s2":
-            ds["cloud_optical_thickness"] = (("y", "x"), self._expand(self.sky.tau))
+            ds["cloud_optical_thickness"] = (("y", "x"), own(self.sky.tau))
         for v in ds.data_vars.values():
             v.attrs["simulated"] = True
         return ds
