@@ -226,3 +226,4 @@ PAPER = {"ngf": 64, "n_refine": 4, "dropout": 0.1, "swin_dims": [96, 192, 384, 7
          "swin_heads": [3, 6, 12, 24], "window": 8, "fusion_stride": 4, "ndf": 64, "optical_dates": 1}
 LOSS = {"perceptual": 1.0, "cosine": 1.0, "ms_ssim": 1.0, "l1": 0.0, "coarse_weight": 0.5,
         "adversarial": "lsgan", "adv_weight": 0.01, "gp_weight": 10.0}
+SMALL_LOSS = {"perceptual": 0.0, "l1": 1.0}  # CPU preset: no ImageNet VGG16 offline; L1 keeps the pixel term

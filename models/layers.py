@@ -93,7 +93,7 @@ def _shift_pad_mask(hp: int, wp: int, h: int, w: int, ws: int, shift: int, devic
     pad = _window_partition(pad.view(1, hp, wp, 1), ws).squeeze(-1)[0].bool()
     blocked = (region.unsqueeze(2) != region.unsqueeze(1)) | pad.unsqueeze(1)
     # a token may always see itself, so no row is fully masked (no NaN, even for padding queries)
-    blocked &= ~torch.eye(ws * ws, dtype=torch.bool, device=device)
+    blocked = blocked & ~torch.eye(ws * ws, dtype=torch.bool, device=device)  # not &=: ONNX has no in-place and
     return torch.zeros(blocked.shape, device=device).masked_fill(blocked, float("-inf")).unsqueeze(1)
 
 

@@ -53,10 +53,14 @@ class ModelEntry:
     description: str
     reference: str = ""
     loss_defaults: dict[str, Any] = field(default_factory=dict)
+    # The small (CPU) preset may switch off loss terms that need files nobody has offline (ImageNet VGG16):
+    # an explicit, documented preset, not a fallback; `--vgg-weights` with config 'paper' restores them.
+    small_loss: dict[str, Any] = field(default_factory=dict)
 
 
 def _entry(name: str, module: Any, cls: type[CloudRemovalModel], description: str, reference: str = "") -> ModelEntry:
-    return ModelEntry(name, cls, module.SMALL, module.PAPER, description, reference, getattr(module, "LOSS", {}))
+    return ModelEntry(name, cls, module.SMALL, module.PAPER, description, reference, getattr(module, "LOSS", {}),
+                      getattr(module, "SMALL_LOSS", {}))
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -97,7 +101,8 @@ def resolve_config(name: str, config: str | dict[str, Any] = "small") -> dict[st
     if isinstance(config, str):
         if config not in ("small", "paper"):
             raise ModelConfigError(f"{name}: config={config!r}; use 'small', 'paper' or a dict of overrides")
-        return copy.deepcopy(e.small if config == "small" else e.paper) | {"loss": copy.deepcopy(e.loss_defaults)}
+        loss = copy.deepcopy(e.loss_defaults) | (copy.deepcopy(e.small_loss) if config == "small" else {})
+        return copy.deepcopy(e.small if config == "small" else e.paper) | {"loss": loss}
     if not isinstance(config, dict):
         raise ModelConfigError(f"{name}: config must be 'small', 'paper' or a dict, got {type(config).__name__}")
     over = dict(config)

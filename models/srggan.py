@@ -95,3 +95,4 @@ SMALL = {"optical_dates": 1, "base_channels": 8, "depth": 2, "ndf": 8, "d_layers
 PAPER = {"optical_dates": 1, "base_channels": 64, "depth": 4, "ndf": 64, "d_layers": 3}
 LOSS = {"l1": 1.0, "perceptual": 0.1, "style": 50.0, "structural": 0.5, "gradient": 0.5,
         "adversarial": "lsgan", "adv_weight": 0.01, "gp_weight": 10.0}
+SMALL_LOSS = {"perceptual": 0.0, "style": 0.0}  # CPU preset: no ImageNet VGG16 offline

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from models.spec import InputSpec
 from pipeline.assemble import AssembledDataset, model_inputs
 from pipeline.errors import DataError
+from pipeline.metrics import image_metrics
 from pipeline.sensors import SENSORS
 
 log = logging.getLogger(__name__)
@@ -56,42 +57,9 @@ def image_scores(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, 
     """
     v = valid.reshape(valid.shape[0], 1, *valid.shape[-2:]).float()
     c = cloud.reshape(cloud.shape[0], 1, *cloud.shape[-2:]).float()
-    per = _image_metrics(pred.float(), target.float(), v, c, ndvi_bands)
+    per = image_metrics(pred.float(), target.float(), v, c, ndvi_bands)
     frac = (c * v).mean((1, 2, 3))
     return [{**{k: float(t[i]) for k, t in per.items()}, "cloud_fraction": float(frac[i])} for i in range(pred.shape[0])]
-
-
-def _image_metrics(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, cloud: torch.Tensor,
-                   ndvi_bands: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-    """``pipeline.metrics.image_metrics`` with the SSIM map computed in float32.
-
-    ``image_metrics`` runs torchmetrics' SSIM in float64, which PyTorch's CPU convolution does ~60x slower than
-    float32 (25 s per 13-band 256 x 256 image here: a validation pass would take longer than training). The
-    SSIM map differs from the float64 one by < 1e-5; everything else (masking, SAM, PSNR, means) is
-    ``pipeline.metrics``' own code, in float64 as there.
-    """
-    from torchmetrics.functional.image import spectral_angle_mapper, structural_similarity_index_measure
-
-    from pipeline import metrics as M
-
-    M._check(pred, target, valid, "valid")
-    M._check(pred, target, cloud, "cloud")
-    ssim_map = structural_similarity_index_measure(pred.float(), target.float(), gaussian_kernel=True, sigma=1.5, kernel_size=11,
-                                                   data_range=1.0, k1=0.01, k2=0.03, reduction="none", return_full_image=True)[1]
-    p, t = pred.double(), target.double()
-    w = (valid > 0.5).double()
-    sam_map = torch.rad2deg(spectral_angle_mapper(p, t, reduction="none")).unsqueeze(1)
-    out = M._scores(p, t, w, ssim_map.double(), sam_map, ndvi_bands)
-    wc = w * (cloud > 0.5).double()
-    out.update({f"cloud_{k}": v for k, v in M._scores(p, t, wc, ssim_map.double(), sam_map, ndvi_bands).items()})
-    # pipeline.metrics turns the NaN RMSE of an empty pixel set into PSNR = +inf (NaN > 0 is False in its
-    # torch.where); an image without cloud pixels must be left out of the cloud means, not score infinity
-    for prefix, weights in (("", w), ("cloud_", wc)):
-        empty = weights.sum((1, 2, 3)) == 0
-        for k in list(out):
-            if (k.startswith("cloud_") if prefix else not k.startswith("cloud_")):
-                out[k] = torch.where(empty, torch.nan, out[k])
-    return out
 
 
 def ndvi_indices(bands: tuple[str, ...]) -> tuple[int, int] | None:

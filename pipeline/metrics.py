@@ -47,7 +47,8 @@ def _scores(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor, ssim_map:
     rmse = torch.sqrt(mse)
     out = {
         "rmse": rmse,
-        "psnr": torch.where(rmse > 0, 20 * torch.log10(1.0 / rmse), torch.inf),
+        # NaN (no pixels to score, e.g. no cloud in a cloud-only score) must stay NaN, not become inf
+        "psnr": torch.where(rmse > 0, 20 * torch.log10(1.0 / rmse), torch.where(rmse.isnan(), torch.nan, torch.inf)),
         "mae": _masked_mean(diff.abs(), w),
         "ssim": _masked_mean(ssim_map, w),
     }

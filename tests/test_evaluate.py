@@ -76,21 +76,6 @@ def test_evaluate_scores_model_and_composite_on_the_same_pixels(run, dataset, tm
     assert md == markdown_table(res)
 
 
-def test_fast_ssim_path_matches_pipeline_metrics():
-    from pipeline.evaluation import _image_metrics
-    from pipeline.metrics import image_metrics
-
-    g = torch.Generator().manual_seed(0)
-    p = torch.rand(2, 13, 48, 48, generator=g)
-    t = (p + 0.1 * torch.rand(2, 13, 48, 48, generator=g)).clamp(0, 1)
-    v = (torch.rand(2, 1, 48, 48, generator=g) > 0.1).float()
-    c = (torch.rand(2, 1, 48, 48, generator=g) > 0.5).float()
-    ours, ref = _image_metrics(p, t, v, c, (7, 3)), image_metrics(p, t, v, c, ndvi_bands=(7, 3))
-    assert set(ours) == set(ref)
-    for k in ref:
-        torch.testing.assert_close(ours[k], ref[k], atol=1e-6, rtol=1e-6, msg=k)
-
-
 def test_image_without_cloud_pixels_is_left_out_not_infinite():
     from pipeline.evaluation import image_scores, mean_scores
 

@@ -91,22 +91,25 @@ def test_model_loss_total_is_the_sum_of_its_parts(name, vgg_file):
 
 def test_perceptual_loss_needs_a_named_weights_file(tmp_path, vgg_file):
     with pytest.raises(ModelConfigError, match="vgg_weights=PATH"):
-        model_loss("crgennet")
+        model_loss("crgennet", "paper")
     with pytest.raises(ModelConfigError, match="does not exist"):
-        model_loss("srggan", vgg_weights=str(tmp_path / "missing.pth"))
+        model_loss("srggan", "paper", vgg_weights=str(tmp_path / "missing.pth"))
     bad = tmp_path / "bad.pth"
     torch.save({"classifier.0.weight": torch.zeros(1)}, bad)
     with pytest.raises(ModelConfigError, match="lacks"):
-        model_loss("srggan", vgg_weights=str(bad))
+        model_loss("srggan", "paper", vgg_weights=str(bad))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelConfigError, match="not a loadable state dict"):
-        model_loss("srggan", vgg_weights=str(junk))
+        model_loss("srggan", "paper", vgg_weights=str(junk))
     # switching the VGG terms off is explicit, not a silent fallback
-    names = set(model_loss("srggan", {"base": "small", "loss": {"perceptual": 0, "style": 0}}).terms)
+    names = set(model_loss("srggan", {"base": "paper", "loss": {"perceptual": 0, "style": 0}}).terms)
     assert names == {"l1", "structural", "gradient"}
+    # the CPU preset says so itself: no VGG terms, nothing to load
+    assert set(model_loss("srggan", "small").terms) == {"l1", "structural", "gradient"}
+    assert "perceptual" not in set(model_loss("crgennet", "small").terms)
     with pytest.raises(ModelConfigError, match="red, green and blue"):
-        model_loss("crgennet", {"base": "small", "optical_bands": ["B8", "B11", "B12"]}, vgg_weights=vgg_file)
+        model_loss("crgennet", {"base": "paper", "optical_bands": ["B8", "B11", "B12"]}, vgg_weights=vgg_file)
 
 
 def test_vgg_features_load_from_torchvision_keys(vgg_file):

@@ -107,3 +107,16 @@ def test_bad_shapes_are_data_errors():
         compute_metrics(p[..., :4, :4], t[..., :4, :4])
     with pytest.raises(DataError, match="valid mask"):
         compute_metrics(p, t, valid=torch.ones(3, 2, 48, 48))
+
+
+def test_psnr_of_an_empty_cloud_set_is_nan_not_inf():
+    # an image without cloud pixels has nothing to score on cloud: it must drop out of cloud means
+    from pipeline.metrics import image_metrics
+
+    pred = torch.rand(2, 3, 16, 16)
+    target = pred + 0.01
+    cloud = torch.zeros(2, 1, 16, 16)
+    cloud[1, :, :4] = 1
+    m = image_metrics(pred, target, cloud=cloud)
+    assert torch.isnan(m["cloud_psnr"][0]) and torch.isfinite(m["cloud_psnr"][1])
+    assert torch.isfinite(m["psnr"]).all()

@@ -109,7 +109,7 @@ def test_composite_and_bad_settings_are_clear(tmp_path, data):
     with pytest.raises(TrainConfigError, match="monitor 'psnr_cloud' is not a validation metric"):
         train(_cfg(monitor="psnr_cloud", epochs=1), None, tmp_path / "m", train_data=data[0], val_data=data[1], progress=False)
     with pytest.raises(TrainConfigError, match="perceptual"):
-        train(_cfg(model="crgennet", model_params="small"), None, tmp_path / "v", train_data=data[0], val_data=data[1], progress=False)
+        train(_cfg(model="crgennet", model_params="paper"), None, tmp_path / "v", train_data=data[0], val_data=data[1], progress=False)
 
 
 def test_config_file_and_published_defaults(tmp_path):
