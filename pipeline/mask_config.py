@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+METHODS = ("auto", "s2cloudless", "cloudscore", "qa60", "scl", "qa_pixel", "spectral")
+
 
 class MaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

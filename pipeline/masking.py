@@ -34,14 +34,13 @@ import xarray as xr
 
 from pipeline import mask_qa, mask_rules
 from pipeline.errors import DataError, SourceError
-from pipeline.mask_config import MaskConfig
+from pipeline.mask_config import METHODS, MaskConfig
 from pipeline.mask_s2cloudless import S2CLOUDLESS_BANDS, detector, mask_from_probability, s2cloudless_probability
 from pipeline.maskcodes import MaskClass
 from pipeline.sensors import SENSORS, get_sensor
 
 log = logging.getLogger(__name__)
 
-METHODS = ("auto", "s2cloudless", "cloudscore", "qa60", "scl", "qa_pixel", "spectral")
 SPECTRAL = ("blue", "green", "red", "nir", "swir1", "swir2")
 
 __all__ = ["METHODS", "MaskConfig", "mask_fractions", "mask_scene"]

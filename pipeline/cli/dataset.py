@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from pipeline.cli.app import app, console
-from pipeline.dataset_build import MASK_METHODS, BuildReport, build_dataset, histogram_lines
 from pipeline.errors import DataError
+from pipeline.mask_config import METHODS
+
+if TYPE_CHECKING:
+    from pipeline.dataset_build import BuildReport
+
+# Kept light at import time: `cloudfree --help` and `regions list` must not pay for torch and zarr.
+MASK_METHODS = ("cheapest",) + METHODS
 
 
 def print_summary(report: BuildReport) -> None:
@@ -40,6 +46,8 @@ def print_summary(report: BuildReport) -> None:
         rej.add_row("none", "0")
     console.print(rej)
     console.print("cloud+shadow cover of optical patch-dates:")
+    from pipeline.dataset_build import histogram_lines
+
     for line in histogram_lines(report.cloud_histogram):
         console.print("  " + line, highlight=False)
     console.print(
@@ -76,6 +84,8 @@ def build_dataset_cmd(
         raise DataError(f"--root only applies to --source local (got --source {source})")
     if source == "synthetic":
         options["seed"] = seed
+    from pipeline.dataset_build import build_dataset
+
     report = build_dataset(region, source, out, max_patches=max_patches, workers=workers, mask_method=mask_method,
                            source_options=options, progress=progress)
     print_summary(report)
