@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,notebook]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -27,6 +27,12 @@ test: setup
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+serve: setup
+	$(BIN)/python -m flows.serve start
+
+stop:
+	$(BIN)/python -m flows.serve stop
 
 clean:
 	rm -rf $(VENV) .prefect build *.egg-info

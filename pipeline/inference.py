@@ -266,7 +266,8 @@ class MosaicLoader:
             refl, codes = self._optical(scenes, sub, bands)
             valid = codes != MaskClass.NODATA
             any_valid |= valid
-            x = optical_to_unit(np.nan_to_num(refl[[bands.index(b) for b in spec.optical_bands]], nan=0.0))
+            # fancy indexing already copied, so NaN can be zeroed in place
+            x = optical_to_unit(np.nan_to_num(refl[[bands.index(b) for b in spec.optical_bands]], copy=False, nan=0.0))
             x[:, ~valid] = 0.0
             optical.append(x)
             masks.append((codes != MaskClass.CLEAR)[None].astype(np.float32))
@@ -284,14 +285,22 @@ class MosaicLoader:
             arrays["optical_mask"] = np.stack(masks)
         nodata = ~any_valid
         if spec.sar_bands:
-            sar = [self._sar(scenes, sub) for scenes in plan.sar_scenes]
+            # Slots standing for the same date usually share their scenes (an optical date that is D): read once.
+            cache: dict[tuple[str, ...], np.ndarray] = {}
+            sar = []
+            for scenes in plan.sar_scenes:
+                key = tuple(sc.id for sc in scenes)
+                if key not in cache:
+                    cache[key] = self._sar(scenes, sub)
+                sar.append(cache[key])
             for d, scenes, s in zip(plan.sar_dates, plan.sar_scenes, sar):
                 bad = ~np.isfinite(s).all(axis=0)
                 if bad.any():
                     raise DataError(
                         f"S1 for {d} ({', '.join(sc.id for sc in scenes)}) has no data on {bad.mean():.1%} of AOI rows {r0}-{r1}, cols {c0}-{c1}; "
                         "the model cannot run without SAR there - raise --sar-max-days or use a smaller AOI inside the S1 swath")
-            arrays["sar"] = np.stack([sar_to_unit(s, spec.sar_bands, axis=0) for s in sar]).astype(np.float32)
+            unit = {id(s): sar_to_unit(s, spec.sar_bands, axis=0) for s in sar}
+            arrays["sar"] = np.stack([unit[id(s)] for s in sar]).astype(np.float32, copy=False)
             nodata = np.zeros(sub.shape, bool)  # SAR sees through clouds: every pixel has an input
         return BlockInputs(arrays, nodata, observed, observed_clear)
 

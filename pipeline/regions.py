@@ -230,10 +230,7 @@ def utm_crs(lon: float, lat: float) -> str:
 
 
 def _geojson_bounds(path: Path, region_file: Path | None = None) -> tuple[float, float, float, float]:
-    """Lon/lat bounds of a GeoJSON Polygon/MultiPolygon (bare geometry, Feature or FeatureCollection)."""
-    from shapely.errors import ShapelyError
-    from shapely.geometry import shape
-
+    """Lon/lat bounds of a GeoJSON file's Polygon/MultiPolygon (bare geometry, Feature or FeatureCollection)."""
     where = f"{region_file}: field 'geometry' ({path})" if region_file else f"{path}: field 'geometry'"
     try:
         data = json.loads(path.read_text())
@@ -241,6 +238,20 @@ def _geojson_bounds(path: Path, region_file: Path | None = None) -> tuple[float,
         raise RegionError(f"{where}: GeoJSON file not found; fix the region's 'geometry' path (relative to the region file)") from None
     except json.JSONDecodeError as exc:
         raise RegionError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+    return geojson_bounds(data, where)
+
+
+def geojson_bounds(data: Any, where: str) -> tuple[float, float, float, float]:
+    """Lon/lat bounds of parsed GeoJSON (a Polygon/MultiPolygon, bare, in a Feature or a FeatureCollection).
+
+    ``where`` starts every error message (the file and field, or "inline GeoJSON of AOI ..."). The bounds
+    obey the same lat/lon/antimeridian rules as an inline bbox.
+    """
+    from shapely.errors import ShapelyError
+    from shapely.geometry import shape
+
+    if not isinstance(data, dict):
+        raise RegionError(f"{where}: expected a GeoJSON object, got {type(data).__name__}; give a GeoJSON Polygon")
     try:
         if data.get("type") == "FeatureCollection":
             geoms = [f["geometry"] for f in data["features"]]

@@ -169,11 +169,34 @@ class TorchPredictor:
         return mean, var
 
 
-def _pad_reflect(a: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
-    if not (top or bottom or left or right):
-        return a
-    pad = [(0, 0)] * (a.ndim - 2) + [(top, bottom), (left, right)]
-    return np.pad(a, pad, mode="reflect" if min(a.shape[-2:]) > 1 else "edge")
+def pad_index(n: int, before: int, after: int, mode: str) -> np.ndarray:
+    """Source index of every position of an axis of length ``n`` padded by ``np.pad(mode=...)``.
+
+    Padding is a per-axis remapping of indices, so gathering tiles through these indices gives exactly
+    the values of a padded copy of the input window without ever materializing that copy.
+    """
+    return np.pad(np.arange(n), (before, after), mode=mode)
+
+
+def _take(a: np.ndarray, ri: np.ndarray, ci: np.ndarray) -> np.ndarray:
+    # steps of a reflect/edge index are -1, 0 or +1: a span of len-1 means a plain increasing run (a view)
+    rows = slice(ri[0], ri[0] + len(ri)) if ri[-1] - ri[0] == len(ri) - 1 else ri
+    cols = slice(ci[0], ci[0] + len(ci)) if ci[-1] - ci[0] == len(ci) - 1 else ci
+    a = a[..., rows, :]
+    return a[..., cols]
+
+
+def assemble_batch(arrays: Mapping[str, np.ndarray], row_index: np.ndarray, col_index: np.ndarray,
+                   starts: Sequence[tuple[int, int]], tile: int) -> dict[str, torch.Tensor]:
+    """The batch of tiles at ``starts`` (positions in the padded input window) of every input array,
+    each written once into a preallocated buffer (no per-tile intermediate arrays)."""
+    batch = {}
+    for k, v in arrays.items():
+        buf = np.empty((len(starts),) + v.shape[:-2] + (tile, tile), dtype=v.dtype)
+        for n, (r, c) in enumerate(starts):
+            buf[n] = _take(v, row_index[r : r + tile], col_index[c : c + tile])
+        batch[k] = torch.from_numpy(buf)
+    return batch
 
 
 def compute_block(block: Block, height: int, width: int, loader: Loader, predictor: Predictor, cfg: StitchConfig) -> BlockResult:
@@ -188,7 +211,9 @@ def compute_block(block: Block, height: int, width: int, loader: Loader, predict
     j0, j1 = int(cols[0]), int(cols[-1]) + cfg.tile
     a0, a1, b0, b1 = max(0, i0), min(height, i1), max(0, j0), min(width, j1)
     inputs = loader(a0, a1, b0, b1)
-    arrays = {k: _pad_reflect(v, a0 - i0, i1 - a1, b0 - j0, j1 - b1) for k, v in inputs.arrays.items()}
+    mode = "reflect" if min(a1 - a0, b1 - b0) > 1 else "edge"
+    row_index = pad_index(a1 - a0, a0 - i0, i1 - a1, mode)  # input window padded to the tiles' extent
+    col_index = pad_index(b1 - b0, b0 - j0, j1 - b1, mode)
 
     weights = hann_weights(cfg.tile, cfg.floor)
     h, w = q1 - q0, p1 - p0
@@ -198,10 +223,7 @@ def compute_block(block: Block, height: int, width: int, loader: Loader, predict
     tiles = [(int(r), int(c)) for r in rows for c in cols]  # global row-major lattice order
     for s in range(0, len(tiles), cfg.batch_size):
         chunk = tiles[s : s + cfg.batch_size]
-        batch = {
-            k: torch.from_numpy(np.stack([v[..., r - i0 : r - i0 + cfg.tile, c - j0 : c - j0 + cfg.tile] for r, c in chunk]))
-            for k, v in arrays.items()
-        }
+        batch = assemble_batch(inputs.arrays, row_index, col_index, [(r - i0, c - j0) for r, c in chunk], cfg.tile)
         mean, var = predictor(batch)
         if acc is None:
             acc = np.zeros((mean.shape[1], h, w), dtype=np.float32)

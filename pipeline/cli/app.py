@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
 
 import typer
 from rich.console import Console
 
-from pipeline.errors import CloudfreeError
+from pipeline.errors import CloudfreeError, DataError
 
 app = typer.Typer(
     name="cloudfree",
@@ -19,6 +20,14 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def parse_date(value: str, option: str = "--date") -> dt.date:
+    """A YYYY-MM-DD option value, or a one-line error naming the option."""
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise DataError(f"{option} {value!r} is not a date; use YYYY-MM-DD, e.g. 2021-07-22") from None
 
 
 def main() -> None:

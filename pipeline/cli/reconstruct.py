@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from pipeline.cli.app import app, console
-from pipeline.errors import DataError, SourceError
+from pipeline.cli.app import app, console, parse_date
+from pipeline.errors import SourceError
 
 
 class SourceName(str, enum.Enum):
@@ -27,13 +26,6 @@ class OutType(str, enum.Enum):
 class Compression(str, enum.Enum):
     deflate = "deflate"
     zstd = "zstd"
-
-
-def _parse_date(value: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(value)
-    except ValueError:
-        raise DataError(f"--date {value!r} is not a date; use YYYY-MM-DD, e.g. 2021-07-22") from None
 
 
 @app.command("reconstruct")
@@ -66,7 +58,7 @@ def reconstruct_cmd(
         options["root"] = root
     elif root is not None:
         raise SourceError(f"--root only applies to --source local, not {source.value}; drop it")
-    dates = [_parse_date(d) for d in date]
+    dates = [parse_date(d) for d in date]
     with console.status(f"reconstructing {region} on {', '.join(map(str, dates))} ..."):
         results, vrt = reconstruct_dates(
             region, dates, checkpoint, source.value, out,
