@@ -51,7 +51,7 @@ def metrics_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"method": result["model"] if who == "model" else "composite (recent clear)", "split": result["split"],
                                "samples": result["n_samples"]}
         row.update({f"{k}_all": round(float(s.get(k, math.nan)), 4) for k in METRICS})
-        row.update({f"{k}_cloud": round(float(s.get(f"{k}_cloud", math.nan)), 4) for k in METRICS})
+        row.update({f"{k}_cloud": round(float(s.get(f"cloud_{k}", math.nan)), 4) for k in METRICS})  # evaluate names them cloud_*
         rows.append(row)
     return rows
 

@@ -25,7 +25,7 @@ class DemoConfig:
     run: Path = Path("runs") / f"{REGION}-unet"
     out: Path = Path("out") / "demo"
     model: str = "unet"
-    epochs: int = 3
+    epochs: int = 12  # ~25 s each for the small U-Net on 2 cores; train_seconds usually ends it first
     max_steps_per_epoch: int | None = None
     train_seconds: float | None = 240.0  # keeps `make demo` within ~10 min on 2 cores; the best epoch so far is kept
     mask_method: str = "cloudscore"

@@ -111,6 +111,7 @@ class ReconstructParams(_RegionParams):
     block: int = Field(1024, description="Output block side (multiple of 512); each block is one Prefect task.")
     keep_clear: bool = Field(False, description="Keep observed clear pixels of the target date exactly.")
     mask_method: str = Field("auto", description="Cloud mask method of the inputs: auto, s2cloudless, cloudscore (fast; the synthetic and Earth Engine S2 archives carry cs_cdf), qa60, scl, qa_pixel, spectral.")
+    aux_dates: Literal["clearest", "latest"] = Field("clearest", description="Earlier optical dates the model sees: the least cloudy within 30 days before the date, or the latest ones.")
     score_truth: bool = Field(False, description="Synthetic source only: score the COG against the simulator's true clear scene (slow on large AOIs: full-image SSIM).")
 
     @field_validator("mask_method")

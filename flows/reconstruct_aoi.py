@@ -27,13 +27,14 @@ def _dask_address() -> str | None:
 
 @task(name="reconstruct", **SOURCE_TASK, **CACHED)
 def reconstruct_task(region: Region, date: dt.date, checkpoint: str, source: str, source_options: dict[str, Any], out: str,
-                     tile: int, overlap: int, block: int, keep_clear: bool, mask_method: str, checkpoint_sha256: str) -> dict[str, Any]:
+                     tile: int, overlap: int, block: int, keep_clear: bool, mask_method: str, aux_dates: str,
+                     checkpoint_sha256: str) -> dict[str, Any]:
     """Run the block-wise reconstruction; returns output paths, input dates and COG/STAC validation."""
     from pipeline.inference import reconstruct
 
     logger = get_run_logger()
     r = reconstruct(region, date, checkpoint, source, out, tile=tile, overlap=overlap, block=block, keep_clear=keep_clear,
-                    mask_method=mask_method, source_options=source_options, dask_address=_dask_address())
+                    mask_method=mask_method, aux_dates=aux_dates, source_options=source_options, dask_address=_dask_address())
     logger.info("%s: %d of %d blocks computed%s", r.cog, r.blocks_computed, r.blocks_total, " (resumed)" if r.resumed else "")
     return {
         "cog": str(r.cog), "provenance": str(r.provenance), "stac": str(r.stac), "quicklook": str(r.quicklook),
@@ -121,7 +122,8 @@ def reconstruct_aoi(params: ReconstructParams) -> dict[str, Any]:
     logger.info("reconstructing %s on %s with %s from the %s source into %s", region.name, params.date, params.checkpoint, params.source, params.out)
     task_ = reconstruct_task.with_options(tags=source_tags(params.source))
     result = run_cached(task_, _outputs, region, params.date, params.checkpoint, params.source, params.source_options, params.out,
-                        params.tile, params.overlap, params.block, params.keep_clear, params.mask_method, _checkpoint_sha(params.checkpoint))
+                        params.tile, params.overlap, params.block, params.keep_clear, params.mask_method, params.aux_dates,
+                        _checkpoint_sha(params.checkpoint))
     truth = truth_metrics_task(region, result, params.source_options) if params.score_truth else None
     key = f"{region.name}-{params.date:%Y%m%d}"
     publish_markdown(f"reconstruct-{key}", summary_markdown(params, region, result, truth), f"Reconstruction of {region.name} on {params.date}")

@@ -118,6 +118,14 @@ def spec_from_config(cfg: dict[str, Any], **fixed: Any) -> InputSpec:
     return InputSpec(**kw)
 
 
+def clamp_unit(y: torch.Tensor) -> torch.Tensor:
+    """``y`` clamped to [0, 1] in value, identity in gradient (straight-through).
+
+    For residual models (input + correction): a hard clamp would freeze saturated pixels for good.
+    """
+    return y + (y.clamp(0.0, 1.0) - y).detach()
+
+
 def to_tanh(x: torch.Tensor) -> torch.Tensor:
     return x * 2.0 - 1.0
 
@@ -126,4 +134,4 @@ def from_tanh(x: torch.Tensor) -> torch.Tensor:
     return (x + 1.0) * 0.5
 
 
-__all__ = ["CloudRemovalModel", "ModelOutput", "spec_from_config", "default_bands", "to_tanh", "from_tanh", "SPEC_KEYS"]
+__all__ = ["CloudRemovalModel", "ModelOutput", "spec_from_config", "default_bands", "to_tanh", "from_tanh", "clamp_unit", "SPEC_KEYS"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CloudRemovalModel, spec_from_config
+from .base import CloudRemovalModel, clamp_unit, spec_from_config
 from .layers import ResidualDenseBlock, SwinStage
 from .spec import ModelOutput
 
@@ -61,8 +61,7 @@ class CAFusion(CloudRemovalModel):
         x = self.trunk_norm(self.gff(torch.cat(outs, 1)) + f0)
         res = self.recon(x)[..., :h, :w]
         y = cloudy + res
-        # clamp to [0, 1] in value, identity in gradient: a hard clamp would freeze saturated pixels for good
-        return ModelOutput(mean=y + (y.clamp(0.0, 1.0) - y).detach())
+        return ModelOutput(mean=clamp_unit(y))
 
 
 SMALL = {"optical_dates": 1, "channels": 16, "shuffle": 2, "feat": 32, "groups": 1, "rdb_per_group": 1, "growth": 16,

@@ -1,4 +1,11 @@
-"""Plain SAR + optical U-Net baseline (mono-temporal): cloudy optical + its cloud mask + S1 -> clear optical."""
+"""Plain SAR + optical U-Net baseline: the cloudy target date (and ``optical_dates - 1`` earlier dates), their
+cloud masks and the S1 of the target date -> clear optical. ``optical_dates: 1`` is the mono-temporal
+DSen2-CR setting; the default 2 also sees the previous overpass, as the composite baseline and CRGenNet do.
+
+With ``residual`` (the default) it follows DSen2-CR's long skip: the prediction is the cloudy input plus a
+learned correction whose last layer starts near zero, so the untrained net returns (about) its input and training
+is spent on the cloud-covered pixels rather than on relearning the clear ones.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CloudRemovalModel, spec_from_config
+from .base import CloudRemovalModel, clamp_unit, spec_from_config
+from .errors import ModelConfigError
 from .spec import ModelOutput
 
 
@@ -58,6 +66,16 @@ class UNet(CloudRemovalModel):
         cin = self.n_optical * self.spec.optical_dates + self.n_sar + (self.spec.optical_dates if cfg["use_mask"] else 0)
         self.use_mask = cfg["use_mask"]
         self.net = UNetCore(cin, self.n_out, cfg["base_channels"], cfg["depth"])
+        self.residual = bool(cfg.get("residual", True))
+        if self.residual:
+            missing = [b for b in self.spec.out_bands if b not in self.spec.optical_bands]
+            if missing:
+                raise ModelConfigError(f"unet: residual=True adds the input to the output, but output bands {missing} are not "
+                                       "among the optical input bands; add them to optical_bands or set residual: false")
+            self.register_buffer("skip_index", torch.tensor([self.spec.optical_bands.index(b) for b in self.spec.out_bands]), persistent=False)
+            # near zero, not zero: a zero last layer would also zero every other layer's first gradient
+            nn.init.normal_(self.net.head.weight, std=1e-3)
+            nn.init.zeros_(self.net.head.bias)
 
     @staticmethod
     def build_spec(cfg: dict[str, Any]):
@@ -70,9 +88,12 @@ class UNet(CloudRemovalModel):
             parts.append(mask.flatten(1, 2))
         if sar is not None:
             parts.append(sar[:, -1])
-        return ModelOutput(mean=torch.sigmoid(self.net(torch.cat(parts, 1))))
+        y = self.net(torch.cat(parts, 1))
+        if self.residual:
+            return ModelOutput(mean=clamp_unit(opt[:, -1].index_select(1, self.skip_index) + y))
+        return ModelOutput(mean=torch.sigmoid(y))
 
 
-SMALL = {"optical_dates": 1, "base_channels": 8, "depth": 2, "use_mask": True}
-PAPER = {"optical_dates": 1, "base_channels": 64, "depth": 4, "use_mask": True}
+SMALL = {"optical_dates": 2, "base_channels": 8, "depth": 2, "use_mask": True, "residual": True}
+PAPER = {"optical_dates": 2, "base_channels": 64, "depth": 4, "use_mask": True, "residual": True}
 LOSS = {"l1": 1.0}

@@ -154,7 +154,7 @@ def _as_batch(spec: InputSpec, xs: tuple[torch.Tensor, ...]) -> dict[str, torch.
 
 
 def _max_diff(a: tuple, b: tuple) -> float:
-    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
+    return max(float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b))
 
 
 def _torchscript(adapter: nn.Module, ex: tuple, check: tuple, expected: tuple, path: Path) -> float:

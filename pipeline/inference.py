@@ -1,7 +1,10 @@
 """``reconstruct``: AOI + date + checkpoint -> cloud-free COG, provenance, uncertainty, STAC Item, quicklook.
 
-1. The checkpoint's ``InputSpec`` says what to fetch: the ``optical_dates`` most recent optical dates at or
-   before D (D itself only for ``includes_target_date`` models), and the S1 nearest to each of them and to D.
+1. The checkpoint's ``InputSpec`` says what to fetch: ``optical_dates`` optical dates at or before D (D
+   itself only for ``includes_target_date`` models), and the S1 nearest to each of them and to D. The
+   auxiliary (earlier) dates are by default the least cloudy of those within ``AUX_MAX_DAYS`` before D
+   (``aux_dates="clearest"``: what an analyst picks as the prior reference, and the training samples'
+   auxiliary dates lie within the same 30-day gap of TCSEN12); ``"latest"`` takes the most recent ones.
 2. ``MosaicLoader`` is the lazy mosaic: it holds only scene references and, asked for a window of the
    AOI grid, reads that window of every scene (the source's own laziness applies), masks it with
    ``mask_scene``, mosaics scenes of the same date (first clear, then first valid) and normalizes exactly as
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 
 COMPOSITE = "composite"
 LOOKBACK_DAYS = 120  # how far before D optical input dates are searched
+AUX_MAX_DAYS = 30  # "clearest" auxiliary dates come from this many days before D (TCSEN12's max_gap_days)
+AUX_DATE_CHOICES = ("clearest", "latest")
 NEAREST_SHOWN = 6
 QUICKLOOK_MIN_SIDE = 320
 QUICKLOOK_GAIN = 3.5  # reflectance x 3.5 -> display, the usual Sentinel-2 true-colour gain
@@ -161,7 +166,27 @@ def _check_bands(spec: InputSpec, scenes: Sequence[Scene], source_name: str, che
     return sensors[0]
 
 
-def plan_inputs(region: Region, date: dt.date, spec: InputSpec, source: Source, checkpoint: str = "", *, sar_max_days: int = 6) -> InputPlan:
+def _aux_dates(earlier: list[dt.date], days: dict[dt.date, list[Scene]], n: int, date: dt.date, how: str) -> list[dt.date]:
+    """The ``n`` auxiliary dates (oldest first) out of ``earlier`` (sorted), chosen by ``how`` (see the module docstring)."""
+    if n == 0:
+        return []
+    if how == "latest":
+        return earlier[-n:]
+    if how != "clearest":
+        raise DataError(f"aux_dates={how!r}: use one of {', '.join(AUX_DATE_CHOICES)}")
+    pool = [d for d in earlier if (date - d).days <= AUX_MAX_DAYS]
+    if len(pool) <= n:  # no choice to make within the gap: the most recent ones
+        return earlier[-n:]
+
+    def cover(d: dt.date) -> float:  # the provider's scene cloud cover; unknown ranks as fully cloudy
+        return float(np.mean([1.0 if s.cloud_cover is None else s.cloud_cover for s in days[d]]))
+
+    # least cloudy first, the more recent one on ties (less change on the ground)
+    return sorted(sorted(pool, key=lambda d: (cover(d), -d.toordinal()))[:n])
+
+
+def plan_inputs(region: Region, date: dt.date, spec: InputSpec, source: Source, checkpoint: str = "", *, sar_max_days: int = 6,
+                aux_dates: str = "clearest") -> InputPlan:
     """Pick the scenes the spec asks for; every impossibility is a ``SourceError``/``CheckpointError`` naming the fix."""
     grid = region.grid()
     family = spec.optical_sensor
@@ -190,7 +215,7 @@ def plan_inputs(region: Region, date: dt.date, spec: InputSpec, source: Source, 
         raise SourceError(
             f"the model needs {n_earlier} {family} date(s) before {date} but the {src_name} source has {len(earlier)} within "
             f"{LOOKBACK_DAYS} days ({', '.join(d.isoformat() for d in earlier) or 'none'}); pick a later --date")
-    opt_dates = earlier[len(earlier) - n_earlier :] if n_earlier else []
+    opt_dates = _aux_dates(earlier, days, n_earlier, date, aux_dates)
     if spec.includes_target_date:
         opt_dates.append(date)
     plan = InputPlan(date, sensor_key, opt_dates, [days[d] for d in opt_dates], target_scenes=days.get(date, []))
@@ -360,6 +385,7 @@ def reconstruct(
     client: Any = None,
     mask_method: str = "auto",
     sar_max_days: int = 6,
+    aux_dates: str = "clearest",
     device: str | None = None,
     source_options: dict[str, Any] | None = None,
 ) -> ReconstructResult:
@@ -376,7 +402,7 @@ def reconstruct(
     src_name = getattr(src, "name", str(source))
     lm = load_model(checkpoint)
     grid = region.grid()
-    plan = plan_inputs(region, date, lm.spec, src, lm.checkpoint, sar_max_days=sar_max_days)
+    plan = plan_inputs(region, date, lm.spec, src, lm.checkpoint, sar_max_days=sar_max_days, aux_dates=aux_dates)
     simulated = src_name == "synthetic"
     log.info("reconstruct %s %s with %s: optical %s, S1 %s", region.name, date, lm.name, plan.optical_dates, plan.sar_dates)
 

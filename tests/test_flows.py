@@ -38,22 +38,31 @@ def harness(tmp_path_factory):
             yield
 
 
-def task_runs(flow_run_id, timeout: float = 60.0) -> list:
-    """Task runs of one flow run, once the server has recorded their final states (events land asynchronously)."""
+def _task_kind(run) -> str:
+    return run.name.rsplit("-", 1)[0] if not run.name.startswith("mask-") else "mask-scene"
+
+
+def task_runs(flow_run_id, timeout: float = 60.0, expect: dict[str, int] | None = None) -> list:
+    """Task runs of one flow run, once the server has recorded them (at least ``expect[kind]`` runs of each
+    kind) and their final states: events land asynchronously, so a run can be missing or unfinished for a moment."""
+    from collections import Counter
+
     deadline = time.monotonic() + timeout
     while True:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+        seen = Counter(_task_kind(r) for r in runs)
+        done = all(r.state is not None and r.state.is_final() for r in runs) and all(seen[k] >= n for k, n in (expect or {}).items())
+        if done or time.monotonic() > deadline:
             return runs
         time.sleep(0.5)
 
 
-def task_states(flow_run_id) -> dict[str, list[str]]:
+def task_states(flow_run_id, expect: dict[str, int] | None = None) -> dict[str, list[str]]:
     """task name -> state names of the task runs of one flow run."""
     out: dict[str, list[str]] = {}
-    for r in sorted(task_runs(flow_run_id), key=lambda r: r.expected_start_time or r.created):
-        out.setdefault(r.name.rsplit("-", 1)[0] if not r.name.startswith("mask-") else "mask-scene", []).append(r.state.name)
+    for r in sorted(task_runs(flow_run_id, expect=expect), key=lambda r: r.expected_start_time or r.created):
+        out.setdefault(_task_kind(r), []).append(r.state.name)
     return out
 
 
@@ -162,7 +171,7 @@ def test_build_dataset_flow_masks_per_scene_and_builds(tiny_build):
     assert n > 10
     # the per-scene tasks filled the build's mask cache: the build task masked nothing itself
     assert summary["masks_cached"] == n and summary["masks_computed"] == 0
-    states = task_states(first.state_details.flow_run_id)
+    states = task_states(first.state_details.flow_run_id, expect={"mask-scene": n, "build-patches-and-cubes": 1})
     assert states["mask-scene"].count("Completed") == n
     arts = artifacts_of(first.state_details.flow_run_id)
     assert arts == {"dataset-tiny-aoi": "markdown", "scenes-tiny-aoi": "table"}
@@ -171,8 +180,9 @@ def test_build_dataset_flow_masks_per_scene_and_builds(tiny_build):
 def test_second_identical_build_reuses_cached_results(tiny_build):
     _, first, second = tiny_build
     assert second.is_completed(), second.message
-    states = task_states(second.state_details.flow_run_id)
-    assert set(states) == {"search-scenes", "mask-scene", "build-patches-and-cubes"}
+    kinds = {"search-scenes", "mask-scene", "build-patches-and-cubes"}
+    states = task_states(second.state_details.flow_run_id, expect=dict.fromkeys(kinds, 1))
+    assert set(states) == kinds
     assert all(s == "Cached" for names in states.values() for s in names), states
     assert second.result()[0]["manifest_sha256"] == first.result()[0]["manifest_sha256"]
 
@@ -188,7 +198,7 @@ def test_build_task_reruns_when_its_cached_outputs_were_deleted(tiny_build):
     state = build_dataset(params, return_state=True)
     assert state.is_completed(), state.message
     assert (out / "cubes" / "train.zarr").is_dir()
-    states = task_states(state.state_details.flow_run_id)
+    states = task_states(state.state_details.flow_run_id, expect={"build-patches-and-cubes": 2})
     assert states["build-patches-and-cubes"] == ["Cached", "Completed"]
 
 
@@ -211,7 +221,7 @@ def test_reconstruct_flow_writes_cog_stac_quicklook_and_artifacts(harness, tmp_p
     assert arts == {"reconstruct-tiny-aoi-20210722": "markdown", "reconstruct-metrics-tiny-aoi-20210722": "table",
                     "quicklook-tiny-aoi-20210722": "markdown"}
     again = reconstruct_aoi(params, return_state=True)
-    assert set(task_states(again.state_details.flow_run_id)["reconstruct"]) == {"Cached"}
+    assert set(task_states(again.state_details.flow_run_id, expect={"reconstruct": 1})["reconstruct"]) == {"Cached"}
 
 
 @pytest.mark.parametrize("params, needle", [
@@ -307,6 +317,15 @@ def test_train_flow_checkpoint_and_metrics_table(tiny_build, tmp_path):
     assert set(res["evaluation"]["results"]) == {"model", "composite"}
     arts = artifacts_of(state.state_details.flow_run_id)
     assert arts["metrics-unet"] == "table" and arts["evaluation-unet"] == "markdown"
+    # the table's cells are the evaluation's figures, cloud-covered pixels included
+    from flows.artifacts import metrics_rows
+
+    ev = res["evaluation"]
+    rows = {r["method"]: r for r in metrics_rows(ev)}
+    for who, name in (("model", "unet"), ("composite", "composite (recent clear)")):
+        s = ev["results"][who]["all"]
+        assert rows[name]["mae_all"] == pytest.approx(s["mae"], abs=1e-4)
+        assert rows[name]["mae_cloud"] == pytest.approx(s["cloud_mae"], abs=1e-4)
     # the trained checkpoint is a valid reconstruct parameter now
     assert ReconstructParams(region=TINY, date=DATE, checkpoint=str(tmp_path / "run")).checkpoint
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,8 @@ def test_demo_command_writes_cog_stac_quicklook_and_prints_metrics(tmp_path):
     flat = "".join(result.output.replace("│", "").split())
     for needle in (str(cog), "STACitem", "quicklook", "unetall", "unetcloud", "compositeall", "compositecloud", "PSNRdB"):
         assert needle in flat, needle
+    # every cell of the metrics table holds a figure (all and cloud-covered pixels, model and composite)
+    for label in ("PSNR dB", "SSIM", "MAE"):
+        (line,) = [ln for ln in result.output.splitlines() if ln.strip("│┃ ").startswith(label)]
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")[1:]]
+        assert len(cells) == 4 and all(re.fullmatch(r"-?\d+\.\d+|inf", c) for c in cells), line

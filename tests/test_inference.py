@@ -60,7 +60,7 @@ def test_outputs_on_region_grid_valid_cogs_with_metadata(tiny_run):
         assert np.isnan(ds.nodata)
         tags = ds.tags()
     assert tags["model"] == "composite" and tags["target_date"] == "2021-07-22" and tags["simulated"] == "true"
-    assert tags["optical_dates"] == "2021-07-12,2021-07-17,2021-07-22"
+    assert tags["optical_dates"] == "2021-07-07,2021-07-12,2021-07-22"  # the two clearest within 30 days (07-17 is cloudy), then D
     assert all(s.id in tags["source_scene_ids"] for group in tiny_run.plan.optical_scenes for s in group)
     assert tags["cloudfree_version"] and tags["checkpoint_sha256"]
     assert tiny_run.uncertainty is None  # the composite has no variance
@@ -154,6 +154,25 @@ def test_date_without_scenes_lists_nearest_dates():
     spec = load_model("composite").spec
     with pytest.raises(SourceError, match=r"no s2 scene on 2021-07-20 .*nearest dates with scenes: .*2021-07-17.*2021-07-22"):
         plan_inputs(SMALL, dt.date(2021, 7, 20), spec, SyntheticSource(), "composite")
+
+
+def test_auxiliary_dates_are_the_clearest_within_the_gap_or_the_latest():
+    from models.registry import model_spec
+
+    src = SyntheticSource()
+    spec = model_spec("unet")  # the previous optical date + D
+    cover = {s.date: s.cloud_cover for s in src.search(SMALL, dt.date(2021, 6, 22), DATE, "s2")}
+    earlier = sorted(d for d in cover if d < DATE and (DATE - d).days <= 30)
+    best = min(cover[d] for d in earlier)
+    clearest = plan_inputs(SMALL, DATE, spec, src, "unet")
+    (aux,) = clearest.optical_dates[:-1]
+    assert clearest.optical_dates[-1] == DATE and cover[aux] == best
+    assert aux == max(d for d in earlier if cover[d] == best)  # ties go to the more recent date
+    latest = plan_inputs(SMALL, DATE, spec, src, "unet", aux_dates="latest")
+    assert latest.optical_dates == [earlier[-1], DATE]
+    assert cover[earlier[-1]] > best  # on this date the two choices differ: the day before is cloudier
+    with pytest.raises(DataError, match="aux_dates='newest': use one of clearest, latest"):
+        plan_inputs(SMALL, DATE, spec, src, "unet", aux_dates="newest")
 
 
 def test_aoi_outside_local_source_coverage():

@@ -54,9 +54,9 @@ def test_default_specs_follow_the_product_data():
     assert cm.optical_dates == 3 and cm.includes_target_date and cm.needs_mask
     comp = model_spec("composite")
     assert comp.needs_mask and comp.optical_dates == 3 and comp.sar_bands == ()
-    for name in ("cafusion", "unet"):
+    for name, dates in (("cafusion", 1), ("unet", 2)):
         s = model_spec(name, "paper")
-        assert s.includes_target_date and s.optical_dates == 1 and s.sar_bands == S1_BANDS
+        assert s.includes_target_date and s.optical_dates == dates and s.sar_bands == S1_BANDS
     assert model_spec("uncrtaints", "paper").optical_dates == 3
     rgb = model_spec("crgennet", {"optical_bands": ["B4", "B3", "B2"]})
     assert rgb.optical_bands == ("B4", "B3", "B2")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 @app.command("demo")
 def demo_cmd(
-    epochs: int = typer.Option(3, "--epochs", help="Training epochs of the small U-Net."),
+    epochs: int = typer.Option(12, "--epochs", help="Training epochs of the small U-Net."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps-per-epoch", help="Cap on optimiser steps per epoch (quicker, worse model)."),
     train_seconds: float = typer.Option(240.0, "--train-seconds", help="Stop training after the epoch that passes this many seconds (0: no limit)."),
     date: str = typer.Option("2021-07-22", "--date", help="Reconstruction date (a Sentinel-2 overpass inside the region's window)."),

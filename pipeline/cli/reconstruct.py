@@ -23,6 +23,11 @@ class OutType(str, enum.Enum):
     uint16 = "uint16"
 
 
+class AuxDates(str, enum.Enum):
+    clearest = "clearest"
+    latest = "latest"
+
+
 class Compression(str, enum.Enum):
     deflate = "deflate"
     zstd = "zstd"
@@ -46,6 +51,7 @@ def reconstruct_cmd(
     compress: Compression = typer.Option(Compression.deflate, "--compress", help="COG compression."),
     mask_method: str = typer.Option("auto", "--mask-method", help="Cloud mask method (auto, s2cloudless, cloudscore, qa60, scl, qa_pixel, spectral)."),
     sar_max_days: int = typer.Option(6, "--sar-max-days", help="Max days between an optical date and the S1 used with it."),
+    aux_dates: AuxDates = typer.Option(AuxDates.clearest, "--aux-dates", help="Earlier optical dates the model sees: the least cloudy within 30 days before --date, or the latest ones."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)."),
 ) -> None:
     """Reconstruct cloud-free imagery for REGION on --date with a checkpoint; writes COG + provenance + STAC + quicklook."""
@@ -64,7 +70,7 @@ def reconstruct_cmd(
             region, dates, checkpoint, source.value, out,
             keep_clear=keep_clear, tile=tile, overlap=overlap, batch_size=batch_size, block=block,
             dtype=dtype.value, compress=compress.value, dask_address=dask_address, mask_method=mask_method,
-            sar_max_days=sar_max_days, device=device, source_options=options,
+            sar_max_days=sar_max_days, aux_dates=aux_dates.value, device=device, source_options=options,
         )
     for r in results:
         resumed = f" (resumed, {r.blocks_computed}/{r.blocks_total} blocks computed)" if r.resumed else ""

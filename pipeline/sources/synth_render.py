@@ -2,8 +2,13 @@
 
 Surface reflectance per endmember at the 13 Sentinel-2 bands (values typical of published spectral
 libraries: loess soil, summer maize, broadleaf trees, concrete, turbid river water), a fixed hazy-summer
-atmosphere (path reflectance + transmittance) for TOA, clouds blended by opacity, SAR sigma0 per
-endmember mixed in linear power with gamma speckle.
+atmosphere (path reflectance + transmittance) for TOA that each overpass perturbs (aerosol load, water
+vapour, illumination), clouds blended by opacity, radiometric noise, SAR sigma0 per endmember mixed in
+linear power with gamma speckle.
+
+Two clear overpasses of unchanged ground therefore differ as real ones do (a few % in L1C blue from the
+aerosol, ~1-2 % from illumination, sensor noise), so a "copy the last clear date" baseline is good but
+never exact.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.maskcodes import MaskClass
+from dataclasses import dataclass
+
 from pipeline.sources.synth_noise import pixel_gamma, pixel_normal, pixel_uniform, value_noise
 from pipeline.sources.synth_sky import Sky
 from pipeline.sources.synth_world import ENDMEMBERS, Ground
@@ -84,12 +91,69 @@ def surface(ground: Ground, band_idx: list[int] | None) -> np.ndarray:
     return out
 
 
-def toa_clear(surf: np.ndarray, band_idx: list[int]) -> np.ndarray:
-    return PATH[band_idx, None, None] + TRANS[band_idx, None, None] * surf
+# Per-overpass variation of that atmosphere. The aerosol part of the path reflectance and its extinction
+# scale with the scene's aerosol load (Angstrom-like 1.3 fall-off in extinction); B9 follows the water
+# vapour column; B10 (1375 nm, below a saturated water-vapour absorption) is left as is.
+AEROSOL_SHARE = 0.6  # of PATH, the rest Rayleigh
+AEROSOL_EXT = np.where(_WAVELENGTH > 1300, 0.03, 0.12 * (_WAVELENGTH / 560.0) ** -1.3).astype(np.float32)
+AEROSOL_RANGE = (0.8, 1.25)  # load relative to the hazy-summer mean
+VAPOUR_RANGE = (0.92, 1.08)  # B9 transmittance factor
+GAIN_RANGE = (0.98, 1.02)  # illumination / view-geometry (BRDF) gain, spectrally flat
+# Radiometric noise sigma = floor + slope * reflectance (S2 MSI SNR ~100-170 at reference radiance).
+NOISE_FLOOR = np.float32(0.0008)
+NOISE_SLOPE = np.float32(0.004)
 
 
-def apply_sky(surf: np.ndarray, sky: Sky, band_idx: list[int]) -> np.ndarray:
-    """TOA with haze, cirrus, shadow (direct beam removed, skylight and path radiance kept) and thick cloud on top."""
+@dataclass(frozen=True)
+class Atmosphere:
+    """One overpass: TOA = path + trans * gain * surface."""
+
+    path: np.ndarray  # (13,)
+    trans: np.ndarray  # (13,)
+    gain: float
+
+    def toa(self, surf: np.ndarray, band_idx: list[int]) -> np.ndarray:
+        return self.path[band_idx, None, None] + (self.trans[band_idx] * np.float32(self.gain))[:, None, None] * surf
+
+
+MEAN_ATMOSPHERE = Atmosphere(PATH, TRANS, 1.0)
+
+
+def atmosphere(key: int) -> Atmosphere:
+    """The atmosphere of the overpass with noise key ``key`` (deterministic)."""
+    u = np.random.default_rng(key).random(3)
+    aerosol = AEROSOL_RANGE[0] + (AEROSOL_RANGE[1] - AEROSOL_RANGE[0]) * u[0]
+    path = PATH * np.float32(1.0 - AEROSOL_SHARE + AEROSOL_SHARE * aerosol)
+    trans = TRANS * (1.0 - AEROSOL_EXT * np.float32(aerosol - 1.0))
+    trans[_B["B9"]] = TRANS[_B["B9"]] * np.float32(VAPOUR_RANGE[0] + (VAPOUR_RANGE[1] - VAPOUR_RANGE[0]) * u[1])
+    path[_B["B10"]], trans[_B["B10"]] = PATH[_B["B10"]], TRANS[_B["B10"]]
+    gain = GAIN_RANGE[0] + (GAIN_RANGE[1] - GAIN_RANGE[0]) * float(u[2])
+    return Atmosphere(path.astype(np.float32), trans.astype(np.float32), gain)
+
+
+def sensor_noise(xs: np.ndarray, ys: np.ndarray, res: float, key: int, band_idx: list[int]) -> list[np.ndarray]:
+    """Independent N(0, 1) radiometric noise per band and world pixel, one (H, W) view per band.
+
+    One normal field is hashed on a grid larger by 13 pixels each way; band b reads it shifted by b
+    pixels along x and by 2b mod 13 along y, i.e. at other world pixels, so bands are independent and a
+    pixel's noise does not depend on the grid asking for it, at the cost of one field instead of 13.
+    """
+    h, w = len(ys), len(xs)
+    dy = float(ys[1] - ys[0]) if h > 1 else -res
+    xe = xs[0] + res * np.arange(w + 13)
+    ye = ys[0] + dy * np.arange(h + 13)
+    z = pixel_normal(xe, ye, res, key)
+    return [z[(2 * b) % 13 : (2 * b) % 13 + h, b : b + w] for b in band_idx]
+
+
+def toa_clear(surf: np.ndarray, band_idx: list[int], atm: Atmosphere = MEAN_ATMOSPHERE) -> np.ndarray:
+    return atm.toa(surf, band_idx)
+
+
+def apply_sky(surf: np.ndarray, sky: Sky, band_idx: list[int], atm: Atmosphere = MEAN_ATMOSPHERE,
+              noise: list[np.ndarray] | None = None) -> np.ndarray:
+    """TOA with haze, cirrus, shadow (direct beam removed, skylight and path radiance kept), thick cloud on
+    top, then the sensor's noise (``noise``: one N(0, 1) field per band, see ``sensor_noise``)."""
     a = sky.alpha
     keep = (1.0 - a).astype(np.float32)
     # thicker clouds are brighter; the opacity mixes cloud over the (possibly shaded) ground
@@ -101,8 +165,8 @@ def apply_sky(surf: np.ndarray, sky: Sky, band_idx: list[int]) -> np.ndarray:
         np.multiply(sky.shadow, np.float32(1.0) - DIFFUSE[b], out=tmp)
         tmp *= surf[i]
         np.subtract(surf[i], tmp, out=o)
-        o *= TRANS[b]
-        o += PATH[b]
+        o *= atm.trans[b] * np.float32(atm.gain)
+        o += atm.path[b]
         if HAZE[b]:
             np.multiply(sky.haze, HAZE[b], out=tmp)
             o += tmp
@@ -111,12 +175,18 @@ def apply_sky(surf: np.ndarray, sky: Sky, band_idx: list[int]) -> np.ndarray:
         o *= keep
         np.multiply(cloud, CLOUD[b], out=tmp)
         o += tmp
+        if noise is not None:
+            np.multiply(o, NOISE_SLOPE, out=tmp)
+            tmp += NOISE_FLOOR
+            tmp *= noise[i]
+            o += tmp
     return out
 
 
-def to_surface(toa: np.ndarray, band_idx: list[int]) -> np.ndarray:
-    """Invert the fixed atmosphere (what a Sen2Cor-like correction would give for a clear sky)."""
-    return ((toa - PATH[band_idx, None, None]) / TRANS[band_idx, None, None]).astype(np.float32)
+def to_surface(toa: np.ndarray, band_idx: list[int], atm: Atmosphere = MEAN_ATMOSPHERE) -> np.ndarray:
+    """Invert the overpass's atmosphere (what a Sen2Cor/LaSRC-like correction that retrieved its aerosol
+    gives for a clear sky); the illumination gain stays in the surface reflectance, as it does in real L2A."""
+    return ((toa - atm.path[band_idx, None, None]) / atm.trans[band_idx, None, None]).astype(np.float32)
 
 
 def cloud_probability(sky: Sky, xs: np.ndarray, ys: np.ndarray, res: float, key: int) -> np.ndarray:

@@ -429,6 +429,13 @@ class _Render:
                 self._sky = sky_on(self.xs, self.ys, self.scene.properties, self.seed, self.scene.id)
             return self._sky
 
+    @property
+    def atmosphere(self) -> R.Atmosphere:
+        return R.atmosphere(self.key ^ 0xA7)
+
+    def _noise(self, idx: list[int]) -> list[np.ndarray]:
+        return R.sensor_noise(self.xs, self.ys, self.res, self.key ^ 0xA8, idx)
+
     def surface(self, idx: list[int]) -> np.ndarray:
         """Clear surface reflectance of S2 bands ``idx`` (read-only: the full cube itself when all 13)."""
         with self._lock:
@@ -462,9 +469,10 @@ class _Render:
         layers: dict[str, np.ndarray] = {}
         if spectral:
             idx = self._s2_idx(spectral)
-            toa = R.apply_sky(self.surface(idx), self.sky, idx)
+            atm = self.atmosphere
+            toa = R.apply_sky(self.surface(idx), self.sky, idx, atm, self._noise(idx))
             if self.scene.sensor == "s2_l2a":
-                toa = R.to_surface(toa, idx)
+                toa = R.to_surface(toa, idx, atm)
             layers.update({n: toa[i] for i, n in enumerate(spectral)})
         prob = None
         if {"CLOUD_PROB", "SCL"} & set(names):
@@ -483,8 +491,9 @@ class _Render:
         sr = [n for n in names if n in R.LANDSAT_FROM_S2]
         if sr:
             idx = self._s2_idx([R.LANDSAT_FROM_S2[n] for n in sr])
-            toa = R.apply_sky(self.surface(idx), self.sky, idx)
-            sr_vals = R.to_surface(toa, idx)
+            atm = self.atmosphere
+            toa = R.apply_sky(self.surface(idx), self.sky, idx, atm, self._noise(idx))
+            sr_vals = R.to_surface(toa, idx, atm)
             layers.update({n: sr_vals[i] for i, n in enumerate(sr)})
         if "ST_B10" in names:
             layers["ST_B10"] = R.surface_temperature(self.ground, self.sky)
@@ -538,8 +547,10 @@ class _Render:
             s2names = names if self.family == "s2" else [R.LANDSAT_FROM_S2[n] for n in names]
             idx = self._s2_idx(s2names)
             surf = self.surface(idx)
-            # new arrays either way (atmosphere added, or a band subset): the cached surface stays private
-            clear = R.toa_clear(surf, idx) if self.scene.sensor == "s2_l1c" else np.array(surf, dtype=np.float32)
+            # the overpass's atmosphere and illumination, without clouds and without sensor noise; new arrays
+            # either way, so the cached surface stays private
+            atm = self.atmosphere
+            clear = R.toa_clear(surf, idx, atm) if self.scene.sensor == "s2_l1c" else surf * np.float32(atm.gain)
             clear = self._expand(clear)
             mask = self._expand(self.sky.mask())
 
