@@ -112,32 +112,41 @@ def overhead(model_name: str, params, size: int, batch: int, steps: int) -> dict
             "step_overhead_pct": 100 * (o / b - 1), "samples_per_s": batch / o}
 
 
-def epoch_overhead(model_name: str, params, size: int, batch: int, n: int) -> dict:
-    """train() (no validation cost counted: samples/s over the training loop only) vs a bare loop over the same DataLoader."""
+def epoch_overhead(model_name: str, params, size: int, batch: int, n: int, rounds: int = 3) -> dict:
+    """train() (no validation cost counted: samples/s over the training loop only) vs a bare loop over the same
+    DataLoader. Both run ``rounds`` times, alternating, and the best of each counts: a single cold pass of a few
+    steps measures the process warming up (allocator, first-call dispatch), not the trainer."""
     raw = _toy(n, size)
     cfg = TrainConfig(model=model_name, model_params=params, batch_size=batch, num_workers=0, precision="fp32",
                       optimizer={"lr": 1e-3}, epochs=1, patience=None)
     spec = build_model(model_name, params).spec
-    with tempfile.TemporaryDirectory() as d:
-        res = train(cfg, None, Path(d) / "run", train_data=raw, val_data=raw[:batch], progress=False)
-    ours = res.samples_per_s
-    torch.manual_seed(0)
     rc = resolve_config(model_name, params)
-    model, loss_fn = build_model(model_name, rc), model_loss(model_name, rc)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ds = AssembledDataset(raw, spec, train=True, seed=0, augment=cfg.augment)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True)
-    t = time.perf_counter()
-    for b in loader:
-        inp = model_inputs(b)
-        out = model(inp)
-        loss, _ = loss_fn(out, inp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    bare = n / (time.perf_counter() - t)
-    return {"model": model_name, "bare_samples_per_s": bare, "trainer_samples_per_s": ours, "epoch_overhead_pct": 100 * (bare / ours - 1)}
+
+    def ours() -> float:
+        with tempfile.TemporaryDirectory() as d:
+            return train(cfg, None, Path(d) / "run", train_data=raw, val_data=raw[:batch], progress=False).samples_per_s
+
+    def bare() -> float:
+        torch.manual_seed(0)
+        model, loss_fn = build_model(model_name, rc), model_loss(model_name, rc)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        ds = AssembledDataset(raw, spec, train=True, seed=0, augment=cfg.augment)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True)
+        t = time.perf_counter()
+        for b in loader:
+            inp = model_inputs(b)
+            out = model(inp)
+            loss, _ = loss_fn(out, inp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        return n / (time.perf_counter() - t)
+
+    runs = [(ours(), bare()) for _ in range(rounds)]
+    best_ours, best_bare = max(r[0] for r in runs), max(r[1] for r in runs)
+    return {"model": model_name, "bare_samples_per_s": best_bare, "trainer_samples_per_s": best_ours,
+            "epoch_overhead_pct": 100 * (best_bare / best_ours - 1), "rounds": rounds}
 
 
 def cuda_paper_crgennet(size: int = 256, batch: int = 8, steps: int = 20) -> dict | None:
@@ -201,8 +210,8 @@ def main() -> None:
         print(f"{r['model']:9s} {r['size']}px batch {r['batch']}: bare {r['bare_s_per_step'] * 1e3:.1f} ms/step, trainer "
               f"{r['trainer_s_per_step'] * 1e3:.1f} ms/step -> step overhead {r['step_overhead_pct']:+.1f} %, "
               f"{r['samples_per_s']:.1f} samples/s (CPU, {torch.get_num_threads()} threads)")
-    e = epoch_overhead("unet", "small", 64, 8, 64)
-    print(f"unet 64px epoch incl. data assembly: bare {e['bare_samples_per_s']:.1f} samples/s, train() "
+    e = epoch_overhead("unet", "small", 64, 8, 128)
+    print(f"unet 64px epoch incl. data assembly (best of {e['rounds']} alternating): bare {e['bare_samples_per_s']:.1f} samples/s, train() "
           f"{e['trainer_samples_per_s']:.1f} samples/s -> overhead {e['epoch_overhead_pct']:+.1f} %")
     g = cuda_paper_crgennet()
     if g is None:
