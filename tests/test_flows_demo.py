@@ -45,4 +45,5 @@ def test_demo_command_writes_cog_stac_quicklook_and_prints_metrics(tmp_path):
     for label in ("PSNR dB", "SSIM", "MAE"):
         (line,) = [ln for ln in result.output.splitlines() if ln.strip("│┃ ").startswith(label)]
         cells = [c.strip() for c in line.strip("│┃ ").split("│")[1:]]
-        assert len(cells) == 4 and all(re.fullmatch(r"-?\d+\.\d+|inf", c) for c in cells), line
+        # finite everywhere: no two synthetic overpasses are identical, so no baseline is "exact"
+        assert len(cells) == 4 and all(re.fullmatch(r"-?\d+\.\d+", c) for c in cells), line
