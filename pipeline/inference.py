@@ -168,12 +168,12 @@ def _check_bands(spec: InputSpec, scenes: Sequence[Scene], source_name: str, che
 
 def _aux_dates(earlier: list[dt.date], days: dict[dt.date, list[Scene]], n: int, date: dt.date, how: str) -> list[dt.date]:
     """The ``n`` auxiliary dates (oldest first) out of ``earlier`` (sorted), chosen by ``how`` (see the module docstring)."""
+    if how not in AUX_DATE_CHOICES:
+        raise DataError(f"aux_dates={how!r}: use one of {', '.join(AUX_DATE_CHOICES)}")
     if n == 0:
         return []
     if how == "latest":
         return earlier[-n:]
-    if how != "clearest":
-        raise DataError(f"aux_dates={how!r}: use one of {', '.join(AUX_DATE_CHOICES)}")
     pool = [d for d in earlier if (date - d).days <= AUX_MAX_DAYS]
     if len(pool) <= n:  # no choice to make within the gap: the most recent ones
         return earlier[-n:]

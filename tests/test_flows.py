@@ -249,21 +249,22 @@ def test_bad_parameters_fail_the_flow_run_fast_with_the_message(harness, params,
     assert not task_states(run.id)  # nothing ran
 
 
-def test_source_task_retries_a_transient_error_once_then_succeeds(harness, monkeypatch):
+def _search_once_with(monkeypatch, fail):
+    """Run build-dataset's search task once (retries without delay, no cache) on a synthetic source whose
+    ``search`` first calls ``fail(n)`` with its call count; returns (final state, call counter)."""
     import flows.build_dataset as fb
     from pipeline.regions import parse_region
     from pipeline.sources.synthetic import SyntheticSource
 
     calls = {"n": 0}
 
-    class Flaky(SyntheticSource):
+    class Failing(SyntheticSource):
         def search(self, *a, **k):
             calls["n"] += 1
-            if calls["n"] == 1:
-                raise TimeoutError("The read operation timed out")
+            fail(calls["n"])
             return super().search(*a, **k)
 
-    monkeypatch.setattr(fb, "get_source", lambda name, **kw: Flaky(**kw))
+    monkeypatch.setattr(fb, "get_source", lambda name, **kw: Failing(**kw))
     region = parse_region({"name": "tiny-aoi", "bbox": [113.62, 34.72, 113.642, 34.738], "window": {"start": "2021-07-01", "end": "2021-07-20"}})
     search = fb.search_scenes.with_options(retry_delay_seconds=0, cache_policy=NO_CACHE, persist_result=False)
 
@@ -271,7 +272,15 @@ def test_source_task_retries_a_transient_error_once_then_succeeds(harness, monke
     def one_search():
         return search(region, "synthetic", {})
 
-    state = one_search(return_state=True)
+    return one_search(return_state=True), calls
+
+
+def test_source_task_retries_a_transient_error_once_then_succeeds(harness, monkeypatch):
+    def timeout_first(n):
+        if n == 1:
+            raise TimeoutError("The read operation timed out")
+
+    state, calls = _search_once_with(monkeypatch, timeout_first)
     assert state.is_completed(), state.message
     assert calls["n"] == 3  # s2 failed once, then s2 and s1 on the retry
     (run,) = task_runs(state.state_details.flow_run_id)
@@ -279,26 +288,10 @@ def test_source_task_retries_a_transient_error_once_then_succeeds(harness, monke
 
 
 def test_source_task_does_not_retry_a_deterministic_error(harness, monkeypatch):
-    import flows.build_dataset as fb
-    from pipeline.regions import parse_region
-    from pipeline.sources.synthetic import SyntheticSource
+    def always(n):
+        raise SourceError("the source cannot serve sensor 's2' here; pick another --source")
 
-    calls = {"n": 0}
-
-    class Broken(SyntheticSource):
-        def search(self, *a, **k):
-            calls["n"] += 1
-            raise SourceError("the source cannot serve sensor 's2' here; pick another --source")
-
-    monkeypatch.setattr(fb, "get_source", lambda name, **kw: Broken(**kw))
-    region = parse_region({"name": "tiny-aoi", "bbox": [113.62, 34.72, 113.642, 34.738], "window": {"start": "2021-07-01", "end": "2021-07-20"}})
-    search = fb.search_scenes.with_options(retry_delay_seconds=0, cache_policy=NO_CACHE, persist_result=False)
-
-    @flow
-    def one_search():
-        return search(region, "synthetic", {})
-
-    state = one_search(return_state=True)
+    state, calls = _search_once_with(monkeypatch, always)
     assert state.is_failed() and calls["n"] == 1
     assert "pick another --source" in state.message
 

@@ -464,3 +464,18 @@ def test_render_cache_is_bounded(region, s2, monkeypatch):
     big = g.window(0, 0, 128, 128)
     src.read(s2[0], big, ["B2"])  # larger than the bound alone: kept, the rest dropped
     assert len(synmod._RENDERS) == 1
+
+
+def test_sensor_noise_is_anchored_to_world_pixels_not_to_the_grid():
+    from pipeline.sources.synth_render import sensor_noise
+
+    res = 10.0
+    xs, ys = np.arange(50) * res + 1005.0, (np.arange(40) * res + 2005.0)[::-1]  # north-up rows
+    full = sensor_noise(xs, ys, res, 7, list(range(13)))
+    window = sensor_noise(xs[10:30], ys[5:20], res, 7, list(range(13)))
+    rows_up = sensor_noise(xs, ys[::-1], res, 7, list(range(13)))  # the same pixels, rows south to north
+    for b in range(13):
+        np.testing.assert_array_equal(window[b], full[b][5:20, 10:30])
+        np.testing.assert_array_equal(rows_up[b], full[b][::-1])
+    assert abs(np.corrcoef(full[0].ravel(), full[1].ravel())[0, 1]) < 0.1  # bands independent
+    assert 0.9 < np.std(np.stack(full)) < 1.1

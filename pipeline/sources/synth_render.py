@@ -131,19 +131,25 @@ def atmosphere(key: int) -> Atmosphere:
     return Atmosphere(path.astype(np.float32), trans.astype(np.float32), gain)
 
 
+def _run(idx: np.ndarray) -> slice:
+    """A slice selecting the indices ``idx``, a run of consecutive integers going up or down."""
+    step = 1 if len(idx) < 2 or idx[1] > idx[0] else -1
+    stop = int(idx[-1]) + step
+    return slice(int(idx[0]), None if stop < 0 else stop, step)
+
+
 def sensor_noise(xs: np.ndarray, ys: np.ndarray, res: float, key: int, band_idx: list[int]) -> list[np.ndarray]:
     """Independent N(0, 1) radiometric noise per band and world pixel, one (H, W) view per band.
 
-    One normal field is hashed on a grid larger by 13 pixels each way; band b reads it shifted by b
-    pixels along x and by 2b mod 13 along y, i.e. at other world pixels, so bands are independent and a
-    pixel's noise does not depend on the grid asking for it, at the cost of one field instead of 13.
+    One normal field is hashed on the grid's pixels plus 12 more east and south; band b reads it shifted
+    b pixels east and (2b mod 13) south, i.e. at other world pixels, so bands are independent and a pixel's
+    noise does not depend on the grid asking for it (nor on its row order), at the cost of one field, not 13.
     """
-    h, w = len(ys), len(xs)
-    dy = float(ys[1] - ys[0]) if h > 1 else -res
-    xe = xs[0] + res * np.arange(w + 13)
-    ye = ys[0] + dy * np.arange(h + 13)
-    z = pixel_normal(xe, ye, res, key)
-    return [z[(2 * b) % 13 : (2 * b) % 13 + h, b : b + w] for b in band_idx]
+    x0, y0 = float(np.min(xs)), float(np.min(ys))
+    ix = np.rint((np.asarray(xs) - x0) / res).astype(np.int64)  # 0.. along the grid's columns
+    iy = np.rint((np.asarray(ys) - y0) / res).astype(np.int64) + 12  # row 0 of the field is 12 px south
+    z = pixel_normal(x0 + res * np.arange(int(ix.max()) + 13), y0 - 12 * res + res * np.arange(int(iy.max()) + 1), res, key)
+    return [z[_run(iy - (2 * b) % 13), _run(ix + b)] for b in band_idx]
 
 
 def toa_clear(surf: np.ndarray, band_idx: list[int], atm: Atmosphere = MEAN_ATMOSPHERE) -> np.ndarray:
