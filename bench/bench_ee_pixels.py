@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.regions import load_region
 from pipeline.sensors import get_sensor
-from pipeline.sources import ee_pixels
+from pipeline.sources.earthengine import pixels as ee_pixels
 
 
 def main() -> None:

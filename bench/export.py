@@ -23,14 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import export as ex  # noqa: E402
-from pipeline.dataset_build import build_dataset  # noqa: E402
-from pipeline.maskcodes import is_contaminated  # noqa: E402
-from pipeline.masking import mask_scene  # noqa: E402
+from pipeline.dataset import patches as ex  # noqa: E402
+from pipeline.dataset.build import build_dataset  # noqa: E402
+from pipeline.masking.codes import is_contaminated  # noqa: E402
+from pipeline.masking.scene import mask_scene  # noqa: E402
 from pipeline.regions import load_region  # noqa: E402
-from pipeline.selection import patch_offsets  # noqa: E402
+from pipeline.dataset.selection import patch_offsets  # noqa: E402
 from pipeline.sensors import S1_BANDS, get_sensor, to_dn  # noqa: E402
-from pipeline.sources.synthetic import SyntheticSource  # noqa: E402
+from pipeline.sources.synthetic.source import SyntheticSource  # noqa: E402
 
 REGION = "zhengzhou-demo"
 

@@ -1,4 +1,4 @@
-"""Benchmark of ``cloudfree reconstruct`` (pipeline.inference), all figures from one run.
+"""Benchmark of ``cloudfree reconstruct`` (pipeline.reconstruct.run), all figures from one run.
 
 1. Throughput: px/s of the whole ``reconstruct`` call against the bare model forward on the very same
    tiles (recorded during the run, replayed afterwards). The synthetic simulator renders ~0.15 Mpx/s per
@@ -112,7 +112,7 @@ def unet_checkpoint(folder: Path, config: str = "small") -> Path:
     import torch
 
     from models.registry import build_model, resolve_config
-    from pipeline.checkpoint import save_model
+    from pipeline.train.checkpoint import save_model
 
     torch.manual_seed(0)
     cfg = resolve_config("unet", config)
@@ -124,8 +124,8 @@ def unet_checkpoint(folder: Path, config: str = "small") -> Path:
 def bench_throughput(size: int, work: Path, config: str = "small") -> dict[str, float]:
     import torch
 
-    import pipeline.inference as inf
-    from pipeline.sources.synthetic import SyntheticSource
+    import pipeline.reconstruct.run as inf
+    from pipeline.sources.synthetic.source import SyntheticSource
 
     region = region_of(size)
     grid = region.grid()
@@ -147,7 +147,7 @@ def bench_throughput(size: int, work: Path, config: str = "small") -> dict[str, 
             forward_s[0] += time.perf_counter() - t0
             return out
 
-    import pipeline.masking  # noqa: F401  (import time is not throughput)
+    import pipeline.masking.scene  # noqa: F401  (import time is not throughput)
 
     real = inf.TorchPredictor
     inf.TorchPredictor = Recording
@@ -180,12 +180,12 @@ def bench_throughput(size: int, work: Path, config: str = "small") -> dict[str, 
 def child_memory(size: int, source: str, out: str) -> None:
     """Runs in a fresh process: one reconstruct, then prints its peak RSS."""
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.inference import load_model, reconstruct
-    from pipeline.sources.synthetic import SyntheticSource
+    from pipeline.reconstruct.run import load_model, reconstruct
+    from pipeline.sources.synthetic.source import SyntheticSource
 
     region = region_of(size)
     load_model("composite")
-    import pipeline.masking  # noqa: F401  (imports belong to the baseline)
+    import pipeline.masking.scene  # noqa: F401  (imports belong to the baseline)
 
     base = _vm_hwm_mb()
     src = ProceduralSource(SyntheticSource()) if source == "procedural" else SyntheticSource()
@@ -218,7 +218,7 @@ def bench_cog_write(size: int, bands: int, work: Path) -> dict[str, float]:
     import rasterio
     from rasterio.windows import Window
 
-    from pipeline.geotiff import BlockWriter, RasterSpec
+    from pipeline.reconstruct.cog import BlockWriter, RasterSpec
     from pipeline.grid import Grid
     from affine import Affine
 

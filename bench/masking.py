@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from pipeline.mask_config import MaskConfig
-from pipeline.mask_s2cloudless import S2CLOUDLESS_BANDS, detector
-from pipeline.masking import mask_fractions, mask_scene
+from pipeline.masking.config import MaskConfig
+from pipeline.masking.cloud_probability import S2CLOUDLESS_BANDS, detector
+from pipeline.masking.scene import mask_fractions, mask_scene
 from pipeline.sensors import S2_BANDS
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -32,7 +32,7 @@ def _input(size: int) -> tuple[xr.DataArray, object, str]:
 
         from pipeline.grid import Grid
         from pipeline.regions import load_region
-        from pipeline.sources.synthetic import SyntheticSource
+        from pipeline.sources.synthetic.source import SyntheticSource
 
         region = load_region("zhengzhou-demo")
         g = region.grid()

@@ -23,10 +23,10 @@ import xarray as xr  # noqa: E402,F401  (import cost kept out of the timings)
 
 from pipeline.regions import load_region  # noqa: E402
 from pipeline.sensors import S2_BANDS  # noqa: E402
-from pipeline.sources import synth_render as R  # noqa: E402
-from pipeline.sources.synth_sky import sky_on  # noqa: E402
-from pipeline.sources.synth_world import build_static, ground_on  # noqa: E402
-from pipeline.sources.synthetic import SyntheticSource, clear_caches  # noqa: E402
+from pipeline.sources.synthetic import render as R  # noqa: E402
+from pipeline.sources.synthetic.sky import sky_on  # noqa: E402
+from pipeline.sources.synthetic.world import build_static, ground_on  # noqa: E402
+from pipeline.sources.synthetic.source import SyntheticSource, clear_caches  # noqa: E402
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Training benchmarks and the zhengzhou-demo result.
 
 Default (``make bench``):
-  1. trainer overhead: ``pipeline.training.train_step`` vs a bare PyTorch step (forward, loss, backward, clip,
+  1. trainer overhead: ``pipeline.train.loop.train_step`` vs a bare PyTorch step (forward, loss, backward, clip,
      Adam) on the same model and the same pre-assembled batches, and a full ``train()`` epoch vs a bare loop over
      the same DataLoader (data assembly included in both);
   2. CPU samples/s of small ``unet`` and ``crgennet`` at 128 x 128;
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.registry import build_model, model_loss, resolve_config  # noqa: E402
-from pipeline.assemble import AssembledDataset, AugmentConfig, model_inputs  # noqa: E402
-from pipeline.train_config import TrainConfig  # noqa: E402
-from pipeline.training import LoopState, build_parts, setup_runtime, train, train_step  # noqa: E402
+from pipeline.train.samples import AssembledDataset, AugmentConfig, model_inputs  # noqa: E402
+from pipeline.train.config import TrainConfig  # noqa: E402
+from pipeline.train.loop import LoopState, build_parts, setup_runtime, train, train_step  # noqa: E402
 
 CRGEN_NO_VGG = {"base": "small", "loss": {"perceptual": 0.0}}  # no ImageNet VGG weights offline
 
@@ -163,8 +163,8 @@ def cuda_paper_crgennet(size: int = 256, batch: int = 8, steps: int = 20) -> dic
 
 
 def demo(data: Path, runs: Path, minutes: float, val_every: int = 4, extend: float = 0.0, only: str | None = None) -> None:
-    from pipeline.dataset_build import build_dataset
-    from pipeline.evaluation import evaluate, markdown_table
+    from pipeline.dataset.build import build_dataset
+    from pipeline.train.evaluate import evaluate, markdown_table
 
     if not (data / "cubes" / "test.zarr").exists():
         t = time.perf_counter()

@@ -42,8 +42,8 @@ def build_summary_markdown(summary: Mapping[str, Any], stats: Sequence[Mapping[s
 
 
 def metrics_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """``pipeline.evaluation.evaluate`` output -> one row per method, all pixels and cloud-covered pixels."""
-    from pipeline.evaluation import METRICS
+    """``pipeline.train.evaluate.evaluate`` output -> one row per method, all pixels and cloud-covered pixels."""
+    from pipeline.train.evaluate import METRICS
 
     rows = []
     for who in ("model", "composite"):

@@ -1,4 +1,4 @@
-"""``build-dataset``: region(s) -> per-scene mask tasks -> ``pipeline.dataset_build.build_dataset``.
+"""``build-dataset``: region(s) -> per-scene mask tasks -> ``pipeline.dataset.build.build_dataset``.
 
 Each scene is one task (source read + cloud mask, retried on transient source errors, tagged for the Earth
 Engine concurrency limit, cached by inputs). The per-scene tasks fill the dataset's own mask cache
@@ -22,11 +22,12 @@ from flows.artifacts import build_summary_markdown, publish_markdown, publish_ta
 from flows.common import CACHED, SOURCE_TASK, run_cached, source_tags, task_runner
 from flows.params import BuildDatasetParams
 from pipeline.regions import Region
-from pipeline.sources.base import Scene, get_source
+from pipeline.sources.base import Scene
+from pipeline.sources.registry import get_source
 
 
 def _needed_families(region: Region) -> list[str]:
-    from pipeline.selection import optical_family, uses_sar
+    from pipeline.dataset.selection import optical_family, uses_sar
 
     return [optical_family(region)] + (["s1"] if uses_sar(region) else [])
 
@@ -49,13 +50,13 @@ def mask_scene_task(region: Region, source: str, source_options: dict[str, Any],
     import numpy as np
 
     # _Scenes is build_dataset's reader/masker; using it writes exactly the cache entry the build looks up.
-    from pipeline.dataset_build import _key, _Scenes, prepare_out
-    from pipeline.maskcodes import MaskClass
-    from pipeline.masking import MaskConfig
+    from pipeline.dataset.build import _key, _Scenes, prepare_out
+    from pipeline.masking.codes import MaskClass
+    from pipeline.masking.scene import MaskConfig
 
     src = get_source(source, **source_options)
     # The same source key and settings as build_dataset, so the build task finds this mask in its cache
-    # (tests/test_flows.py checks that the build recomputes none).
+    # (tests/flows/test_flows.py checks that the build recomputes none).
     source_key = _key({"source": source, "seed": getattr(src, "seed", None), "root": str(getattr(src, "root", "")),
                        "version": getattr(src, "version", None)})
     # cache_bytes=0: the scene array is not kept in memory, the build task runs in another call
@@ -81,7 +82,7 @@ def mask_scene_task(region: Region, source: str, source_options: dict[str, Any],
 @task(name="build-patches-and-cubes", **SOURCE_TASK, **CACHED)
 def build_task(region: Region, source: str, source_options: dict[str, Any], out: str, max_patches: int | None, mask_method: str) -> dict[str, Any]:
     """Selection, patch export, manifest, cubes, report (masks come from the per-scene tasks' cache)."""
-    from pipeline.dataset_build import build_dataset
+    from pipeline.dataset.build import build_dataset
 
     rep = build_dataset(region, source, out, max_patches=max_patches, mask_method=mask_method,
                         source_options=source_options, progress=sys.stderr.isatty())

@@ -44,7 +44,7 @@ def is_transient_error(exc: BaseException | None) -> bool:
     """Worth retrying later: network/quota/server trouble, never a deterministic ``CloudfreeError``."""
     if exc is None:
         return False
-    from pipeline.sources.ee_pixels import EarthEngineRequestError, is_transient
+    from pipeline.sources.earthengine.pixels import EarthEngineRequestError, is_transient
 
     if isinstance(exc, EarthEngineRequestError):
         # the source already backed off; retrying the task later helps only if the cause was transient

@@ -18,12 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.errors import CloudfreeError, RegionError
 from pipeline.regions import Region, geojson_bounds, list_regions, load_region, parse_region
+from pipeline.sources.registry import SourceName, SourceSpec
 
-SourceName = Literal["synthetic", "local", "earthengine"]
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_enum_values=True, validate_default=True)
 
 
 def region_from_geojson(
@@ -86,7 +86,7 @@ def _as_value_error(fn: Any, *args: Any) -> Any:
 
 class _RegionParams(_Params):
     region: str | InlineAOI = Field(description="Region name (regions/NAME.yaml), path to a region YAML, or an inline GeoJSON AOI.")
-    source: SourceName = Field("synthetic", description="Scene archive: synthetic (offline simulation), local (GeoTIFF folder) or earthengine.")
+    source: SourceName = Field(SourceName.synthetic, description="Scene archive: synthetic (offline simulation), local (GeoTIFF folder) or earthengine.")
     source_options: dict[str, Any] = Field(default_factory=dict, description="Source keyword arguments, e.g. {'root': '/data/sen12'} for local, {'project': 'my-gcp-project'} for earthengine.")
 
     def resolved_region(self) -> Region:
@@ -95,8 +95,7 @@ class _RegionParams(_Params):
     @model_validator(mode="after")
     def _region_exists(self) -> "_RegionParams":
         _as_value_error(self.resolved_region)
-        if self.source == "local" and "root" not in self.source_options:
-            raise ValueError("source 'local' needs source_options {'root': '<folder of GeoTIFFs>'}")
+        _as_value_error(SourceSpec.parse, self.source, None, self.source_options)
         return self
 
 
@@ -117,7 +116,7 @@ class ReconstructParams(_RegionParams):
     @field_validator("mask_method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from pipeline.masking import METHODS
+        from pipeline.masking.scene import METHODS
 
         if v not in METHODS:
             raise ValueError(f"unknown mask_method {v!r}; use one of: {', '.join(METHODS)}")
@@ -148,7 +147,7 @@ class BuildDatasetParams(_Params):
     """Parameters of ``build-dataset``. ``region`` empty: every region file marked ``active: true`` without a dataset."""
 
     region: str | InlineAOI | None = Field(None, description="Region name/path/inline AOI; empty: all active regions that have no dataset yet.")
-    source: SourceName = Field("synthetic", description="Scene archive: synthetic, local or earthengine.")
+    source: SourceName = Field(SourceName.synthetic, description="Scene archive: synthetic, local or earthengine.")
     source_options: dict[str, Any] = Field(default_factory=dict, description="Source keyword arguments (root for local, project for earthengine).")
     out_root: str = Field("data", description="Datasets go to OUT_ROOT/<region name>.")
     max_patches: int | None = Field(None, ge=1, description="Cap on kept patches (quick runs).")
@@ -156,14 +155,13 @@ class BuildDatasetParams(_Params):
 
     @model_validator(mode="after")
     def _checks(self) -> "BuildDatasetParams":
-        from pipeline.dataset_build import MASK_METHODS
+        from pipeline.dataset.build import MASK_METHODS
 
         if self.region is not None:
             _as_value_error(resolve_region, self.region)
         if self.mask_method not in MASK_METHODS:
             raise ValueError(f"unknown mask_method {self.mask_method!r}; use one of: {', '.join(MASK_METHODS)}")
-        if self.source == "local" and "root" not in self.source_options:
-            raise ValueError("source 'local' needs source_options {'root': '<folder of GeoTIFFs>'}")
+        _as_value_error(SourceSpec.parse, self.source, None, self.source_options)
         return self
 
     def targets(self) -> list[Region]:

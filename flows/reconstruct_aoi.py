@@ -1,6 +1,6 @@
 """``reconstruct-aoi``: AOI + date + checkpoint -> cloud-free COG, provenance, STAC Item, quicklook.
 
-``pipeline.inference.reconstruct`` does the work block by block (resumable through its progress file, on a
+``pipeline.reconstruct.run.reconstruct`` does the work block by block (resumable through its progress file, on a
 dask cluster when ``CLOUDFREE_DASK`` names one). On the synthetic archive, with ``score_truth``, a second task
 scores the COG against the simulator's true cloud-free scene (all pixels and pixels under cloud on the date).
 """
@@ -30,7 +30,7 @@ def reconstruct_task(region: Region, date: dt.date, checkpoint: str, source: str
                      tile: int, overlap: int, block: int, keep_clear: bool, mask_method: str, aux_dates: str,
                      checkpoint_sha256: str) -> dict[str, Any]:
     """Run the block-wise reconstruction; returns output paths, input dates and COG/STAC validation."""
-    from pipeline.inference import reconstruct
+    from pipeline.reconstruct.run import reconstruct
 
     logger = get_run_logger()
     r = reconstruct(region, date, checkpoint, source, out, tile=tile, overlap=overlap, block=block, keep_clear=keep_clear,
@@ -53,9 +53,9 @@ def truth_metrics_task(region: Region, result: dict[str, Any], source_options: d
     import rasterio
     import torch
 
-    from pipeline.maskcodes import is_contaminated
-    from pipeline.metrics import compute_metrics
-    from pipeline.sources.synthetic import SyntheticSource
+    from pipeline.masking.codes import is_contaminated
+    from pipeline.train.metrics import compute_metrics
+    from pipeline.sources.synthetic.source import SyntheticSource
 
     if not result["target_scene_ids"]:
         return None
@@ -92,9 +92,9 @@ def _checkpoint_sha(checkpoint: str) -> str:
     # part of the cache key: retraining into the same folder must not reuse the old reconstruction
     if checkpoint == "composite":
         return "composite"
-    from pipeline.checkpoint import file_sha256
+    from pipeline.files import sha256_file
 
-    return file_sha256(Path(checkpoint) / "model.pt")
+    return sha256_file(Path(checkpoint) / "model.pt")
 
 
 def summary_markdown(params: ReconstructParams, region: Region, result: dict[str, Any], truth: dict[str, Any] | None) -> str:

@@ -1,4 +1,4 @@
-"""``train-model``: a dataset's cubes -> a checkpoint (``pipeline.training.train``) -> test-split metrics vs composite.
+"""``train-model``: a dataset's cubes -> a checkpoint (``pipeline.train.loop.train``) -> test-split metrics vs composite.
 
 Training is one task (its own loop checkpoints every epoch and resumes exactly with ``resume``); the
 evaluation task scores the best checkpoint and the training-free composite baseline on the same samples
@@ -20,7 +20,7 @@ from flows.params import TrainParams
 
 def _dataset_sha(data: str) -> str:
     # the cache key must change when the dataset is rebuilt under the same folder name
-    from pipeline.training import dataset_fingerprint
+    from pipeline.train.loop import dataset_fingerprint
 
     return str(dataset_fingerprint(Path(data)))
 
@@ -28,8 +28,8 @@ def _dataset_sha(data: str) -> str:
 @task(name="train", **CACHED)
 def train_task(data: str, model: str, config: str, epochs: int, batch_size: int | None, max_steps_per_epoch: int | None,
                time_limit_s: float | None, num_workers: int, seed: int, out: str, resume: bool, dataset_sha: str) -> dict[str, Any]:
-    from pipeline.train_config import load_train_config
-    from pipeline.training import train
+    from pipeline.train.config import load_train_config
+    from pipeline.train.loop import train
 
     cfg = load_train_config(config, model, epochs=epochs, batch_size=batch_size, seed=seed, num_workers=num_workers,
                             max_steps_per_epoch=max_steps_per_epoch, time_limit_s=time_limit_s)
@@ -42,7 +42,7 @@ def train_task(data: str, model: str, config: str, epochs: int, batch_size: int 
 
 @task(name="evaluate", **CACHED)
 def evaluate_task(run_dir: str, data: str, split: str, model_sha256: str) -> dict[str, Any]:
-    from pipeline.evaluation import evaluate
+    from pipeline.train.evaluate import evaluate
 
     return evaluate(Path(run_dir), Path(data), split)
 
@@ -55,8 +55,8 @@ def _run_files(result: dict[str, Any]) -> list[Path]:
 @flow(name="train-model", task_runner=task_runner())
 def train_model(params: TrainParams) -> dict[str, Any]:
     """Train a model on a dataset built by build-dataset; score it against the composite baseline."""
-    from pipeline.checkpoint import file_sha256
-    from pipeline.evaluation import markdown_table
+    from pipeline.files import sha256_file
+    from pipeline.train.evaluate import markdown_table
 
     logger = get_run_logger()
     logger.info("training %s (%s, %d epochs) on %s into %s", params.model, params.config, params.epochs, params.data, params.out)
@@ -68,7 +68,7 @@ def train_model(params: TrainParams) -> dict[str, Any]:
                       f"Per-epoch training loss and validation metrics of {params.out}")
     if params.evaluate_split:
         logger.info("scoring %s and the composite baseline on the %s split", result["run_dir"], params.evaluate_split)
-        ev = evaluate_task(result["run_dir"], params.data, params.evaluate_split, file_sha256(Path(result["run_dir"]) / "model.pt"))
+        ev = evaluate_task(result["run_dir"], params.data, params.evaluate_split, sha256_file(Path(result["run_dir"]) / "model.pt"))
         publish_table(f"metrics-{params.model}", metrics_rows(ev), f"{params.model} vs composite on {params.evaluate_split}: all and cloud-covered pixels")
         publish_markdown(f"evaluation-{params.model}", markdown_table(ev), f"{params.model} vs composite on {params.evaluate_split}")
         result["evaluation"] = ev

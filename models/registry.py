@@ -1,6 +1,6 @@
 """The model registry: one name per architecture, its input spec, and its ``small`` / ``paper`` configs.
 
-Training-loop contract (what ``pipeline.training`` builds on)
+Training-loop contract (what ``pipeline.train.loop`` builds on)
 ------------------------------------------------------------
 ::
 

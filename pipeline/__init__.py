@@ -1,8 +1,14 @@
 """cloudfree: cloudy satellite archives -> cloud-free, analysis-ready imagery.
 
-Stages (raster-vision style, each a plain function with an explicit config):
-query + mask (``sources``, ``masking``) -> select + export patches (``selection``, ``export``)
--> tiled cubes (``cubes``) -> train (``training``) -> reconstruct (``inference``) -> COG (``geotiff``).
+The library, one package per stage (see docs/architecture.md):
+``sources`` (scenes and pixels) -> ``masking`` (cloud/shadow classes) -> ``dataset`` (patches, manifest,
+Zarr cubes) -> ``train`` (checkpoints) -> ``reconstruct`` (cloud-free COGs), on the shared foundations
+``regions``, ``grid``, ``sensors``, ``normalize``, ``files`` and ``errors``.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("cloudfree")
+except PackageNotFoundError:  # a source tree used without `pip install -e .`
+    __version__ = "0+unknown"

@@ -1,4 +1,7 @@
-"""``cloudfree`` command line. Each stage registers its commands from its own module."""
+"""``cloudfree`` command line. Each stage registers its commands from its own module.
+
+``cloudfree demo`` runs the Prefect flows, so it is registered by ``flows.cli`` (the console script).
+"""
 
 from pipeline.cli.app import app, main
 from pipeline.cli import regions  # noqa: F401  (regions, scenes)
@@ -6,6 +9,5 @@ from pipeline.cli import preview  # noqa: F401  (preview)
 from pipeline.cli import dataset  # noqa: F401  (build-dataset)
 from pipeline.cli import train  # noqa: F401  (train, evaluate, export-model)
 from pipeline.cli import reconstruct  # noqa: F401  (reconstruct)
-from pipeline.cli import demo  # noqa: F401  (demo)
 
 __all__ = ["app", "main"]

@@ -10,10 +10,11 @@ from rich.table import Table
 
 from pipeline.cli.app import app, console
 from pipeline.errors import DataError
-from pipeline.mask_config import METHODS
+from pipeline.masking.config import METHODS
+from pipeline.sources.registry import SourceName, SourceSpec
 
 if TYPE_CHECKING:
-    from pipeline.dataset_build import BuildReport
+    from pipeline.dataset.build import BuildReport
 
 # Kept light at import time: `cloudfree --help` and `regions list` must not pay for torch and zarr.
 MASK_METHODS = ("cheapest",) + METHODS
@@ -46,7 +47,7 @@ def print_summary(report: BuildReport) -> None:
         rej.add_row("none", "0")
     console.print(rej)
     console.print("cloud+shadow cover of optical patch-dates:")
-    from pipeline.dataset_build import histogram_lines
+    from pipeline.dataset.build import histogram_lines
 
     for line in histogram_lines(report.cloud_histogram):
         console.print("  " + line, highlight=False)
@@ -62,7 +63,7 @@ def print_summary(report: BuildReport) -> None:
 @app.command("build-dataset")
 def build_dataset_cmd(
     region: str = typer.Argument(..., help="Region name (regions/NAME.yaml) or path to a region YAML file."),
-    source: str = typer.Option("synthetic", "--source", help="Where pixels come from: synthetic (offline simulator), local or earthengine."),
+    source: SourceName = typer.Option(SourceName.synthetic, "--source", help="Where pixels come from: synthetic (offline simulator), local or earthengine."),
     out: Path = typer.Option(..., "--out", help="Dataset folder; rerunning into the same folder resumes and repairs it."),
     max_patches: Optional[int] = typer.Option(None, "--max-patches", min=1, help="Keep at most N patches (dealt round-robin over the splits)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Concurrent writer threads (default: min(4, CPUs))."),
@@ -75,17 +76,9 @@ def build_dataset_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Select patches, export GeoTIFFs + manifest.parquet, write Zarr cubes and report.md."""
-    options: dict = {}
-    if source == "local":
-        if root is None:
-            raise DataError("--source local needs --root DIR, the folder holding your GeoTIFFs")
-        options["root"] = root
-    elif root is not None:
-        raise DataError(f"--root only applies to --source local (got --source {source})")
-    if source == "synthetic":
-        options["seed"] = seed
-    from pipeline.dataset_build import build_dataset
+    spec = SourceSpec.parse(source, root, {"seed": seed} if source is SourceName.synthetic else None)
+    from pipeline.dataset.build import build_dataset
 
-    report = build_dataset(region, source, out, max_patches=max_patches, workers=workers, mask_method=mask_method,
-                           source_options=options, progress=progress)
+    report = build_dataset(region, spec.name, out, max_patches=max_patches, workers=workers, mask_method=mask_method,
+                           source_options=spec.kwargs(), progress=progress)
     print_summary(report)

@@ -10,10 +10,11 @@ import typer
 
 from pipeline.cli.app import app, console
 from pipeline.errors import SourceError
-from pipeline.quicklook import rgb_quicklook, save_png
+from pipeline.reconstruct.quicklook import rgb_quicklook, save_png
 from pipeline.regions import load_region
 from pipeline.sensors import S1_DB_RANGE, get_sensor
-from pipeline.sources.base import Scene, get_source
+from pipeline.sources.base import Scene
+from pipeline.sources.registry import get_source
 
 MAX_DAYS = 3
 LISTED_DAYS = 30

@@ -9,13 +9,7 @@ from typing import List, Optional
 import typer
 
 from pipeline.cli.app import app, console, parse_date
-from pipeline.errors import SourceError
-
-
-class SourceName(str, enum.Enum):
-    synthetic = "synthetic"
-    local = "local"
-    earthengine = "earthengine"
+from pipeline.sources.registry import SourceName, SourceSpec
 
 
 class OutType(str, enum.Enum):
@@ -55,15 +49,9 @@ def reconstruct_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)."),
 ) -> None:
     """Reconstruct cloud-free imagery for REGION on --date with a checkpoint; writes COG + provenance + STAC + quicklook."""
-    from pipeline.inference import reconstruct_dates
+    from pipeline.reconstruct.run import reconstruct_dates
 
-    options = {}
-    if source is SourceName.local:
-        if root is None:
-            raise SourceError("--source local needs --root DIR (the folder with your GeoTIFFs)")
-        options["root"] = root
-    elif root is not None:
-        raise SourceError(f"--root only applies to --source local, not {source.value}; drop it")
+    options = SourceSpec.parse(source, root).kwargs()
     dates = [parse_date(d) for d in date]
     with console.status(f"reconstructing {region} on {', '.join(map(str, dates))} ..."):
         results, vrt = reconstruct_dates(

@@ -14,17 +14,12 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from pipeline.cli.app import app, console, err_console
-from pipeline.errors import CloudfreeError, RegionError, SourceError
+from pipeline.errors import CloudfreeError, RegionError
 from pipeline.regions import Region, list_regions, load_region, regions_dir
+from pipeline.sources.registry import SourceName, SourceSpec
 
 regions_app = typer.Typer(help="Areas of interest: list, show and validate region files.", no_args_is_help=True)
 app.add_typer(regions_app, name="regions")
-
-
-class SourceName(str, enum.Enum):
-    synthetic = "synthetic"
-    local = "local"
-    earthengine = "earthengine"
 
 
 class Family(str, enum.Enum):
@@ -123,14 +118,8 @@ def scenes_cmd(
     first, last = _parse_date(start) or r.window.start, _parse_date(end) or r.window.end
     if last < first:
         raise CloudfreeError(f"--end {last} is before --start {first}; swap them")
-    options: dict[str, Any] = {}
-    if source is SourceName.local:
-        if root is None:
-            raise SourceError("--source local needs --root DIR (the folder with your GeoTIFFs)")
-        options["root"] = root
-    elif root is not None:
-        raise SourceError(f"--root only applies to --source local, not {source.value}; drop it")
-    from pipeline.sources.base import get_source
+    options = SourceSpec.parse(source, root).kwargs()
+    from pipeline.sources.registry import get_source
 
     src = get_source(source.value, **options)
     families = [sensor.value] if sensor else list(r.sensors)

@@ -42,8 +42,8 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out exactly where it stopped"),
 ) -> None:
     """Train a model on a dataset's cubes; best checkpoint by a validation metric, TensorBoard logs in OUT/tb."""
-    from pipeline.train_config import OptimConfig, load_train_config
-    from pipeline.training import train
+    from pipeline.train.config import OptimConfig, load_train_config
+    from pipeline.train.loop import train
 
     logging.getLogger("pipeline").setLevel(logging.INFO)
     cfg = load_train_config(config, model, epochs=epochs, batch_size=batch_size, seed=seed, precision=precision,
@@ -71,7 +71,7 @@ def evaluate_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
 ) -> None:
     """Metrics on all and cloud-covered pixels, per band group, next to the composite baseline."""
-    from pipeline.evaluation import evaluate, markdown_table
+    from pipeline.train.evaluate import evaluate, markdown_table
 
     result = evaluate(checkpoint, data, split, out, batch_size=batch_size)
     console.print(markdown_table(result), markup=False, highlight=False)
@@ -85,7 +85,7 @@ def export_model_cmd(
     size: int = typer.Option(64, "--size", help="patch side of the example input used for tracing and the check"),
 ) -> None:
     """Export a trained model to TorchScript or ONNX, verified against the eager model."""
-    from pipeline.export_model import export_model
+    from pipeline.train.export import export_model
 
     path = export_model(run, fmt.value, size=size)
     console.print(f"written: {path}", highlight=False)

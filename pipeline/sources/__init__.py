@@ -1,5 +1,6 @@
-"""Data sources behind the ``Source`` protocol: synthetic (embedded default), local GeoTIFFs, Earth Engine."""
+"""Stage 0, sources: a region + dates -> ``Scene`` records and pixels on any ``Grid``.
 
-from pipeline.sources.base import Scene, Source, get_source
-
-__all__ = ["Scene", "Source", "get_source"]
+``base`` is the protocol every source implements (``search`` and ``read``); ``registry`` names the
+sources and builds one from a ``SourceSpec``; ``synthetic/`` (the embedded default, with truth),
+``local/`` (folders of GeoTIFFs) and ``earthengine/`` are the implementations.
+"""

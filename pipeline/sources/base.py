@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
-import xarray as xr
+if TYPE_CHECKING:
+    import xarray as xr
 
-from pipeline.grid import Grid
-from pipeline.regions import Region
+    from pipeline.grid import Grid
+    from pipeline.regions import Region
 
 
 @dataclass(frozen=True)
@@ -68,22 +69,3 @@ def raster_attrs(scene: Scene, grid: Grid, simulated: bool) -> dict[str, Any]:
         "transform": list(grid.transform)[:6],
         "simulated": simulated,
     }
-
-
-def get_source(name: str, **options: Any) -> Source:
-    """Build a source by name: ``synthetic`` (default, offline), ``local`` (needs ``root=``), ``earthengine``."""
-    from pipeline.errors import SourceError
-
-    if name == "synthetic":
-        from pipeline.sources.synthetic import SyntheticSource
-
-        return SyntheticSource(**options)
-    if name == "local":
-        from pipeline.sources.local import LocalSource
-
-        return LocalSource(**options)
-    if name == "earthengine":
-        from pipeline.sources.earthengine import EarthEngineSource
-
-        return EarthEngineSource(**options)
-    raise SourceError(f"unknown source {name!r}; use synthetic, local or earthengine")

@@ -1,0 +1,1 @@
+"""Stage 4, reconstruction: AOI + date + checkpoint -> cloud-free COG, provenance, STAC Item, quicklook."""

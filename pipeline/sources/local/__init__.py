@@ -1,0 +1,1 @@
+"""The local source: a folder of GeoTIFFs indexed by declarative filename layouts."""

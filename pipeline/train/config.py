@@ -1,0 +1,139 @@
+"""Training configuration: one pydantic model, each model's published optimiser defaults, config files.
+
+``cloudfree train --config small|paper|FILE``: ``small``/``paper`` pick the registry's architecture preset;
+FILE is a YAML or JSON mapping of ``TrainConfig`` fields (``model_params`` holds architecture / loss
+overrides on top of ``base: small|paper``). Command-line flags override the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.train.samples import AugmentConfig
+from pipeline.errors import CloudfreeError
+
+
+class TrainConfigError(CloudfreeError):
+    """A training config file or field is invalid."""
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    d_lr: float | None = Field(None, description="discriminator learning rate (GAN models); defaults to lr")
+
+
+class SchedulerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["plateau", "cosine", "none"] = "plateau"
+    factor: float = Field(0.1, gt=0, lt=1, description="ReduceLROnPlateau: lr multiplier")
+    patience: int = Field(10, ge=0, description="ReduceLROnPlateau: epochs without improvement before lowering lr")
+    min_lr: float = Field(0.0, ge=0)
+
+
+class ModelDefaults(BaseModel):
+    """What the model's authors published (or a stated choice where they did not)."""
+
+    optimizer: OptimConfig
+    scheduler: SchedulerConfig = SchedulerConfig()
+    batch_size: int = 8
+    source: str = ""
+
+
+# Published training settings (REFERENCES.md and the papers' code); "not published" marks our choice.
+MODEL_DEFAULTS: dict[str, ModelDefaults] = {
+    "crgennet": ModelDefaults(optimizer=OptimConfig(lr=1e-3, betas=(0.5, 0.999)), batch_size=8,
+                              source="CRGenNet official code: Adam 1e-3, ReduceLROnPlateau, batch 8, 200 epochs"),
+    "srggan": ModelDefaults(optimizer=OptimConfig(lr=1e-4, betas=(0.5, 0.999)), batch_size=4,
+                            source="SRG-GAN: Adam 1e-4, batch 4"),
+    "uncrtaints": ModelDefaults(optimizer=OptimConfig(lr=1e-2), batch_size=4, source="UnCRtainTS: lr 1e-2, batch 4"),
+    "cafusion": ModelDefaults(optimizer=OptimConfig(lr=1e-4), batch_size=8, source="cloud-aware SAR fusion: Adam 1e-4 (batch not published)"),
+    "cmsn": ModelDefaults(optimizer=OptimConfig(lr=1e-4), batch_size=8, source="not published: Adam 1e-4, batch 8"),
+    "unet": ModelDefaults(optimizer=OptimConfig(lr=1e-3), batch_size=8, source="baseline: Adam 1e-3, batch 8"),
+}
+_FALLBACK = ModelDefaults(optimizer=OptimConfig(), source="generic: Adam 1e-3, batch 8")
+
+_MAXIMISE = ("psnr", "ssim", "corr")
+
+
+class TrainConfig(BaseModel):
+    """Everything ``cloudfree train`` needs besides the data and the run folder."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(..., description="registry name (cloudfree models list)")
+    model_params: str | dict[str, Any] = Field("small", description="'small', 'paper' or overrides on top of base: small|paper")
+    epochs: int = Field(20, ge=1, description="total epochs (a resumed run continues up to this number)")
+    batch_size: int | None = Field(None, ge=1, description="GLOBAL batch (split over DDP ranks); default: the model's published one")
+    optimizer: OptimConfig | None = Field(None, description="default: the model's published optimiser")
+    scheduler: SchedulerConfig | None = Field(None, description="default: the model's published schedule")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm (None: no clipping)")
+    d_steps: int = Field(1, ge=1, description="discriminator steps per generator step (GAN models)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    seed: int = 0
+    deterministic: bool = Field(True, description="torch deterministic algorithms where PyTorch has them")
+    monitor: str = Field("cloud_psnr", description="validation metric that picks the best checkpoint")
+    patience: int | None = Field(10, ge=1, description="early stopping: epochs without improvement (None: off)")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch (quick runs)")
+    time_limit_s: float | None = Field(None, gt=0, description="stop after the epoch during which this many seconds passed")
+    val_every: int = Field(1, ge=1, description="validate every N epochs (and always after the last one)")
+    log_every: int = Field(10, ge=1, description="TensorBoard scalars every N steps")
+    image_every: int = Field(1, ge=1, description="TensorBoard image grids every N epochs")
+    train_split: str = "train"
+    val_split: str = "val"
+    vgg_weights: str | None = Field(None, description="torchvision vgg16 state dict for perceptual/style losses")
+    augment: AugmentConfig = AugmentConfig()
+
+    @property
+    def monitor_mode(self) -> Literal["max", "min"]:
+        return "max" if self.monitor.removeprefix("cloud_") in _MAXIMISE else "min"
+
+    def defaults(self) -> ModelDefaults:
+        return MODEL_DEFAULTS.get(self.model, _FALLBACK)
+
+    def resolved_optimizer(self) -> OptimConfig:
+        return self.optimizer or self.defaults().optimizer
+
+    def resolved_scheduler(self) -> SchedulerConfig:
+        return self.scheduler or self.defaults().scheduler
+
+    def resolved_batch_size(self) -> int:
+        return self.batch_size or self.defaults().batch_size
+
+
+def load_train_config(config: str | Path | None, model: str, **overrides: Any) -> TrainConfig:
+    """``small``/``paper``/None or a YAML/JSON file -> TrainConfig; ``overrides`` (not None) win."""
+    data: dict[str, Any] = {}
+    if config is None or str(config) in ("small", "paper"):
+        data["model_params"] = str(config or "small")
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise TrainConfigError(f"--config {config}: not 'small', 'paper' or an existing YAML/JSON file")
+        try:
+            text = path.read_text()
+            loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TrainConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise TrainConfigError(f"{path}: expected a mapping of training settings, got {type(loaded).__name__}")
+        data.update(loaded)
+    if data.get("model", model) != model:
+        raise TrainConfigError(f"--config {config} is for model {data['model']!r} but --model is {model!r}; make them agree")
+    data["model"] = model
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        errs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise TrainConfigError(f"training config {config or ''}: {errs}") from None

@@ -1,0 +1,245 @@
+"""Scoring: per-epoch validation during training, and ``cloudfree evaluate`` against the composite baseline.
+
+Metrics come from ``pipeline.train.metrics`` (UnCRtainTS conventions: per image over the bands on [0, 1]
+reflectance, then the mean over images; no centre crops, no clamping of predictions). Two pixel sets:
+``all`` = valid target pixels, ``cloud`` = valid target pixels that the latest optical input does not see
+(cloud, shadow, nodata: the ``cloud`` map of ``pipeline.train.samples``). Images without cloud pixels do not
+enter the cloud means; the counts are reported. ``evaluate`` adds per band group scores (visible < 700 nm,
+NIR 700-1000 nm, SWIR > 1000 nm) and scores the ``composite`` baseline (most recent clear pixel) on the very
+same samples and synthetic clouds, so the table compares like with like.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from models.spec import InputSpec
+from pipeline.train.samples import AssembledDataset, model_inputs
+from pipeline.errors import DataError
+from pipeline.train.metrics import image_metrics
+from pipeline.sensors import SENSORS
+
+log = logging.getLogger(__name__)
+
+METRICS = ("psnr", "ssim", "sam", "mae", "rmse")  # the table's columns; metrics.json has corr / ndvi_mae too
+GROUPS = {"visible": (0.0, 700.0), "nir": (700.0, 1000.0), "swir": (1000.0, 1e9)}
+
+
+def band_groups(family: str, bands: Iterable[str]) -> dict[str, list[int]]:
+    """Indices of ``bands`` per group by centre wavelength (bands without one, e.g. thermal, are left out)."""
+    sensor = SENSORS["s2_l1c" if family == "s2" else "landsat8_l2"]
+    out: dict[str, list[int]] = {g: [] for g in GROUPS}
+    for i, b in enumerate(bands):
+        wl = sensor.band(b).wavelength_nm if b in sensor.band_names else None
+        if wl is None or sensor.band(b).units != "reflectance":
+            continue
+        for g, (lo, hi) in GROUPS.items():
+            if lo <= wl < hi:
+                out[g].append(i)
+    return {g: idx for g, idx in out.items() if idx}
+
+
+def image_scores(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, cloud: torch.Tensor,
+                 ndvi_bands: tuple[int, int] | None = None) -> list[dict[str, float]]:
+    """Per-image metrics: list of ``{psnr, ..., cloud_psnr, ...}`` (NaN where an image has no such pixels).
+
+    ``valid`` and ``cloud`` are (B, H, W) or (B, 1, H, W).
+    """
+    v = valid.reshape(valid.shape[0], 1, *valid.shape[-2:]).float()
+    c = cloud.reshape(cloud.shape[0], 1, *cloud.shape[-2:]).float()
+    per = image_metrics(pred.float(), target.float(), v, c, ndvi_bands)
+    frac = (c * v).mean((1, 2, 3))
+    return [{**{k: float(t[i]) for k, t in per.items()}, "cloud_fraction": float(frac[i])} for i in range(pred.shape[0])]
+
+
+def ndvi_indices(bands: tuple[str, ...]) -> tuple[int, int] | None:
+    """(nir, red) indices for the NDVI error when both bands are predicted."""
+    for nir, red in (("B8", "B4"), ("SR_B5", "SR_B4")):
+        if nir in bands and red in bands:
+            return bands.index(nir), bands.index(red)
+    return None
+
+
+def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over images of each metric, ignoring NaN (images without pixels of that set)."""
+    if not rows:
+        return {}
+    out: dict[str, float] = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows if not math.isnan(r[k])]  # +inf (exact reconstruction) stays, as in pipeline.train.metrics
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    out["n_images"] = float(len(rows))
+    out["n_images_cloud"] = float(sum(1 for r in rows if not math.isnan(r.get("cloud_psnr", float("nan")))))
+    return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batch: Mapping[str, Any], rt: Any) -> torch.Tensor:
+    inputs = rt.to_device(model_inputs(batch))
+    with rt.autocast():
+        out = model(inputs)
+    return out.mean.float()
+
+
+def _rgb(x: torch.Tensor, idx: tuple[int, int, int], lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return ((x[:, list(idx)] - lo) / (hi - lo)).clamp(0, 1)
+
+
+def image_grid(batch: Mapping[str, Any], pred: torch.Tensor, spec: InputSpec, n: int = 4) -> dict[str, torch.Tensor]:
+    """input | prediction | target RGB strips (N, 3, H, 3W) with the target's 2-98 % stretch, for TensorBoard."""
+    from models.bands import rgb_indices
+
+    out_idx = rgb_indices(spec.out_bands)
+    in_idx = rgb_indices(spec.optical_bands)
+    if out_idx is None or in_idx is None:
+        return {}
+    tgt = batch["target"][:n].float().cpu()
+    pr = pred[:n].float().cpu()
+    inp = batch["optical"][:n, -1].float().cpu()
+    q = tgt[:, list(out_idx)].flatten(1)
+    lo = q.quantile(0.02, dim=1).view(-1, 1, 1, 1)
+    hi = (q.quantile(0.98, dim=1).view(-1, 1, 1, 1)).clamp_min(lo + 1e-3)
+    strip = torch.cat([_rgb(inp, in_idx, lo, hi), _rgb(pr, out_idx, lo, hi), _rgb(tgt, out_idx, lo, hi)], dim=-1)
+    return {"input_prediction_target": strip}
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: DataLoader, rt: Any, want_images: bool = False) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Mean metrics over the loader (all + cloud pixels) and, optionally, an image grid of the first batch."""
+    was_training = model.training
+    model.eval()
+    rows: list[dict[str, float]] = []
+    images: dict[str, torch.Tensor] = {}
+    try:
+        for b in loader:
+            pred = predict(model, b, rt).cpu()
+            rows += image_scores(pred, b["target"], b["target_valid"], b["cloud"], ndvi_indices(model.spec.out_bands))
+            if want_images and not images:
+                images = image_grid(b, pred, model.spec)
+    finally:
+        model.train(was_training)
+    return mean_scores(rows), images
+
+
+# --------------------------------------------------------------------------- cloudfree evaluate
+
+
+def composite_for(spec: InputSpec, n_dates: int) -> tuple[nn.Module, InputSpec]:
+    """The ``composite`` baseline set up for the same bands and the same target-date convention as ``spec``."""
+    from models.registry import build_model, resolve_config
+
+    base = resolve_config("composite", "small")
+    avail = n_dates if spec.includes_target_date else n_dates - 1
+    dates = max(1, min(int(base["optical_dates"]), avail))
+    model = build_model("composite", {"base": "small", "optical_dates": dates, "optical_bands": list(spec.out_bands),
+                                      "optical_sensor": spec.optical_sensor, "includes_target_date": spec.includes_target_date,
+                                      "sar_bands": []})
+    return model.eval(), model.spec
+
+
+def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | None = None, *, batch_size: int = 8,
+             num_workers: int = 0, seed: int = 0) -> dict[str, Any]:
+    """Score a training run and the composite baseline on ``split``; writes ``metrics.json`` + ``metrics.md``.
+
+    ``seed`` draws the synthetic clouds of target-date models; it is fixed (not the training seed) so every
+    model evaluated on a split faces the same clouds.
+    """
+    from pipeline.files import write_text_atomic
+    from pipeline.train.checkpoint import load_checkpoint
+    from pipeline.train.loop import Runtime, open_split
+
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    model, meta = load_checkpoint(run_dir)
+    spec: InputSpec = model.spec
+    raw = open_split(data_dir, split)
+    first = raw[0]
+    family = spec.optical_sensor
+    if family not in first:
+        raise DataError(f"{data_dir} holds {[k for k in ('s2', 'landsat') if k in first]} optical data but the checkpoint's model needs {family!r}; evaluate on a dataset of that sensor")
+    n_dates = int(np.asarray(first[family]).shape[0])
+    comp, comp_spec = composite_for(spec, n_dates)
+    rt = Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(rt.device)
+    comp.to(rt.device)
+    ds_model = AssembledDataset(raw, spec, train=False, seed=seed)
+    ds_comp = AssembledDataset(raw, comp_spec, train=False, seed=seed)
+    kw = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    groups = band_groups(family, spec.out_bands)
+    scores: dict[str, dict[str, list]] = {name: {"all": [], **{g: [] for g in groups}} for name in ("model", "composite")}
+    for bm, bc in zip(DataLoader(ds_model, **kw), DataLoader(ds_comp, **kw)):
+        if bm["sample_id"] != bc["sample_id"] or not torch.equal(bm["cloud"], bc["cloud"]):
+            raise RuntimeError("model and composite batches disagree on samples or cloud maps")  # a bug, not user input
+        valid, cloud = bm["target_valid"][:, 0], bm["cloud"]
+        for name, m, b in (("model", model, bm), ("composite", comp, bc)):
+            pred = predict(m, b, rt).cpu()
+            scores[name]["all"] += image_scores(pred, b["target"], valid, cloud, ndvi_indices(spec.out_bands))
+            for g, idx in groups.items():
+                scores[name][g] += image_scores(pred[:, idx], b["target"][:, idx], valid, cloud)
+    result = {
+        "checkpoint": str(run_dir),
+        "model": meta["model"],
+        "model_sha256": meta.get("model_sha256"),
+        "data": str(data_dir),
+        "split": split,
+        "n_samples": len(raw),
+        "cloud_seed": seed,
+        "cloud_pixels": "valid target pixels the latest optical input does not see (cloud, shadow, nodata)",
+        "band_groups": {g: [spec.out_bands[i] for i in idx] for g, idx in groups.items()},
+        "composite": {"method": "recent", "optical_dates": comp_spec.optical_dates},
+        "evaluated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "results": {name: {k: mean_scores(v) for k, v in s.items()} for name, s in scores.items()},
+        "simulated": bool(getattr(raw, "attrs", {}).get("simulated", False)),
+    }
+    out = Path(out) if out is not None else run_dir / f"eval-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, default=float))
+    write_text_atomic(out / "metrics.md", markdown_table(result))
+    return result
+
+
+def _fmt(v: float, k: str) -> str:
+    if math.isnan(v):
+        return "-"
+    if math.isinf(v):
+        return "inf"
+    return f"{v:.2f}" if k in ("psnr", "sam") else f"{v:.4f}"
+
+
+def markdown_table(result: Mapping[str, Any]) -> str:
+    """The evaluation as markdown: one table for all/cloud pixels, one per band group (PSNR / MAE)."""
+    res = result["results"]
+    name = result["model"]
+    lines = [f"# {name} vs composite on `{result['split']}` ({result['n_samples']} samples)", "",
+             f"Cloud pixels: {result['cloud_pixels']}.", ""]
+    head = "| method | " + " | ".join(f"{k.upper()} all" for k in METRICS) + " | " + " | ".join(f"{k.upper()} cloud" for k in METRICS) + " |"
+    lines += [head, "|" + "---|" * (1 + 2 * len(METRICS))]
+    for who in ("model", "composite"):
+        s = res[who]["all"]
+        label = name if who == "model" else "composite (recent clear)"
+        lines.append(f"| {label} | " + " | ".join(_fmt(s.get(k, float('nan')), k) for k in METRICS) + " | "
+                     + " | ".join(_fmt(s.get(f"cloud_{k}", float('nan')), k) for k in METRICS) + " |")
+    groups = [g for g in GROUPS if g in res["model"]]
+    if groups:
+        lines += ["", "| method | " + " | ".join(f"{g} PSNR all | {g} PSNR cloud | {g} MAE cloud" for g in groups) + " |",
+                  "|" + "---|" * (1 + 3 * len(groups))]
+        for who in ("model", "composite"):
+            label = name if who == "model" else "composite (recent clear)"
+            cells = []
+            for g in groups:
+                s = res[who][g]
+                cells += [_fmt(s["psnr"], "psnr"), _fmt(s["cloud_psnr"], "psnr"), _fmt(s["cloud_mae"], "mae")]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", "Band groups: " + "; ".join(f"{g}: {', '.join(b)}" for g, b in result["band_groups"].items())]
+    if result.get("simulated"):
+        lines += ["", "Data: synthetic archive (simulation)."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,303 @@
+"""Raw cube sample -> model inputs per ``InputSpec``, with synthetic-cloud augmentation.
+
+A raw sample (``pipeline.dataset.cubes.CubeDataset``) holds ``D`` dates, oldest first, the LAST one the clear
+reference: ``s2`` (D, 13, H, W) float32 [0, 1], ``s2_mask`` (D, H, W) cube codes, ``s1`` (D, 2, H, W)
+float32 [0, 1], ``valid`` (D, H, W) bool, ``sample_id``. ``assemble_sample`` turns it into the tensors of
+``models/spec.py`` (no batch axis; the DataLoader's default collate stacks them):
+
+- ``includes_target_date`` models (mono-temporal SEN12MS-CR setting) see the ``T - 1`` latest earlier dates
+  plus a *cloudy copy of the reference*: a real cloud mask from another date of the sample or a simulated one
+  (smooth random field), with a bright, white-ish cloud spectrum blended by a thickness map and a darkened,
+  displaced shadow. The reference stays the target, so the loss knows the ground under the cloud.
+- other models (CRGenNet style) see the ``T`` dates before the reference as they were observed; during
+  training clear input dates may additionally get synthetic clouds (``input_cloud_prob``).
+
+Invalid pixels (``~valid`` or non-finite) are zero in ``optical`` and 1 in ``optical_mask``; a non-finite SAR
+value is a ``DataError`` naming the sample, never a silent zero. Random choices come from a generator seeded
+by ``(seed, epoch, index)``, so a sample looks the same whatever worker, rank or resume produced it, and
+evaluation (``train=False``) is reproducible across models: every model and the composite baseline are scored
+on the very same synthetic clouds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal, Mapping
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage
+
+from models.spec import InputSpec
+from pipeline.errors import DataError
+from pipeline.masking.codes import MaskClass
+from pipeline.sensors import S1_BANDS, S2_BANDS, SENSORS
+
+# Band names of each raw optical family when the sample does not carry ``<family>_bands``.
+_DEFAULT_BANDS = {"s2": S2_BANDS, "landsat": SENSORS["landsat8_l2"].reflectance_bands}
+_MARK_ALPHA = 0.05  # blend weight above which a pasted cloud pixel counts as contaminated in optical_mask
+
+
+class AugmentConfig(BaseModel):
+    """How training samples are perturbed; evaluation uses the same cloud model with a fixed seed, no flips."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flips: bool = Field(True, description="random horizontal/vertical flips (training only)")
+    rot90: bool = Field(True, description="random 90-degree rotations (training only; 180 only for non-square patches)")
+    cloud_source: Literal["mixed", "real", "simulated"] = Field(
+        "mixed", description="where pasted cloud masks come from: other dates of the sample, a random field, or either")
+    cover_min: float = Field(0.15, ge=0.0, le=1.0, description="smallest simulated cloud cover fraction")
+    cover_max: float = Field(0.7, ge=0.0, le=1.0, description="largest simulated cloud cover fraction")
+    thin_prob: float = Field(0.25, ge=0.0, le=1.0, description="chance that a pasted cloud is thin (max opacity < 1)")
+    shadow: bool = Field(True, description="add a darkened, displaced cloud shadow")
+    crop: int | None = Field(None, ge=8, description="random square crop of this side (training only; validation sees whole patches)")
+    input_cloud_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="chance per clear input date to get synthetic clouds (models without the target date; training only)")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed from (seed, epoch, index), stable across processes and Python versions."""
+    h = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+def _band_index(raw: Mapping[str, Any], family: str, wanted: tuple[str, ...], sample_id: str) -> list[int]:
+    names = tuple(raw.get(f"{family}_bands") or _DEFAULT_BANDS.get(family, ()))
+    missing = [b for b in wanted if b not in names]
+    if missing:
+        raise DataError(
+            f"sample {sample_id}: the model needs {family} band(s) {missing} but the cube holds {list(names)}; "
+            "rebuild the dataset with those bands or pick a model whose input spec matches")
+    return [names.index(b) for b in wanted]
+
+
+def _input_dates(spec: InputSpec, n_dates: int, sample_id: str) -> list[int]:
+    """Indices of the optical input dates (the reference is index n_dates - 1)."""
+    earlier = n_dates - 1
+    need = spec.optical_dates - 1 if spec.includes_target_date else spec.optical_dates
+    if earlier < need:
+        raise DataError(
+            f"sample {sample_id} has {n_dates} date(s) (incl. the reference) but the model needs {need} earlier "
+            f"date(s) (optical_dates={spec.optical_dates}, includes_target_date={spec.includes_target_date}); "
+            "rebuild the dataset with more dates per sample or use a model with fewer optical_dates")
+    idx = list(range(earlier - need, earlier))
+    if spec.includes_target_date:
+        idx.append(n_dates - 1)
+    return idx
+
+
+def simulated_cloud(rng: np.random.Generator, h: int, w: int, cover: float) -> np.ndarray:
+    """Cloud opacity in [0, 1]: a smooth multi-octave random field thresholded at the requested cover."""
+    field = np.zeros((h, w), dtype=np.float32)
+    for octave, amp in ((max(h, w) / 6.0, 1.0), (max(h, w) / 16.0, 0.5), (max(h, w) / 40.0, 0.25)):
+        field += amp * ndimage.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), sigma=octave, mode="wrap")
+    thr = np.quantile(field, 1.0 - cover)
+    soft = max(float(field.std()) * 0.25, 1e-6)  # soft edges: opacity ramps up over a fraction of a std
+    return np.clip((field - thr) / soft, 0.0, 1.0)
+
+
+def _real_cloud(rng: np.random.Generator, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Opacity and shadow of a real mask from another date, or None when no date has a usable one."""
+    cloud_frac = (masks == MaskClass.CLOUD).mean(axis=(1, 2))
+    usable = np.flatnonzero((cloud_frac >= 0.02) & (cloud_frac <= 0.95))
+    if usable.size == 0:
+        return None
+    m = masks[rng.choice(usable)]
+    alpha = ndimage.gaussian_filter((m == MaskClass.CLOUD).astype(np.float32), sigma=1.5)
+    alpha = np.clip(alpha * 1.5, 0.0, 1.0)  # keep the core opaque, feather the edge
+    return alpha, (m == MaskClass.SHADOW)
+
+
+def _cloud_spectrum(rng: np.random.Generator, wavelengths: np.ndarray) -> np.ndarray:
+    """A bright, white-ish cloud reflectance per band: flat in VIS/NIR, darker in SWIR (ice/water absorption)."""
+    level = rng.uniform(0.45, 0.9)
+    spec = np.full(wavelengths.shape, level, dtype=np.float32)
+    swir = wavelengths > 1500
+    spec[swir] *= rng.uniform(0.4, 0.75)
+    spec[(wavelengths > 1300) & (wavelengths < 1450)] = rng.uniform(0.2, 0.5) * level  # cirrus band sees high ice only
+    spec *= rng.uniform(0.95, 1.05, size=spec.shape).astype(np.float32)  # slight colour
+    return np.clip(spec, 0.0, 1.0)
+
+
+def paste_clouds(
+    rng: np.random.Generator,
+    clear: np.ndarray,
+    wavelengths: np.ndarray,
+    other_masks: np.ndarray | None,
+    cfg: AugmentConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cloudy copy of ``clear`` (C, H, W) and its contamination mask (H, W) bool."""
+    c, h, w = clear.shape
+    alpha = shadow = None
+    if cfg.cloud_source != "simulated" and other_masks is not None and other_masks.size:
+        use_real = cfg.cloud_source == "real" or rng.random() < 0.5
+        real = _real_cloud(rng, other_masks) if use_real else None
+        if real is not None:
+            alpha, shadow = real
+    if alpha is None:
+        alpha = simulated_cloud(rng, h, w, float(rng.uniform(cfg.cover_min, max(cfg.cover_min, cfg.cover_max))))
+        shadow = np.zeros((h, w), dtype=bool)
+    if rng.random() < cfg.thin_prob:
+        alpha = alpha * rng.uniform(0.3, 0.7)
+    alpha = np.where(alpha > _MARK_ALPHA, alpha, 0.0).astype(np.float32)  # unmarked pixels stay exactly clear
+    if cfg.shadow and not shadow.any():
+        # shadow = the cloud displaced along a random sun azimuth by a few percent of the patch
+        ang = rng.uniform(0, 2 * np.pi)
+        dist = rng.uniform(0.03, 0.12) * max(h, w)
+        shifted = ndimage.shift(alpha, (dist * np.sin(ang), dist * np.cos(ang)), order=0, mode="constant", cval=0.0)
+        shadow = (shifted > 0.5) & (alpha == 0)
+    cloudy = clear.copy()
+    if shadow.any():
+        cloudy[:, shadow] *= np.float32(rng.uniform(0.3, 0.6))
+    spectrum = _cloud_spectrum(rng, wavelengths)
+    a = alpha[None].astype(np.float32)
+    cloudy = (1.0 - a) * cloudy + a * spectrum[:, None, None]
+    contaminated = (alpha > _MARK_ALPHA) | shadow
+    return np.clip(cloudy, 0.0, 1.0).astype(np.float32), contaminated
+
+
+def _wavelengths(family: str, bands: tuple[str, ...]) -> np.ndarray:
+    """Centre wavelengths (nm) of ``bands``; 0 for bands without one (they get the visible cloud level)."""
+    sensor = SENSORS["s2_l1c" if family == "s2" else "landsat8_l2"]
+    out = []
+    for b in bands:
+        wl = sensor.band(b).wavelength_nm if b in sensor.band_names else None
+        out.append(wl or 0.0)
+    return np.array(out, dtype=np.float32)
+
+
+def assemble_sample(
+    raw: Mapping[str, Any],
+    spec: InputSpec,
+    *,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    index: int = 0,
+    augment: AugmentConfig | None = None,
+) -> dict[str, Any]:
+    """One raw cube sample -> the model's tensors (no batch axis) plus ``sample_id`` and ``cloud`` (H, W)."""
+    cfg = augment or AugmentConfig()
+    family = spec.optical_sensor
+    sample_id = str(raw.get("sample_id", f"#{index}"))
+    if family not in raw:
+        raise DataError(f"sample {sample_id} has no {family!r} array (keys: {sorted(raw)}); the model needs {family} optical input")
+    rng = np.random.default_rng(sample_seed(seed, epoch if train else -1, index))
+
+    opt = np.asarray(raw[family], dtype=np.float32)
+    n_dates = opt.shape[0]
+    masks = np.asarray(raw.get(f"{family}_mask", np.zeros(opt.shape[:1] + opt.shape[2:], np.uint8)))
+    valid = np.asarray(raw.get("valid", np.ones(masks.shape, bool)), dtype=bool) & np.isfinite(opt).all(axis=1)
+    in_idx = _band_index(raw, family, spec.optical_bands, sample_id)
+    out_idx = _band_index(raw, family, spec.out_bands, sample_id)
+    dates = _input_dates(spec, n_dates, sample_id)
+    ref = n_dates - 1
+    wl = _wavelengths(family, spec.optical_bands)
+    earlier_masks = masks[:ref]
+
+    optical, optical_mask = [], []
+    for d in dates:
+        img = np.where(valid[d][None], np.nan_to_num(opt[d][in_idx]), 0.0).astype(np.float32)
+        bad = ~valid[d] | (masks[d] != MaskClass.CLEAR)
+        if d == ref and spec.includes_target_date:
+            img, cont = paste_clouds(rng, img, wl, earlier_masks, cfg)
+            bad = bad | cont
+        elif train and cfg.input_cloud_prob > 0 and masks[d].mean() < 0.05 and rng.random() < cfg.input_cloud_prob:
+            img, cont = paste_clouds(rng, img, wl, earlier_masks, cfg)
+            bad = bad | cont
+        img[:, ~valid[d]] = 0.0
+        optical.append(img)
+        optical_mask.append(bad[None])
+    optical_a = np.stack(optical)
+    optical_mask_a = np.stack(optical_mask).astype(np.float32)
+
+    target = np.where(valid[ref][None], np.nan_to_num(opt[ref][out_idx]), 0.0).astype(np.float32)
+    target_valid = (valid[ref] & (masks[ref] == MaskClass.CLEAR))[None].astype(np.float32)
+
+    arrays: dict[str, np.ndarray] = {
+        "optical": optical_a,
+        "optical_mask": optical_mask_a,
+        "target": target,
+        "target_valid": target_valid,
+    }
+    if spec.sar_bands:
+        if "s1" not in raw:
+            raise DataError(f"sample {sample_id} has no 's1' array but the model needs SAR bands {list(spec.sar_bands)}; rebuild the dataset with s1 in the region's sensors")
+        s1 = np.asarray(raw["s1"], dtype=np.float32)
+        names = tuple(raw.get("s1_bands") or S1_BANDS)
+        missing = [b for b in spec.sar_bands if b not in names]
+        if missing:
+            raise DataError(f"sample {sample_id}: the model needs SAR band(s) {missing} but the cube holds {list(names)}")
+        sar_dates = dates + [ref]
+        sar = s1[sar_dates][:, [names.index(b) for b in spec.sar_bands]]
+        if not np.isfinite(sar).all():
+            bad_dates = sorted({int(sar_dates[i]) for i in np.argwhere(~np.isfinite(sar))[:, 0]})
+            raise DataError(
+                f"sample {sample_id}: SAR has NaN/inf at date index(es) {bad_dates}; the cube builder must mask or "
+                "drop samples without S1 coverage (cloudfree build-dataset), training never zero-fills them")
+        arrays["sar"] = sar.astype(np.float32)
+
+    if train:
+        arrays = _crop(rng, arrays, cfg.crop)
+        arrays = _flip_rotate(rng, arrays, cfg)
+    out: dict[str, Any] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    out["cloud"] = out["optical_mask"][-1, 0].clone()  # where the latest input does not see the ground
+    out["sample_id"] = sample_id
+    out["index"] = index
+    return out
+
+
+def _crop(rng: np.random.Generator, arrays: dict[str, np.ndarray], size: int | None) -> dict[str, np.ndarray]:
+    h, w = arrays["target"].shape[-2:]
+    if size is None or (size >= h and size >= w):
+        return arrays
+    y0 = int(rng.integers(0, max(h - size, 0) + 1))
+    x0 = int(rng.integers(0, max(w - size, 0) + 1))
+    return {k: a[..., y0: y0 + size, x0: x0 + size] for k, a in arrays.items()}
+
+
+def _flip_rotate(rng: np.random.Generator, arrays: dict[str, np.ndarray], cfg: AugmentConfig) -> dict[str, np.ndarray]:
+    """The same flip/rotation on every spatial array (the last two axes)."""
+    flip_h = cfg.flips and rng.random() < 0.5
+    flip_v = cfg.flips and rng.random() < 0.5
+    h, w = arrays["target"].shape[-2:]
+    k = int(rng.integers(0, 4)) if cfg.rot90 else 0
+    if h != w:
+        k = 2 * (k % 2)  # a quarter turn would swap H and W and break batching
+    out = {}
+    for name, a in arrays.items():
+        if flip_h:
+            a = a[..., ::-1]
+        if flip_v:
+            a = a[..., ::-1, :]
+        if k:
+            a = np.rot90(a, k=k, axes=(-2, -1))
+        out[name] = a
+    return out
+
+
+class AssembledDataset(torch.utils.data.Dataset):
+    """Wraps a raw-sample dataset; ``set_epoch`` changes the augmentation draw like DistributedSampler does."""
+
+    def __init__(self, raw: torch.utils.data.Dataset, spec: InputSpec, *, train: bool, seed: int = 0,
+                 augment: AugmentConfig | None = None) -> None:
+        self.raw, self.spec, self.train, self.seed = raw, spec, train, seed
+        self.augment = augment or AugmentConfig()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.raw)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return assemble_sample(self.raw[index], self.spec, train=self.train, seed=self.seed, epoch=self.epoch,
+                               index=index, augment=self.augment)
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensor keys of the spec contract (drops bookkeeping such as sample ids and the cloud map)."""
+    return {k: v for k, v in batch.items() if k in ("optical", "optical_mask", "sar", "target", "target_valid")}

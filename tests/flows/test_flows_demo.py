@@ -1,0 +1,49 @@
+"""``cloudfree demo`` end to end (build-dataset -> train-model -> reconstruct-aoi on zhengzhou-demo), shortened training."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_demo_command_writes_cog_stac_quicklook_and_prints_metrics(tmp_path):
+    import rasterio
+    from typer.testing import CliRunner
+
+    import flows.cli  # noqa: F401  (registers `demo`)
+    from pipeline.cli.app import app
+    from pipeline.sensors import get_sensor
+
+    out = tmp_path / "out"
+    args = ["demo", "--epochs", "1", "--max-steps-per-epoch", "2", "--data-root", str(tmp_path / "data"),
+            "--run", str(tmp_path / "run"), "--out", str(out), "--quiet"]
+    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    # a fresh machine: an empty Prefect home (the command creates it), no server running
+    home = tmp_path / "prefect-home"
+    with temporary_settings({PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: home / "storage"}):
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    cog = out / "zhengzhou-demo_20210722_unet.tif"
+    with rasterio.open(cog) as ds:
+        assert ds.crs.to_string() == "EPSG:32649"
+        assert list(ds.descriptions) == list(get_sensor("s2_l1c").reflectance_bands)
+        assert ds.tags()["simulated"] == "true"
+    item = json.loads(Path(str(cog).removesuffix(".tif") + ".json").read_text())
+    assert item["assets"] and item["properties"]["proj:code"] == "EPSG:32649"
+    assert (out / "zhengzhou-demo_20210722_unet_quicklook.png").is_file()
+    # rich wraps long paths inside table cells: compare without whitespace and cell borders
+    flat = "".join(result.output.replace("│", "").split())
+    for needle in (str(cog), "STACitem", "quicklook", "unetall", "unetcloud", "compositeall", "compositecloud", "PSNRdB"):
+        assert needle in flat, needle
+    # every cell of the metrics table holds a figure (all and cloud-covered pixels, model and composite)
+    for label in ("PSNR dB", "SSIM", "MAE"):
+        (line,) = [ln for ln in result.output.splitlines() if ln.strip("│┃ ").startswith(label)]
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")[1:]]
+        # finite everywhere: no two synthetic overpasses are identical, so no baseline is "exact"
+        assert len(cells) == 4 and all(re.fullmatch(r"-?\d+\.\d+", c) for c in cells), line
