@@ -1,4 +1,5 @@
 # The two commands a new user types: `make demo` (main job on the synthetic archive) and `make test`.
+# `make test` runs `make lint` (import contracts, ruff, mypy; the config of each is in pyproject.toml) first.
 SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
@@ -8,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: setup demo test bench serve stop clean
+.PHONY: setup demo lint test bench serve stop clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -22,7 +23,12 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/cloudfree demo
 
-test: setup
+lint: setup
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/mypy --config-file pyproject.toml
+
+test: setup lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
@@ -35,4 +41,4 @@ stop:
 	$(BIN)/python -m flows.serve stop
 
 clean:
-	rm -rf $(VENV) .prefect build *.egg-info
+	rm -rf $(VENV) .prefect build *.egg-info .import_linter_cache .mypy_cache .ruff_cache

@@ -26,7 +26,10 @@ def main() -> None:
     blocks = ee_pixels.request_grids(grid, bpp)
     h, w = blocks[0][2].height, blocks[0][2].width
     per_req = h * w * (bpp + 1) / 2**20
-    print(f"{region.name}: grid {grid.width} x {grid.height} px, {len(bands)} bands -> {len(blocks)} requests of <= {w} x {h} px ({per_req:.2f} MiB incl. mask byte; limit 48 MiB)")
+    print(
+        f"{region.name}: grid {grid.width} x {grid.height} px, {len(bands)} bands -> {len(blocks)} requests of <= {w} "
+        f"x {h} px ({per_req:.2f} MiB incl. mask byte; limit 48 MiB)"
+    )
 
     side = 1024
     rng = np.random.default_rng(0)
@@ -45,9 +48,15 @@ def main() -> None:
         ee_pixels.fetch_block(None, bands, sub, "bench")
     dt_s = (time.perf_counter() - t) / n
     mib = len(raw) / 2**20
-    print(f"decode one {side} x {side} x {len(bands) + 1} block ({mib:.1f} MiB): {dt_s * 1000:.0f} ms = {mib / dt_s:.0f} MiB/s")
+    print(
+        f"decode one {side} x {side} x {len(bands) + 1} block ({mib:.1f} MiB): {dt_s * 1000:.0f} ms = {mib / dt_s:.0f} "
+        "MiB/s"
+    )
     total = sum(g.width * g.height * (bpp + 1) for _, _, g in blocks) / 2**20
-    print(f"whole AOI: {total / 1024:.1f} GiB transferred; client decode alone ~{total / (mib / dt_s) / 60:.1f} min on this machine")
+    print(
+        f"whole AOI: {total / 1024:.1f} GiB transferred; client decode alone ~{total / (mib / dt_s) / 60:.1f} min on "
+        "this machine"
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.dataset import patches as ex  # noqa: E402
 from pipeline.dataset.build import build_dataset  # noqa: E402
+from pipeline.dataset.selection import patch_offsets  # noqa: E402
 from pipeline.masking.codes import is_contaminated  # noqa: E402
 from pipeline.masking.scene import mask_scene  # noqa: E402
 from pipeline.regions import load_region  # noqa: E402
-from pipeline.dataset.selection import patch_offsets  # noqa: E402
 from pipeline.sensors import S1_BANDS, get_sensor, to_dn  # noqa: E402
 from pipeline.sources.synthetic.source import SyntheticSource  # noqa: E402
 
@@ -71,11 +71,17 @@ def bench_export(tmp: Path) -> None:
         rate = len(files) / dt
         base = base or rate
         size = sum((out / f.rel_path).stat().st_size for f in files) / 1e6
-        print(f"  workers={workers}: {dt:6.2f} s  {rate:6.1f} patches/s  (x{rate / base:.2f} vs 1 worker; {size:.0f} MB written, {r.written} files)")
+        print(
+            f"  workers={workers}: {dt:6.2f} s  {rate:6.1f} patches/s  (x{rate / base:.2f} vs 1 worker; {size:.0f} MB "
+            f"written, {r.written} files)"
+        )
     t = time.perf_counter()
     r = ex.export_patches(tmp / "w4", files, scenes.__getitem__, workers=4, progress=False)
     dt = time.perf_counter() - t
-    print(f"  verify-only rerun: {dt:6.2f} s  {len(files) / dt:6.1f} patches/s checked ({r.written} written, {r.skipped} skipped)")
+    print(
+        f"  verify-only rerun: {dt:6.2f} s  {len(files) / dt:6.1f} patches/s checked ({r.written} written, {r.skipped} "
+        "skipped)"
+    )
 
 
 def bench_build(tmp: Path) -> None:
@@ -88,8 +94,14 @@ def bench_build(tmp: Path) -> None:
     second = time.perf_counter() - t
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r1.seconds.items())
     print(f"build_dataset {REGION}: {r1.samples} samples, {r1.files} files, first run {first:.1f} s ({stages})")
-    print(f"  export stage: {r1.files_written / max(r1.seconds['export'], 1e-9):.1f} patches/s (reads included for scenes not kept in memory)")
-    print(f"  no-op rerun: {second:.2f} s = {100 * second / first:.1f} % of the first run ({r2.files_written} files written, {r2.masks_computed} masks computed)")
+    print(
+        f"  export stage: {r1.files_written / max(r1.seconds['export'], 1e-9):.1f} patches/s (reads included for "
+        "scenes not kept in memory)"
+    )
+    print(
+        f"  no-op rerun: {second:.2f} s = {100 * second / first:.1f} % of the first run ({r2.files_written} files "
+        f"written, {r2.masks_computed} masks computed)"
+    )
 
 
 def bench_masks() -> None:
@@ -97,7 +109,9 @@ def bench_masks() -> None:
     src = SyntheticSource()
     window = region.grid().window(256, 256, 256, 256)
     scenes = src.search(region, region.window.start, region.window.end, "s2")
-    print("mask methods on one 256 x 256 patch (agreement = share of pixels where contaminated/clear matches the truth):")
+    print(
+        "mask methods on one 256 x 256 patch (agreement = share of pixels where contaminated/clear matches the truth):"
+    )
     for scene in scenes:
         truth = is_contaminated(src.truth(scene, window)["mask"].values)
         if not (truth.mean() < 0.01 or 0.2 < truth.mean() < 0.8):
@@ -108,7 +122,10 @@ def bench_masks() -> None:
             m = mask_scene(raster, scene, method=method).values
             dt = time.perf_counter() - t
             agree = (is_contaminated(m) == truth).mean()
-            print(f"  {scene.id[:8]} true cover {truth.mean():5.1%}  {method:11s} {dt:6.2f} s  cover {is_contaminated(m).mean():5.1%}  agreement {agree:5.1%}")
+            print(
+                f"  {scene.id[:8]} true cover {truth.mean():5.1%}  {method:11s} {dt:6.2f} s  cover "
+                f"{is_contaminated(m).mean():5.1%}  agreement {agree:5.1%}"
+            )
         if truth.mean() >= 0.2:
             break
 

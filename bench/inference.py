@@ -1,4 +1,4 @@
-"""Benchmark of ``cloudfree reconstruct`` (pipeline.reconstruct.run), all figures from one run.
+"""Benchmark of ``cloudfree reconstruct`` (``pipeline.reconstruct.run``), all figures from one run.
 
 1. Throughput: px/s of the whole ``reconstruct`` call against the bare model forward on the very same
    tiles (recorded during the run, replayed afterwards). The synthetic simulator renders ~0.15 Mpx/s per
@@ -49,7 +49,8 @@ def region_of(size_px: int, name: str = "bench"):
     dlon = size_px * 10.0 / (111_320.0 * math.cos(math.radians(lat0 + dlat / 2)))
     # a hair inside, so outward snapping lands on ~size_px
     return parse_region({
-        "name": name, "bbox": [lon0, lat0, lon0 + dlon * 0.998, lat0 + dlat * 0.998], "crs": "EPSG:32649", "resolution": 10,
+        "name": name, "bbox": [lon0, lat0, lon0 + dlon * 0.998, lat0 + dlat * 0.998], "crs": "EPSG:32649",
+        "resolution": 10,
         "event_date": "2021-07-20", "window": {"start": "2021-07-01", "end": "2021-08-31"}, "sensors": ["s1", "s2"],
     })
 
@@ -69,7 +70,8 @@ class FrozenSource:
         col, row = (t.c - g.c) / g.a, (t.f - g.f) / g.e
         if scene.id not in self.rasters or (t.a, t.e) != (g.a, g.e) or col != int(col) or row != int(row):
             return self.inner.read(scene, grid, bands)
-        da = self.rasters[scene.id].isel(y=slice(int(row), int(row) + grid.height), x=slice(int(col), int(col) + grid.width))
+        r, c = int(row), int(col)
+        da = self.rasters[scene.id].isel(y=slice(r, r + grid.height), x=slice(c, c + grid.width))
         return da if bands is None else da.sel(band=list(bands))
 
 
@@ -105,7 +107,8 @@ class ProceduralSource:
                 out[i] = 0.0
             else:
                 out[i] = 0.05 + 0.2 * base + 0.01 * i
-        return xr.DataArray(out, dims=("band", "y", "x"), coords={"band": list(names), **c}, attrs=raster_attrs(scene, grid, simulated=True))
+        return xr.DataArray(out, dims=("band", "y", "x"), coords={"band": list(names), **c},
+                            attrs=raster_attrs(scene, grid, simulated=True))
 
 
 def unet_checkpoint(folder: Path, config: str = "small") -> Path:
@@ -125,6 +128,8 @@ def bench_throughput(size: int, work: Path, config: str = "small") -> dict[str, 
     import torch
 
     import pipeline.reconstruct.run as inf
+    from pipeline.reconstruct.config import ReconstructConfig
+    from pipeline.reconstruct.plan import plan_inputs
     from pipeline.sources.synthetic.source import SyntheticSource
 
     region = region_of(size)
@@ -132,7 +137,8 @@ def bench_throughput(size: int, work: Path, config: str = "small") -> dict[str, 
     run = unet_checkpoint(work / f"unet-{config}", config)
     lm = inf.load_model(run)
     live = SyntheticSource()
-    plan = inf.plan_inputs(region, DATE, lm.spec, live, str(run))
+    settings = ReconstructConfig(mask_method=MASK)
+    plan = plan_inputs(region, DATE, lm.spec, live, str(run), settings)
     scenes = {s.id: s for g in plan.optical_scenes + plan.sar_scenes for s in g}
     frozen = FrozenSource(live, grid, list(scenes.values()))
 
@@ -153,7 +159,7 @@ def bench_throughput(size: int, work: Path, config: str = "small") -> dict[str, 
     inf.TorchPredictor = Recording
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        inf.reconstruct(region, DATE, run, frozen, work / f"tp-{config}", mask_method=MASK)
+        inf.reconstruct(region, DATE, run, work / f"tp-{config}", settings, source=frozen)
         whole, whole_cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         inf.TorchPredictor = real
@@ -166,11 +172,12 @@ def bench_throughput(size: int, work: Path, config: str = "small") -> dict[str, 
         bare, bare_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     t0 = time.perf_counter()
-    inf.reconstruct(region, DATE, run, live, work / f"live-{config}", mask_method=MASK)
+    inf.reconstruct(region, DATE, run, work / f"live-{config}", settings, source=live)
     live_s = time.perf_counter() - t0
     px = grid.width * grid.height
     return {
         "config": config, "aoi_px": px, "tiles": sum(len(next(iter(b.values()))) for b in recorded),
+        "tile": settings.tile, "overlap": settings.overlap,
         "whole_px_s": px / whole, "bare_forward_px_s": px / bare, "overhead": whole / bare - 1.0,
         "whole_cpu_s": whole_cpu, "bare_cpu_s": bare_cpu, "overhead_cpu": whole_cpu / bare_cpu - 1.0,
         "forward_in_run_s": forward_s[0], "whole_s": whole, "bare_s": bare, "live_source_whole_s": live_s,
@@ -180,6 +187,7 @@ def bench_throughput(size: int, work: Path, config: str = "small") -> dict[str, 
 def child_memory(size: int, source: str, out: str) -> None:
     """Runs in a fresh process: one reconstruct, then prints its peak RSS."""
     logging.basicConfig(level=logging.WARNING)
+    from pipeline.reconstruct.config import ReconstructConfig
     from pipeline.reconstruct.run import load_model, reconstruct
     from pipeline.sources.synthetic.source import SyntheticSource
 
@@ -190,7 +198,7 @@ def child_memory(size: int, source: str, out: str) -> None:
     base = _vm_hwm_mb()
     src = ProceduralSource(SyntheticSource()) if source == "procedural" else SyntheticSource()
     t0 = time.perf_counter()
-    reconstruct(region, DATE, "composite", src, out, mask_method=MASK)
+    reconstruct(region, DATE, "composite", out, ReconstructConfig(mask_method=MASK), source=src)
     print(json.dumps({"size": size, "source": source, "baseline_mb": base, "peak_mb": _vm_hwm_mb(),
                       "seconds": time.perf_counter() - t0, "px": region.grid().width * region.grid().height}))
 
@@ -208,37 +216,41 @@ def bench_memory(sizes: Sequence[int], work: Path) -> list[dict[str, float]]:
     out = []
     runs = [(s, "procedural") for s in sizes] + [(sizes[0], "synthetic")]
     for size, source in runs:
-        proc = subprocess.run([sys.executable, __file__, "--child-memory", str(size), "--child-source", source, "--child-out", str(work / f"mem{size}{source}")],
-                              capture_output=True, text=True, cwd=ROOT, check=True)
+        cmd = [sys.executable, __file__, "--child-memory", str(size), "--child-source", source,
+               "--child-out", str(work / f"mem{size}{source}")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return out
 
 
 def bench_cog_write(size: int, bands: int, work: Path) -> dict[str, float]:
     import rasterio
+    from affine import Affine
     from rasterio.windows import Window
 
-    from pipeline.reconstruct.cog import BlockWriter, RasterSpec
     from pipeline.grid import Grid
-    from affine import Affine
+    from pipeline.reconstruct.cog import BlockWriter, RasterSpec
 
     grid = Grid("EPSG:32649", Affine(10, 0, 700_000, 0, -10, 3_850_000), size, size)
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:1024, 0:1024].astype(np.float32)
-    tile = (0.2 + 0.1 * np.sin(x / 50) * np.cos(y / 70))[None] + 0.01 * rng.standard_normal((bands, 1024, 1024)).astype(np.float32)
+    noise = rng.standard_normal((bands, 1024, 1024)).astype(np.float32)
+    tile = (0.2 + 0.1 * np.sin(x / 50) * np.cos(y / 70))[None] + 0.01 * noise
     blocks = [(r, c) for r in range(0, size, 1024) for c in range(0, size, 1024)]
     mb = size * size * bands * 4 / 2**20
     res: dict[str, float] = {"raw_mb": mb}
     for comp in ("deflate", "zstd"):
         t0 = time.perf_counter()
-        with rasterio.open(work / f"plain_{comp}.tif", "w", driver="GTiff", width=size, height=size, count=bands, dtype="float32",
-                           crs=grid.crs, transform=grid.transform, tiled=True, blockxsize=512, blockysize=512, compress=comp,
-                           predictor=3, interleave="pixel", num_threads="all_cpus") as ds:
+        with rasterio.open(work / f"plain_{comp}.tif", "w", driver="GTiff", width=size, height=size, count=bands,
+                           dtype="float32", crs=grid.crs, transform=grid.transform, tiled=True, blockxsize=512,
+                           blockysize=512, compress=comp, predictor=3, interleave="pixel",
+                           num_threads="all_cpus") as ds:
             for r, c in blocks:
                 ds.write(tile, window=Window(c, r, 1024, 1024))
         plain = time.perf_counter() - t0
         t0 = time.perf_counter()
-        w = BlockWriter(work / f"cog_{comp}.tif", grid, RasterSpec.reflectance([f"B{i}" for i in range(bands)]), compress=comp)
+        spec = RasterSpec.reflectance([f"B{i}" for i in range(bands)])
+        w = BlockWriter(work / f"cog_{comp}.tif", grid, spec, compress=comp)
         for r, c in blocks:
             w.write(tile, r, c)
         w.commit()
@@ -252,7 +264,8 @@ def bench_cog_write(size: int, bands: int, work: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller AOIs (512 / 2048) for a smoke run")
-    ap.add_argument("--only", choices=("throughput", "memory", "cog"), help="run one part (each part's ratio is still measured in one run)")
+    ap.add_argument("--only", choices=("throughput", "memory", "cog"),
+                    help="run one part (each part's ratio is still measured in one run)")
     ap.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-source", default="procedural", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -277,31 +290,36 @@ def main() -> None:
 
 
 def _print_throughput(tp: dict[str, float]) -> dict[str, float]:
-    print(f"throughput ({tp['aoi_px']} px AOI, unet {tp['config']}, {tp['tiles']} tiles of 256, overlap 64, CPU):")
+    print(f"throughput ({tp['aoi_px']} px AOI, unet {tp['config']}, {tp['tiles']} tiles of {tp['tile']}, "
+          f"overlap {tp['overlap']}, CPU):")
     print(f"  whole reconstruct       {tp['whole_px_s']:12.0f} px/s  ({tp['whole_s']:.1f} s, materialized source)")
     print(f"  bare model forward      {tp['bare_forward_px_s']:12.0f} px/s  ({tp['bare_s']:.1f} s, same tiles)")
     print(f"  pipeline overhead       {100 * tp['overhead']:11.1f} %   wall (aim <= 15 %)")
-    print(f"  pipeline overhead       {100 * tp['overhead_cpu']:11.1f} %   CPU time of this process ({tp['whole_cpu_s']:.1f} s vs {tp['bare_cpu_s']:.1f} s),"
-          " robust to other load on the machine")
+    print(f"  pipeline overhead       {100 * tp['overhead_cpu']:11.1f} %   CPU time of this process "
+          f"({tp['whole_cpu_s']:.1f} s vs {tp['bare_cpu_s']:.1f} s), robust to other load on the machine")
     print(f"  forward inside the run  {tp['forward_in_run_s']:.1f} s wall")
-    print(f"  live synthetic source   {tp['aoi_px'] / tp['live_source_whole_s']:12.0f} px/s  ({tp['live_source_whole_s']:.1f} s incl. simulation)")
+    live_s = tp["live_source_whole_s"]
+    print(f"  live synthetic source   {tp['aoi_px'] / live_s:12.0f} px/s  ({live_s:.1f} s incl. simulation)")
     return tp
 
 
 def _print_memory(mem: list[dict[str, float]], small: int, large: int) -> dict[str, Any]:
     print("peak memory (RSS, composite model, fresh process each):")
     for m in mem:
-        print(f"  {m['source']:10s} {m['size']:5d}^2  peak {m['peak_mb']:7.0f} MB (after imports {m['baseline_mb']:.0f} MB)  {m['seconds']:.1f} s")
+        print(f"  {m['source']:10s} {m['size']:5d}^2  peak {m['peak_mb']:7.0f} MB "
+              f"(after imports {m['baseline_mb']:.0f} MB)  {m['seconds']:.1f} s")
     ratio = mem[1]["peak_mb"] / mem[0]["peak_mb"]
     net = (mem[1]["peak_mb"] - mem[1]["baseline_mb"]) / max(1.0, mem[0]["peak_mb"] - mem[0]["baseline_mb"])
-    print(f"  {large}^2 / {small}^2 peak ratio {ratio:.2f}x (aim <= 1.25x), net of imports {net:.2f}x, for {mem[1]['px'] / mem[0]['px']:.0f}x the pixels")
+    print(f"  {large}^2 / {small}^2 peak ratio {ratio:.2f}x (aim <= 1.25x), net of imports {net:.2f}x, "
+          f"for {mem[1]['px'] / mem[0]['px']:.0f}x the pixels")
     return {"runs": mem, "ratio": ratio, "ratio_net": net}
 
 
 def _print_cog(cw: dict[str, float], size: int) -> dict[str, float]:
     print(f"COG write ({size}^2 x 4 bands float32, {cw['raw_mb']:.0f} MB):")
     for comp in ("deflate", "zstd"):
-        print(f"  {comp:8s} plain tiled {cw[comp + '_plain_mb_s']:6.1f} MB/s   COG+overviews {cw[comp + '_cog_mb_s']:6.1f} MB/s   ratio {cw[comp + '_cog_vs_plain']:.2f}")
+        print(f"  {comp:8s} plain tiled {cw[comp + '_plain_mb_s']:6.1f} MB/s   "
+              f"COG+overviews {cw[comp + '_cog_mb_s']:6.1f} MB/s   ratio {cw[comp + '_cog_vs_plain']:.2f}")
     return cw
 
 

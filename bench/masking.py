@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from pipeline.masking.config import MaskConfig
 from pipeline.masking.cloud_probability import S2CLOUDLESS_BANDS, detector
+from pipeline.masking.config import MaskConfig
 from pipeline.masking.scene import mask_fractions, mask_scene
 from pipeline.sensors import S2_BANDS
 
@@ -38,7 +38,9 @@ def _input(size: int) -> tuple[xr.DataArray, object, str]:
         g = region.grid()
         grid = Grid(g.crs, g.transform * Affine.translation(0, 0), size, size)
         src = SyntheticSource()
-        scene = [s for s in src.search(region, dt.date(2021, 10, 20), dt.date(2021, 10, 30), "s2") if "211025" in s.id][0]
+        scene = [s for s in src.search(region, dt.date(2021, 10, 20), dt.date(2021, 10, 30), "s2") if "211025" in s.id][
+            0
+        ]
         return src.read(scene, grid, list(S2_BANDS)).load(), scene, f"synthetic {scene.id}"
     except ImportError:
         import rasterio
@@ -48,7 +50,16 @@ def _input(size: int) -> tuple[xr.DataArray, object, str]:
             t = list(ds.transform)[:6]
         reps = -(-size // tile.shape[1])
         arr = np.tile(tile, (1, reps, reps))[:, :size, :size]
-        return xr.DataArray(arr, dims=("band", "y", "x"), coords={"band": list(S2_BANDS)}, attrs={"sensor": "s2_l1c", "transform": t}), None, "SEN12MS-CR tiled"
+        return (
+            xr.DataArray(
+                arr,
+                dims=("band", "y", "x"),
+                coords={"band": list(S2_BANDS)},
+                attrs={"sensor": "s2_l1c", "transform": t},
+            ),
+            None,
+            "SEN12MS-CR tiled",
+        )
 
 
 def main() -> None:
@@ -75,7 +86,10 @@ def main() -> None:
     print(f"input: {what}, {args.size}x{args.size} px, 13 bands, best of {args.repeat}")
     print(f"bare s2cloudless   : {b:7.2f} s  {n / b:12,.0f} px/s")
     print(f"mask_scene         : {f:7.2f} s  {n / f:12,.0f} px/s  (with snow + shadow projection)")
-    print(f"overhead           : {100 * (f / b - 1):+.1f} % wall, {100 * (fc / bc - 1):+.1f} % CPU time (CPU is steadier on a shared machine)")
+    print(
+        f"overhead           : {100 * (f / b - 1):+.1f} % wall, {100 * (fc / bc - 1):+.1f} % CPU time (CPU is steadier "
+        "on a shared machine)"
+    )
     print(f"mask fractions     : {mask_fractions(m)}")
 
 

@@ -100,7 +100,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--models", nargs="*")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads per model process (0: torch default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads per model process (0: torch default)"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--cfg-json", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -118,21 +120,42 @@ def main() -> None:
     rows: list[tuple[str, str | dict]] = [(n, args.config) for n in (args.models or list_models())]
     if not args.models or "crgennet" in args.models:
         rows.append(("crgennet", {"base": args.config, "fusion_stride": 2}))
-    print(f"config={args.config}  input {args.size}x{args.size}, batch 1, median of {args.runs} CPU runs (after one FLOP-counting run)")
-    head = f"{'model':<24}{'params':>12}{'GFLOPs':>10}{'GMACs':>9}{'CPU ms':>10}{'peak MiB':>10}{'fwd MiB':>9}{'GPU bf16 p/s':>14}"
+    print(
+        f"config={args.config}  input {args.size}x{args.size}, batch 1, median of {args.runs} CPU runs (after one "
+        "FLOP-counting run)"
+    )
+    head = (
+        f"{'model':<24}{'params':>12}{'GFLOPs':>10}{'GMACs':>9}{'CPU ms':>10}"
+        f"{'peak MiB':>10}{'fwd MiB':>9}{'GPU bf16 p/s':>14}"
+    )
     print(head)
     print("-" * len(head))
     threads = "?"
     for name, cfg in rows:
-        cmd = [sys.executable, __file__, "--one", name, "--size", str(args.size), "--runs", str(args.runs), "--config", args.config,
-               "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--size",
+            str(args.size),
+            "--runs",
+            str(args.runs),
+            "--config",
+            args.config,
+            "--threads",
+            str(args.threads),
+        ]
         label = name
         if isinstance(cfg, dict):
             cmd += ["--cfg-json", json.dumps(cfg)]
             label = f"{name} fusion@H/{cfg['fusion_stride']}"
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
-            print(f"{label:<24} FAILED: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            print(
+                f"{label:<24} FAILED: "
+                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+            )
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         threads = r["threads"]
@@ -140,9 +163,12 @@ def main() -> None:
         print(f"{label:<24}{r['params'] / 1e6:>11.2f}M{r['gflops']:>10.1f}{r['gflops'] / 2:>9.1f}{r['cpu_ms']:>10.0f}"
               f"{r['peak_mib']:>10.0f}{r['forward_mib']:>9.0f}{gpu:>14}")
         if name in PAPER_PARAMS and args.config == "paper" and not isinstance(cfg, dict):
-            print(f"{'':<24}paper: {PAPER_PARAMS[name] / 1e6:.2f}M params ({100 * (r['params'] / PAPER_PARAMS[name] - 1):+.1f} %), "
-                  f"{PAPER_GFLOPS[name]:.2f} G(MAC)s ({100 * (r['gflops'] / 2 / PAPER_GFLOPS[name] - 1):+.1f} % vs our GMACs), "
-                  f"89 FPS on an A40; peak {r['peak_mib'] / 1024:.2f} GiB (limit 4 GiB)")
+            print(
+                f"{'':<24}paper: {PAPER_PARAMS[name] / 1e6:.2f}M params "
+                f"({100 * (r['params'] / PAPER_PARAMS[name] - 1):+.1f} %), "
+                f"{PAPER_GFLOPS[name]:.2f} G(MAC)s ({100 * (r['gflops'] / 2 / PAPER_GFLOPS[name] - 1):+.1f} % "
+                f"vs our GMACs), 89 FPS on an A40; peak {r['peak_mib'] / 1024:.2f} GiB (limit 4 GiB)"
+            )
     print(f"CPU threads per process: {threads}")
 
 

@@ -25,8 +25,8 @@ from pipeline.regions import load_region  # noqa: E402
 from pipeline.sensors import S2_BANDS  # noqa: E402
 from pipeline.sources.synthetic import render as R  # noqa: E402
 from pipeline.sources.synthetic.sky import sky_on  # noqa: E402
-from pipeline.sources.synthetic.world import build_static, ground_on  # noqa: E402
 from pipeline.sources.synthetic.source import SyntheticSource, clear_caches  # noqa: E402
+from pipeline.sources.synthetic.world import build_static, ground_on  # noqa: E402
 
 
 @contextmanager
@@ -46,7 +46,11 @@ def main() -> None:
     region = load_region("zhengzhou-demo")
     grid = region.grid().window(0, 0, args.size, args.size)
     src = SyntheticSource(seed=0)
-    scenes = [s for s in src.search(region, region.window.start, region.window.end, "s2") if s.properties["synth_regime"] == "scattered"]
+    scenes = [
+        s
+        for s in src.search(region, region.window.start, region.window.end, "s2")
+        if s.properties["synth_regime"] == "scattered"
+    ]
     src.read(scenes[0], grid.window(0, 0, 32, 32))  # warm imports and BLAS
 
     all_bands = list(S2_BANDS) + ["QA60", "CLOUD_PROB", "cs_cdf"]
@@ -105,7 +109,10 @@ def main() -> None:
         cpu, wall = float(np.median(vals)), float(np.median(t[name + " (wall)"]))
         print(f"  {name:40s} {cpu:6.3f} s CPU  {wall:6.3f} s wall  {mpx / cpu:6.2f} Mpx/s")
     budget = float(np.median(t["read 16 bands + truth (cold)"])) * (1024 * 1024) / (args.size * args.size)
-    print(f"  read + truth per 1024x1024 scene: {budget:.3f} s CPU (budget 1.5 s on one core: {'OK' if budget <= 1.5 else 'OVER'})")
+    print(
+        f"  read + truth per 1024x1024 scene: {budget:.3f} s CPU (budget 1.5 s on one core: "
+        f"{'OK' if budget <= 1.5 else 'OVER'})"
+    )
     print("  stages:")
     for name, vals in stages.items():
         if not name.endswith("(wall)"):

@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.registry import build_model, model_loss, resolve_config  # noqa: E402
-from pipeline.train.samples import AssembledDataset, AugmentConfig, model_inputs  # noqa: E402
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.loop import LoopState, build_parts, setup_runtime, train, train_step  # noqa: E402
+from pipeline.train.samples import AssembledDataset, AugmentConfig, model_inputs  # noqa: E402
 
 CRGEN_NO_VGG = {"base": "small", "loss": {"perceptual": 0.0}}  # no ImageNet VGG weights offline
 
@@ -53,7 +53,9 @@ def _batches(cfg: TrainConfig, spec, raw, batch: int, n: int) -> list[dict]:
     return out[:n]
 
 
-def bare_steps(model_name: str, params, batches: list[dict], device: torch.device, amp=None, channels_last=False) -> float:
+def bare_steps(
+    model_name: str, params, batches: list[dict], device: torch.device, amp=None, channels_last=False
+) -> float:
     """Seconds per step of the plainest correct loop: forward, loss, backward, clip, Adam step."""
     torch.manual_seed(0)
     model = build_model(model_name, params).to(device)
@@ -162,7 +164,9 @@ def cuda_paper_crgennet(size: int = 256, batch: int = 8, steps: int = 20) -> dic
             "s_per_step": s, "samples_per_s": batch / s, "gpu": torch.cuda.get_device_name()}
 
 
-def demo(data: Path, runs: Path, minutes: float, val_every: int = 4, extend: float = 0.0, only: str | None = None) -> None:
+def demo(
+    data: Path, runs: Path, minutes: float, val_every: int = 4, extend: float = 0.0, only: str | None = None
+) -> None:
     from pipeline.dataset.build import build_dataset
     from pipeline.train.evaluate import evaluate, markdown_table
 
@@ -207,12 +211,17 @@ def main() -> None:
         return
     rows = [overhead("unet", "small", 128, 8, args.steps), overhead("crgennet", CRGEN_NO_VGG, 128, 8, args.steps)]
     for r in rows:
-        print(f"{r['model']:9s} {r['size']}px batch {r['batch']}: bare {r['bare_s_per_step'] * 1e3:.1f} ms/step, trainer "
-              f"{r['trainer_s_per_step'] * 1e3:.1f} ms/step -> step overhead {r['step_overhead_pct']:+.1f} %, "
-              f"{r['samples_per_s']:.1f} samples/s (CPU, {torch.get_num_threads()} threads)")
+        print(
+            f"{r['model']:9s} {r['size']}px batch {r['batch']}: bare {r['bare_s_per_step'] * 1e3:.1f} ms/step, trainer "
+            f"{r['trainer_s_per_step'] * 1e3:.1f} ms/step -> step overhead {r['step_overhead_pct']:+.1f} %, "
+            f"{r['samples_per_s']:.1f} samples/s (CPU, {torch.get_num_threads()} threads)"
+        )
     e = epoch_overhead("unet", "small", 64, 8, 128)
-    print(f"unet 64px epoch incl. data assembly (best of {e['rounds']} alternating): bare {e['bare_samples_per_s']:.1f} samples/s, train() "
-          f"{e['trainer_samples_per_s']:.1f} samples/s -> overhead {e['epoch_overhead_pct']:+.1f} %")
+    print(
+        f"unet 64px epoch incl. data assembly (best of {e['rounds']} alternating): bare {e['bare_samples_per_s']:.1f} "
+        "samples/s, train() "
+        f"{e['trainer_samples_per_s']:.1f} samples/s -> overhead {e['epoch_overhead_pct']:+.1f} %"
+    )
     g = cuda_paper_crgennet()
     if g is None:
         print("no CUDA GPU: CRGenNet paper-config bf16 figure skipped")

@@ -36,8 +36,8 @@ def build_summary_markdown(summary: Mapping[str, Any], stats: Sequence[Mapping[s
     lines = [str(summary["markdown"]).rstrip(), "", f"Dataset folder: `{summary['out']}`", "",
              "## Scenes masked (whole region grid)", "",
              "| scene | sensor | date | cloud | shadow | valid | mask method |", "|---|---|---|---:|---:|---:|---|"]
-    lines += [f"| {s['scene_id']} | {s['sensor']} | {s['date']} | {_pct(s['cloud_fraction'])} | {_pct(s['shadow_fraction'])} "
-              f"| {_pct(s['valid_fraction'])} | {s['mask_method']} |" for s in stats]
+    lines += [f"| {s['scene_id']} | {s['sensor']} | {s['date']} | {_pct(s['cloud_fraction'])} "
+              f"| {_pct(s['shadow_fraction'])} | {_pct(s['valid_fraction'])} | {s['mask_method']} |" for s in stats]
     return "\n".join(lines) + "\n"
 
 
@@ -48,10 +48,11 @@ def metrics_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for who in ("model", "composite"):
         s = result["results"][who]["all"]
-        row: dict[str, Any] = {"method": result["model"] if who == "model" else "composite (recent clear)", "split": result["split"],
-                               "samples": result["n_samples"]}
+        method = result["model"] if who == "model" else "composite (recent clear)"
+        row: dict[str, Any] = {"method": method, "split": result["split"], "samples": result["n_samples"]}
         row.update({f"{k}_all": round(float(s.get(k, math.nan)), 4) for k in METRICS})
-        row.update({f"{k}_cloud": round(float(s.get(f"cloud_{k}", math.nan)), 4) for k in METRICS})  # evaluate names them cloud_*
+        # evaluate's scores over cloud-covered pixels are named cloud_<metric>
+        row.update({f"{k}_cloud": round(float(s.get(f"cloud_{k}", math.nan)), 4) for k in METRICS})
         rows.append(row)
     return rows
 

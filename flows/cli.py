@@ -31,9 +31,15 @@ if TYPE_CHECKING:
 @app.command("demo")
 def demo_cmd(
     epochs: int = typer.Option(12, "--epochs", help="Training epochs of the small U-Net."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps-per-epoch", help="Cap on optimiser steps per epoch (quicker, worse model)."),
-    train_seconds: float = typer.Option(240.0, "--train-seconds", help="Stop training after the epoch that passes this many seconds (0: no limit)."),
-    date: str = typer.Option("2021-07-22", "--date", help="Reconstruction date (a Sentinel-2 overpass inside the region's window)."),
+    max_steps: Optional[int] = typer.Option(
+        None, "--max-steps-per-epoch", help="Cap on optimiser steps per epoch (quicker, worse model)."
+    ),
+    train_seconds: float = typer.Option(
+        240.0, "--train-seconds", help="Stop training after the epoch that passes this many seconds (0: no limit)."
+    ),
+    date: str = typer.Option(
+        "2021-07-22", "--date", help="Reconstruction date (a Sentinel-2 overpass inside the region's window)."
+    ),
     data_root: Path = typer.Option(Path("data"), "--data-root", help="Datasets go to DATA_ROOT/zhengzhou-demo."),
     run: Path = typer.Option(Path("runs/zhengzhou-demo-unet"), "--run", help="Training run folder."),
     out: Path = typer.Option(Path("out/demo"), "--out", help="Folder of the COG, provenance, STAC item and quicklook."),
@@ -53,8 +59,15 @@ def demo_cmd(
     # the temporary server's SQLite file lives there; on a fresh clone the folder does not exist yet
     Path(PREFECT_HOME.value()).expanduser().mkdir(parents=True, exist_ok=True)
 
-    cfg = DemoConfig(date=parse_date(date), data_root=data_root, run=run, out=out, epochs=epochs, max_steps_per_epoch=max_steps,
-                     train_seconds=train_seconds or None)
+    cfg = DemoConfig(
+        date=parse_date(date),
+        data_root=data_root,
+        run=run,
+        out=out,
+        epochs=epochs,
+        max_steps_per_epoch=max_steps,
+        train_seconds=train_seconds or None,
+    )
     t0 = time.perf_counter()
     console.rule("[bold]cloudfree demo[/]: zhengzhou-demo, synthetic archive (a simulation, no network needed)")
 
@@ -72,13 +85,17 @@ def _report(result: "DemoResult", total: float) -> None:
     from flows.artifacts import metrics_rows
 
     rec, ds, tr = result.reconstruction, result.dataset, result.training
-    console.rule(f"[bold green]done in {total:.0f} s[/] (" + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) + ")")
+    console.rule(
+        f"[bold green]done in {total:.0f} s[/] (" + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) + ")"
+    )
     with rasterio.open(rec["cog"]) as src:
         crs, bands, shape = src.crs.to_string(), list(src.descriptions), (src.height, src.width)
     files = Table(title="Outputs", show_header=True, header_style="bold")
     files.add_column("what")
     files.add_column("path", overflow="fold")  # full paths, never truncated: users copy them
-    files.add_row("cloud-free COG", f"{rec['cog']}  ({crs}, {shape[1]}x{shape[0]} px, bands {', '.join(b or '?' for b in bands)})")
+    files.add_row(
+        "cloud-free COG", f"{rec['cog']}  ({crs}, {shape[1]}x{shape[0]} px, bands {', '.join(b or '?' for b in bands)})"
+    )
     files.add_row("provenance", rec["provenance"])
     if rec.get("uncertainty"):
         files.add_row("uncertainty", rec["uncertainty"])
@@ -91,20 +108,34 @@ def _report(result: "DemoResult", total: float) -> None:
     if ev:
         rows = metrics_rows(ev)
         # metrics as rows, (method, pixel set) as columns: fits an 80-column terminal without wrapping headers
-        table = Table(title=f"Test split ({ev['n_samples']} samples): trained {ev['model']} vs composite baseline", header_style="bold")
+        table = Table(
+            title=f"Test split ({ev['n_samples']} samples): trained {ev['model']} vs composite baseline",
+            header_style="bold",
+        )
         table.add_column("metric", no_wrap=True)
         for r in rows:
             name = r["method"].split(" (")[0]
             table.add_column(f"{name} all", justify="right", no_wrap=True)
             table.add_column(f"{name} cloud", justify="right", no_wrap=True)
-        for label, key, fmt in (("PSNR dB", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.4f}"), ("SAM °", "sam", "{:.2f}"), ("MAE", "mae", "{:.4f}")):
+        for label, key, fmt in (
+            ("PSNR dB", "psnr", "{:.2f}"),
+            ("SSIM", "ssim", "{:.4f}"),
+            ("SAM °", "sam", "{:.2f}"),
+            ("MAE", "mae", "{:.4f}"),
+        ):
             cells = [fmt.format(r[f"{key}_{part}"]) if r[f"{key}_{part}"] == r[f"{key}_{part}"] else "-"
                      for r in rows for part in ("all", "cloud")]
             table.add_row(label, *cells)
         console.print(table)
-        console.print(f"composite = most recent clear observation (training-free baseline). Cloud pixels: {ev['cloud_pixels']}. "
-                      "Data: synthetic archive (simulation).", highlight=False)
-    console.print("Open the COG and quicklook in QGIS, or: prefect server start, then browse the flow runs' artifacts.", highlight=False)
+        console.print(
+            f"composite = most recent clear observation (training-free baseline). Cloud pixels: {ev['cloud_pixels']}. "
+            "Data: synthetic archive (simulation).",
+            highlight=False,
+        )
+    console.print(
+        "Open the COG and quicklook in QGIS, or: prefect server start, then browse the flow runs' artifacts.",
+        highlight=False,
+    )
 
 
 __all__ = ["app", "main"]

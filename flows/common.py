@@ -61,7 +61,9 @@ def is_transient_error(exc: BaseException | None) -> bool:
             return is_transient(exc)
     except ImportError:  # earthengine-api is a dependency; an install without it still classifies the rest
         pass
-    if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, OSError) and not isinstance(
+        exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    ):
         return is_transient(exc)
     status = getattr(getattr(exc, "resp", None), "status", None) or getattr(exc, "status_code", None)
     if status is not None:
@@ -80,7 +82,9 @@ def retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
     return is_transient_error(exc)
 
 
-SOURCE_TASK = dict(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.2, retry_condition_fn=retry_transient)
+SOURCE_TASK = dict(
+    retries=3, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.2, retry_condition_fn=retry_transient
+)
 CACHED = dict(cache_policy=CACHE_POLICY, persist_result=True)
 
 
@@ -97,7 +101,9 @@ def task_runner() -> Any:
 
     if spec == "local":
         # threads in one process: the tasks release the GIL in numpy/GDAL/torch, and nothing is pickled
-        return DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": max(2, os.cpu_count() or 1), "processes": False})
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": 1, "threads_per_worker": max(2, os.cpu_count() or 1), "processes": False}
+        )
     return DaskTaskRunner(address=spec)
 
 

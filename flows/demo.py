@@ -57,14 +57,32 @@ def run_demo(cfg: DemoConfig, step: Callable[[str], None] = lambda s: None) -> D
     t = time.perf_counter()
     step(f"2/3 train-model: {cfg.model}, {cfg.epochs} epoch(s) -> {cfg.run}")
     resume = (cfg.run / "train_state.pt").exists()  # a rerun continues (or finds it finished) instead of refusing
-    training = train_model(TrainParams(data=str(data), model=cfg.model, config="small", epochs=cfg.epochs,
-                                       max_steps_per_epoch=cfg.max_steps_per_epoch, time_limit_s=cfg.train_seconds, out=str(cfg.run), resume=resume,
-                                       evaluate_split="test"))
+    training = train_model(
+        TrainParams(
+            data=str(data),
+            model=cfg.model,
+            config="small",
+            epochs=cfg.epochs,
+            max_steps_per_epoch=cfg.max_steps_per_epoch,
+            time_limit_s=cfg.train_seconds,
+            out=str(cfg.run),
+            resume=resume,
+            evaluate_split="test",
+        )
+    )
     seconds["train-model"] = time.perf_counter() - t
 
     t = time.perf_counter()
     step(f"3/3 reconstruct-aoi: {cfg.region} on {cfg.date} with {cfg.run} -> {cfg.out}")
-    rec = reconstruct_aoi(ReconstructParams(region=cfg.region, date=cfg.date, checkpoint=str(cfg.run), source="synthetic",
-                                            out=str(cfg.out), mask_method=cfg.mask_method))
+    rec = reconstruct_aoi(
+        ReconstructParams(
+            region=cfg.region,
+            date=cfg.date,
+            checkpoint=str(cfg.run),
+            source="synthetic",
+            out=str(cfg.out),
+            mask_method=cfg.mask_method,
+        )
+    )
     seconds["reconstruct-aoi"] = time.perf_counter() - t
     return DemoResult(dataset, training, rec, seconds)

@@ -16,9 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.dataset.config import BuildConfig
 from pipeline.errors import CloudfreeError, RegionError
+from pipeline.reconstruct.config import AuxDates, ReconstructConfig, config_field
 from pipeline.regions import Region, geojson_bounds, list_regions, load_region, parse_region
 from pipeline.sources.registry import SourceName, SourceSpec
+from pipeline.train.config import train_default
 
 
 
@@ -100,30 +103,35 @@ class _RegionParams(_Params):
 
 
 class ReconstructParams(_RegionParams):
-    """Parameters of ``reconstruct-aoi``."""
+    """Parameters of ``reconstruct-aoi``; its reconstruct options are fields of ``ReconstructConfig`` (``config()``)."""
 
     date: dt.date = Field(description="Target date YYYY-MM-DD; must lie inside the region's window.")
-    checkpoint: str = Field("composite", description="Training run folder (model.pt + model.json) or 'composite' (no training).")
-    out: str = Field("out/reconstruct-aoi", description="Output folder for the COG, provenance, STAC item and quicklook.")
-    tile: int = Field(256, description="Model tile size in pixels (multiple of 8).")
-    overlap: int = Field(64, description="Overlap between tiles in pixels.")
-    block: int = Field(1024, description="Output block side (multiple of 512); each block is one Prefect task.")
-    keep_clear: bool = Field(False, description="Keep observed clear pixels of the target date exactly.")
-    mask_method: str = Field("auto", description="Cloud mask method of the inputs: auto, s2cloudless, cloudscore (fast; the synthetic and Earth Engine S2 archives carry cs_cdf), qa60, scl, qa_pixel, spectral.")
-    aux_dates: Literal["clearest", "latest"] = Field("clearest", description="Earlier optical dates the model sees: the least cloudy within 30 days before the date, or the latest ones.")
-    score_truth: bool = Field(False, description="Synthetic source only: score the COG against the simulator's true clear scene (slow on large AOIs: full-image SSIM).")
+    checkpoint: str = Field(
+        "composite", description="Training run folder (model.pt + model.json) or 'composite' (no training).")
+    out: str = Field(
+        "out/reconstruct-aoi", description="Output folder for the COG, provenance, STAC item and quicklook.")
+    # reconstruct options: default, description and rule come from ReconstructConfig (see config())
+    tile: int = config_field("tile")
+    overlap: int = config_field("overlap")
+    block: int = config_field("block")
+    keep_clear: bool = config_field("keep_clear")
+    mask_method: str = config_field("mask_method")
+    aux_dates: AuxDates = config_field("aux_dates")
+    score_truth: bool = Field(
+        False, description="Synthetic source only: score the COG against the simulator's true clear scene "
+        "(slow on large AOIs: full-image SSIM).")
 
-    @field_validator("mask_method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        from pipeline.masking.scene import METHODS
-
-        if v not in METHODS:
-            raise ValueError(f"unknown mask_method {v!r}; use one of: {', '.join(METHODS)}")
-        return v
+    def config(self) -> ReconstructConfig:
+        """The ``reconstruct`` settings of these parameters; one ``CloudfreeError`` line when one is invalid."""
+        return ReconstructConfig.parse({
+            "source": SourceSpec.parse(self.source, None, self.source_options), "tile": self.tile,
+            "overlap": self.overlap, "block": self.block, "keep_clear": self.keep_clear,
+            "mask_method": self.mask_method, "aux_dates": self.aux_dates,
+        })
 
     @model_validator(mode="after")
     def _checks(self) -> "ReconstructParams":
+        _as_value_error(self.config)
         region = self.resolved_region()
         w = region.window
         if not w.start <= self.date <= w.end:
@@ -132,7 +140,8 @@ class ReconstructParams(_RegionParams):
                 "pick a date inside it or widen the region's window"
             )
         if self.score_truth and self.source != "synthetic":
-            raise ValueError(f"score_truth needs the synthetic source (only the simulator knows the true clear scene); got source {self.source!r}")
+            raise ValueError("score_truth needs the synthetic source (only the simulator knows the true clear scene); "
+                             f"got source {self.source!r}")
         if self.checkpoint != "composite":
             run = Path(self.checkpoint)
             if not (run / "model.pt").is_file() or not (run / "model.json").is_file():
@@ -143,26 +152,37 @@ class ReconstructParams(_RegionParams):
         return self
 
 
-class BuildDatasetParams(_Params):
-    """Parameters of ``build-dataset``. ``region`` empty: every region file marked ``active: true`` without a dataset."""
+_BUILD = BuildConfig.model_fields
 
-    region: str | InlineAOI | None = Field(None, description="Region name/path/inline AOI; empty: all active regions that have no dataset yet.")
+
+class BuildDatasetParams(_Params):
+    """Parameters of ``build-dataset``.
+
+    ``region`` empty: every region file marked ``active: true`` without a dataset."""
+
+    region: str | InlineAOI | None = Field(
+        None, description="Region name/path/inline AOI; empty: all active regions that have no dataset yet."
+    )
     source: SourceName = Field(SourceName.synthetic, description="Scene archive: synthetic, local or earthengine.")
-    source_options: dict[str, Any] = Field(default_factory=dict, description="Source keyword arguments (root for local, project for earthengine).")
+    source_options: dict[str, Any] = Field(
+        default_factory=dict, description="Source keyword arguments (root for local, project for earthengine)."
+    )
     out_root: str = Field("data", description="Datasets go to OUT_ROOT/<region name>.")
-    max_patches: int | None = Field(None, ge=1, description="Cap on kept patches (quick runs).")
-    mask_method: str = Field("cheapest", description="cheapest (Cloud Score+ when present), auto, s2cloudless, cloudscore, qa60, scl, qa_pixel, spectral.")
+    # default and description from the build's own config; BuildConfig validates them (see _checks)
+    max_patches: int | None = Field(_BUILD["max_patches"].default, description=_BUILD["max_patches"].description)
+    mask_method: str = Field(_BUILD["mask_method"].default, description=_BUILD["mask_method"].description)
 
     @model_validator(mode="after")
     def _checks(self) -> "BuildDatasetParams":
-        from pipeline.dataset.build import MASK_METHODS
-
         if self.region is not None:
             _as_value_error(resolve_region, self.region)
-        if self.mask_method not in MASK_METHODS:
-            raise ValueError(f"unknown mask_method {self.mask_method!r}; use one of: {', '.join(MASK_METHODS)}")
-        _as_value_error(SourceSpec.parse, self.source, None, self.source_options)
+        _as_value_error(self.build_config)
         return self
+
+    def build_config(self) -> BuildConfig:
+        """The build's settings from these parameters (one ``CloudfreeError`` line when one is invalid)."""
+        source = SourceSpec.parse(self.source, None, self.source_options)
+        return BuildConfig.parse(source=source, max_patches=self.max_patches, mask_method=self.mask_method)
 
     def targets(self) -> list[Region]:
         """The regions this run builds: the given one, or each active region without ``dataset.json``."""
@@ -177,16 +197,24 @@ class TrainParams(_Params):
 
     data: str = Field("data/zhengzhou-demo", description="Dataset folder written by build-dataset (holds cubes/).")
     model: str = Field("unet", description="Registry name: unet, crgennet, srggan, cmsn, uncrtaints, cafusion.")
-    config: str = Field("small", description="small | paper | a YAML/JSON file of training settings.")
+    config: str = Field(
+        train_default("model_params"), description="small | paper | a YAML/JSON file of training settings.")
+    # epochs and num_workers are the flow's own quick-run defaults (a laptop demo), not TrainConfig's
     epochs: int = Field(4, ge=1, description="Total epochs.")
-    batch_size: int | None = Field(None, ge=1, description="Global batch; default: the model's published one.")
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimiser steps per epoch (quick runs).")
-    time_limit_s: float | None = Field(None, gt=0, description="Stop after the epoch during which this many seconds passed (the best checkpoint so far is kept).")
+    batch_size: int | None = Field(
+        train_default("batch_size"), ge=1, description="Global batch; default: the model's published one.")
+    max_steps_per_epoch: int | None = Field(
+        train_default("max_steps_per_epoch"), ge=1, description="Cap on optimiser steps per epoch (quick runs).")
+    time_limit_s: float | None = Field(
+        train_default("time_limit_s"), gt=0,
+        description="Stop after the epoch during which this many seconds passed (the best checkpoint so far is kept).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    seed: int = 0
+    seed: int = Field(
+        train_default("seed"), description="Seeds weights, shuffling and augmentation (same seed: same run).")
     out: str = Field("runs/zhengzhou-demo-unet", description="Run folder: model.pt, model.json, train_state.pt, tb/.")
     resume: bool = Field(False, description="Continue the run in `out` where it stopped.")
-    evaluate_split: str | None = Field("test", description="Split scored against the composite baseline after training (empty: skip).")
+    evaluate_split: str | None = Field(
+        "test", description="Split scored against the composite baseline after training (empty: skip).")
 
     @field_validator("model")
     @classmethod
@@ -201,5 +229,6 @@ class TrainParams(_Params):
     def _checks(self) -> "TrainParams":
         data = Path(self.data)
         if not (data / "cubes").is_dir():
-            raise ValueError(f"data {self.data!r}: no cubes/ folder in {data.resolve()}; run build-dataset first or fix the path")
+            raise ValueError(
+                f"data {self.data!r}: no cubes/ folder in {data.resolve()}; run build-dataset first or fix the path")
         return self

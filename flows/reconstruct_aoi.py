@@ -17,7 +17,11 @@ from prefect import flow, get_run_logger, task
 from flows.artifacts import publish_markdown, publish_quicklook, publish_table
 from flows.common import CACHED, SOURCE_TASK, run_cached, source_tags, task_runner
 from flows.params import ReconstructParams
+from pipeline.reconstruct.config import ReconstructConfig
 from pipeline.regions import Region
+
+METRICS = ("psnr", "ssim", "sam", "mae", "rmse")  # reported against the simulator's truth
+PIXEL_GROUPS = (("all", ""), ("cloud-covered", "cloud_"))  # label, prefix of the metric keys
 
 
 def _dask_address() -> str | None:
@@ -26,16 +30,16 @@ def _dask_address() -> str | None:
 
 
 @task(name="reconstruct", **SOURCE_TASK, **CACHED)
-def reconstruct_task(region: Region, date: dt.date, checkpoint: str, source: str, source_options: dict[str, Any], out: str,
-                     tile: int, overlap: int, block: int, keep_clear: bool, mask_method: str, aux_dates: str,
+def reconstruct_task(region: Region, date: dt.date, checkpoint: str, out: str, config: ReconstructConfig,
                      checkpoint_sha256: str) -> dict[str, Any]:
     """Run the block-wise reconstruction; returns output paths, input dates and COG/STAC validation."""
     from pipeline.reconstruct.run import reconstruct
 
     logger = get_run_logger()
-    r = reconstruct(region, date, checkpoint, source, out, tile=tile, overlap=overlap, block=block, keep_clear=keep_clear,
-                    mask_method=mask_method, aux_dates=aux_dates, source_options=source_options, dask_address=_dask_address())
-    logger.info("%s: %d of %d blocks computed%s", r.cog, r.blocks_computed, r.blocks_total, " (resumed)" if r.resumed else "")
+    # the scheduler is where this task runs, not what it computes: chosen here, so it stays out of the cache key
+    r = reconstruct(region, date, checkpoint, out, config.model_copy(update={"dask_address": _dask_address()}))
+    logger.info("%s: %d of %d blocks computed%s", r.cog, r.blocks_computed, r.blocks_total,
+                " (resumed)" if r.resumed else "")
     return {
         "cog": str(r.cog), "provenance": str(r.provenance), "stac": str(r.stac), "quicklook": str(r.quicklook),
         "uncertainty": str(r.uncertainty) if r.uncertainty else None,
@@ -54,8 +58,8 @@ def truth_metrics_task(region: Region, result: dict[str, Any], source_options: d
     import torch
 
     from pipeline.masking.codes import is_contaminated
-    from pipeline.train.metrics import compute_metrics
     from pipeline.sources.synthetic.source import SyntheticSource
+    from pipeline.train.metrics import compute_metrics
 
     if not result["target_scene_ids"]:
         return None
@@ -66,7 +70,8 @@ def truth_metrics_task(region: Region, result: dict[str, Any], source_options: d
         pred = ds.read(masked=True).filled(np.nan).astype(np.float32)
         if ds.dtypes[0] == "uint16":
             pred = pred * np.float32(ds.scales[0]) + np.float32(ds.offsets[0])
-    scenes = [s for s in src.search(region, region.window.start, region.window.end, "s2") if s.id in set(result["target_scene_ids"])]
+    wanted = set(result["target_scene_ids"])
+    scenes = [s for s in src.search(region, region.window.start, region.window.end, "s2") if s.id in wanted]
     if not scenes:
         return None
     truth = src.truth(scenes[0], grid)
@@ -80,8 +85,10 @@ def truth_metrics_task(region: Region, result: dict[str, Any], source_options: d
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.nan_to_num(np.clip(a, 0, 1), nan=0.0)).float()[None]
 
-    m = compute_metrics(t(pred), t(target), torch.from_numpy(valid)[None, None].float(), torch.from_numpy(cloud)[None, None].float())
-    return {"scene_id": scenes[0].id, "bands": bands, "cloud_fraction": float(cloud[valid].mean()) if valid.any() else float("nan"), "metrics": m}
+    m = compute_metrics(t(pred), t(target), torch.from_numpy(valid)[None, None].float(),
+                        torch.from_numpy(cloud)[None, None].float())
+    cloud_fraction = float(cloud[valid].mean()) if valid.any() else float("nan")
+    return {"scene_id": scenes[0].id, "bands": bands, "cloud_fraction": cloud_fraction, "metrics": m}
 
 
 def _outputs(result: dict[str, Any]) -> list[str | None]:
@@ -97,20 +104,24 @@ def _checkpoint_sha(checkpoint: str) -> str:
     return sha256_file(Path(checkpoint) / "model.pt")
 
 
-def summary_markdown(params: ReconstructParams, region: Region, result: dict[str, Any], truth: dict[str, Any] | None) -> str:
+def summary_markdown(params: ReconstructParams, region: Region, result: dict[str, Any],
+                     truth: dict[str, Any] | None) -> str:
+    simulated = " (SIMULATED archive)" if params.source == "synthetic" else ""
     lines = [f"# Reconstruction of {region.name} on {params.date}", "",
-             f"- checkpoint: `{params.checkpoint}`; source: `{params.source}`{' (SIMULATED archive)' if params.source == 'synthetic' else ''}",
+             f"- checkpoint: `{params.checkpoint}`; source: `{params.source}`{simulated}",
              f"- optical input dates ({result['optical_sensor']}): {', '.join(result['optical_dates']) or 'none'}",
              f"- S1 dates: {', '.join(result['sar_dates']) or 'none'}",
              f"- scenes used: {len(result['scene_ids'])}", "", "| output | path |", "|---|---|"]
-    lines += [f"| {k} | `{result[k]}` |" for k in ("cog", "provenance", "uncertainty", "stac", "quicklook") if result[k]]
+    lines += [f"| {k} | `{result[k]}` |" for k in ("cog", "provenance", "uncertainty", "stac", "quicklook")
+              if result[k]]
     lines += ["", "Validation: " + ", ".join(f"{k}: {v}" for k, v in result["validation"].items())]
     if truth:
         m = truth["metrics"]
-        lines += ["", f"## Against the simulator's true clear scene ({truth['scene_id']}, {100 * truth['cloud_fraction']:.1f} % under cloud/shadow)", "",
+        cover = f"{truth['scene_id']}, {100 * truth['cloud_fraction']:.1f} % under cloud/shadow"
+        lines += ["", f"## Against the simulator's true clear scene ({cover})", "",
                   "| pixels | PSNR | SSIM | SAM | MAE | RMSE |", "|---|---:|---:|---:|---:|---:|"]
-        for label, pre in (("all", ""), ("cloud-covered", "cloud_")):
-            lines.append(f"| {label} | " + " | ".join(f"{m.get(pre + k, float('nan')):.4f}" for k in ("psnr", "ssim", "sam", "mae", "rmse")) + " |")
+        for label, pre in PIXEL_GROUPS:
+            lines.append(f"| {label} | " + " | ".join(f"{m.get(pre + k, float('nan')):.4f}" for k in METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -119,19 +130,20 @@ def reconstruct_aoi(params: ReconstructParams) -> dict[str, Any]:
     """Cloud-free COG + provenance + STAC Item + quicklook of an AOI on a date."""
     logger = get_run_logger()
     region = params.resolved_region()
-    logger.info("reconstructing %s on %s with %s from the %s source into %s", region.name, params.date, params.checkpoint, params.source, params.out)
+    logger.info("reconstructing %s on %s with %s from the %s source into %s", region.name, params.date,
+                params.checkpoint, params.source, params.out)
     task_ = reconstruct_task.with_options(tags=source_tags(params.source))
-    result = run_cached(task_, _outputs, region, params.date, params.checkpoint, params.source, params.source_options, params.out,
-                        params.tile, params.overlap, params.block, params.keep_clear, params.mask_method, params.aux_dates,
+    result = run_cached(task_, _outputs, region, params.date, params.checkpoint, params.out, params.config(),
                         _checkpoint_sha(params.checkpoint))
     truth = truth_metrics_task(region, result, params.source_options) if params.score_truth else None
     key = f"{region.name}-{params.date:%Y%m%d}"
-    publish_markdown(f"reconstruct-{key}", summary_markdown(params, region, result, truth), f"Reconstruction of {region.name} on {params.date}")
+    publish_markdown(f"reconstruct-{key}", summary_markdown(params, region, result, truth),
+                     f"Reconstruction of {region.name} on {params.date}")
     if truth:
         m = truth["metrics"]
-        publish_table(f"reconstruct-metrics-{key}", [
-            {"pixels": label, **{k: round(float(m.get(pre + k, float("nan"))), 4) for k in ("psnr", "ssim", "sam", "mae", "rmse")}}
-            for label, pre in (("all", ""), ("cloud-covered", "cloud_"))], f"COG vs true clear scene, {region.name} {params.date}")
+        rows = [{"pixels": label, **{k: round(float(m.get(pre + k, float("nan"))), 4) for k in METRICS}}
+                for label, pre in PIXEL_GROUPS]
+        publish_table(f"reconstruct-metrics-{key}", rows, f"COG vs true clear scene, {region.name} {params.date}")
     publish_quicklook(f"quicklook-{key}", result["quicklook"], f"{region.name} {params.date}: observed | reconstructed")
     logger.info("COG: %s", result["cog"])
     logger.info("STAC item: %s", result["stac"])

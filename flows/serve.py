@@ -67,7 +67,9 @@ def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with code {proc.returncode}; see {prefect_home() / 'server.log'}")
+            raise RuntimeError(
+                f"prefect server exited with code {proc.returncode}; see {prefect_home() / 'server.log'}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -75,7 +77,9 @@ def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> 
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"prefect server did not answer {url} within {timeout:.0f} s; see {prefect_home() / 'server.log'}")
+    raise RuntimeError(
+        f"prefect server did not answer {url} within {timeout:.0f} s; see {prefect_home() / 'server.log'}"
+    )
 
 
 def start(port: int | None = None, deploy: bool = True) -> dict:
@@ -119,7 +123,9 @@ def _start(port: int, deploy: bool) -> dict:
     state["worker_pid"] = worker.pid
     _write_state(state)
     if deploy:
-        out = _prefect("deploy", "--all", "--prefect-file", str(ROOT / "prefect.yaml"), "--no-prompt", env=env, check=False)
+        out = _prefect(
+            "deploy", "--all", "--prefect-file", str(ROOT / "prefect.yaml"), "--no-prompt", env=env, check=False
+        )
         if out.returncode != 0:
             raise RuntimeError(f"prefect deploy failed:\n{out.stdout}\n{out.stderr}")
     return state
@@ -189,7 +195,10 @@ def start_cmd(port: int = typer.Option(4200, help="Server port (0: any free one)
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"Prefect server at {state['api_url'].removesuffix('/api')} (pid {state['server_pid']}), worker pid {state['worker_pid']}")
+    typer.echo(
+        f"Prefect server at {state['api_url'].removesuffix('/api')} (pid {state['server_pid']}), worker pid "
+        f"{state['worker_pid']}"
+    )
     typer.echo(f"export PREFECT_API_URL={state['api_url']}  # or PREFECT_HOME={prefect_home()}, whose profile has it")
     typer.echo("then: prefect deployment run 'reconstruct-aoi/default' --watch")
 

@@ -11,7 +11,11 @@ LANDSAT_SR_BANDS: tuple[str, ...] = ("SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5"
 LANDSAT_RGB: tuple[str, ...] = ("SR_B4", "SR_B3", "SR_B2")
 
 # (red, green, blue) and (nir, red) names per sensor family, for perceptual losses and NDVI.
-RGB_NAMES: tuple[tuple[str, str, str], ...] = (("B4", "B3", "B2"), ("SR_B4", "SR_B3", "SR_B2"), ("SR_B3", "SR_B2", "SR_B1"))
+RGB_NAMES: tuple[tuple[str, str, str], ...] = (
+    ("B4", "B3", "B2"),
+    ("SR_B4", "SR_B3", "SR_B2"),
+    ("SR_B3", "SR_B2", "SR_B1"),
+)
 
 
 def rgb_indices(bands: tuple[str, ...]) -> tuple[int, int, int] | None:

@@ -37,6 +37,11 @@ class CloudRemovalModel(nn.Module):
         super().__init__()
         self.spec = spec
 
+    @staticmethod
+    def build_spec(cfg: dict[str, Any]) -> InputSpec:
+        """The ``InputSpec`` of an architecture config (without building the model); every model defines it."""
+        raise NotImplementedError
+
     @property
     def n_optical(self) -> int:
         return len(self.spec.optical_bands)
@@ -64,7 +69,9 @@ class CloudRemovalModel(nn.Module):
         """Validated (optical (B,T,C,H,W), optical_mask (B,T,1,H,W) or None, sar (B,T+1,S,H,W) or None)."""
         spec = self.spec
         if "optical" not in batch:
-            raise ModelInputError(f"{self.name}: batch has no 'optical' tensor (keys: {sorted(batch)}); build it per models/spec.py")
+            raise ModelInputError(
+                f"{self.name}: batch has no 'optical' tensor (keys: {sorted(batch)}); build it per models/spec.py"
+            )
         opt = batch["optical"]
         want = (spec.optical_dates, len(spec.optical_bands))
         if opt.dim() != 5 or tuple(opt.shape[1:3]) != want:
@@ -75,9 +82,13 @@ class CloudRemovalModel(nn.Module):
         b, t, _, h, w = opt.shape
         mask = batch.get("optical_mask")
         if mask is not None and tuple(mask.shape) != (b, t, 1, h, w):
-            raise ModelInputError(f"{self.name}: batch['optical_mask'] has shape {tuple(mask.shape)}, expected {(b, t, 1, h, w)}")
+            raise ModelInputError(
+                f"{self.name}: batch['optical_mask'] has shape {tuple(mask.shape)}, expected {(b, t, 1, h, w)}"
+            )
         if spec.needs_mask and mask is None:
-            raise ModelInputError(f"{self.name}: needs batch['optical_mask'] (B, {t}, 1, H, W) (spec.needs_mask=True); add the cloud mask")
+            raise ModelInputError(
+                f"{self.name}: needs batch['optical_mask'] (B, {t}, 1, H, W) (spec.needs_mask=True); add the cloud mask"
+            )
         sar = None
         if spec.sar_bands:
             sar = batch.get("sar")
@@ -100,14 +111,19 @@ def spec_from_config(cfg: dict[str, Any], **fixed: Any) -> InputSpec:
     kw = {k: cfg[k] for k in SPEC_KEYS if k in cfg}
     for k, v in fixed.items():
         if k in kw and (tuple(kw[k]) if isinstance(kw[k], (list, tuple)) else kw[k]) != v:
-            raise ModelConfigError(f"config {k}={kw[k]!r} is not possible for this architecture (it requires {v!r}); remove the key")
+            raise ModelConfigError(
+                f"config {k}={kw[k]!r} is not possible for this architecture (it requires {v!r}); remove the key"
+            )
         kw[k] = v
     sensor = kw.setdefault("optical_sensor", "s2")
     known = default_bands(sensor)
     bands = tuple(kw.get("optical_bands") or known)
     bad = [b for b in bands if b not in known]
     if bad or len(set(bands)) != len(bands):
-        raise ModelConfigError(f"optical_bands {list(bands)}: unknown or repeated {bad or 'band'} for optical_sensor={sensor!r}; choose from {list(known)}")
+        raise ModelConfigError(
+            f"optical_bands {list(bands)}: unknown or repeated {bad or 'band'} for optical_sensor={sensor!r}; choose "
+            f"from {list(known)}"
+        )
     kw["optical_bands"] = bands
     sar = tuple(kw.get("sar_bands", S1_BANDS))
     if any(b not in S1_BANDS for b in sar) or len(set(sar)) != len(sar):
@@ -134,4 +150,13 @@ def from_tanh(x: torch.Tensor) -> torch.Tensor:
     return (x + 1.0) * 0.5
 
 
-__all__ = ["CloudRemovalModel", "ModelOutput", "spec_from_config", "default_bands", "to_tanh", "from_tanh", "clamp_unit", "SPEC_KEYS"]
+__all__ = [
+    "CloudRemovalModel",
+    "ModelOutput",
+    "spec_from_config",
+    "default_bands",
+    "to_tanh",
+    "from_tanh",
+    "clamp_unit",
+    "SPEC_KEYS",
+]

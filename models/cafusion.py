@@ -25,19 +25,27 @@ class CAFusion(CloudRemovalModel):
         super().__init__(self.build_spec(cfg))
         ch, r = cfg["channels"], cfg["shuffle"]
         self.r = r
-        self.enc_opt = nn.Sequential(nn.Conv2d(self.n_optical + 1, ch, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(ch, ch, 3, padding=1))
-        self.enc_sar = nn.Sequential(nn.Conv2d(self.n_sar, ch, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(ch, ch, 3, padding=1))
+        self.enc_opt = nn.Sequential(
+            nn.Conv2d(self.n_optical + 1, ch, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(ch, ch, 3, padding=1)
+        )
+        self.enc_sar = nn.Sequential(
+            nn.Conv2d(self.n_sar, ch, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(ch, ch, 3, padding=1)
+        )
         feat = cfg["feat"]
         # GroupNorm on the trunk's input and output: without it the residual branch swings wildly under Adam
         self.shallow = nn.Sequential(nn.Conv2d(2 * ch * r * r, feat, 3, padding=1), nn.GroupNorm(4, feat))
         self.groups = nn.ModuleList(
-            nn.Sequential(*[ResidualDenseBlock(feat, cfg["growth"], cfg["rdb_layers"]) for _ in range(cfg["rdb_per_group"])],
-                          SwinStage(feat, cfg["swin_depth"], cfg["heads"], cfg["window"]))
+            nn.Sequential(
+                *[ResidualDenseBlock(feat, cfg["growth"], cfg["rdb_layers"]) for _ in range(cfg["rdb_per_group"])],
+                SwinStage(feat, cfg["swin_depth"], cfg["heads"], cfg["window"]),
+            )
             for _ in range(cfg["groups"])
         )
         self.gff = nn.Sequential(nn.Conv2d(feat * cfg["groups"], feat, 1), nn.Conv2d(feat, feat, 3, padding=1))
         self.trunk_norm = nn.GroupNorm(4, feat)
-        self.recon = nn.Sequential(nn.Conv2d(feat, ch * r * r, 3, padding=1), nn.PixelShuffle(r), nn.Conv2d(ch, self.n_out, 3, padding=1))
+        self.recon = nn.Sequential(
+            nn.Conv2d(feat, ch * r * r, 3, padding=1), nn.PixelShuffle(r), nn.Conv2d(ch, self.n_out, 3, padding=1)
+        )
 
     @staticmethod
     def build_spec(cfg: dict[str, Any]):
@@ -45,6 +53,7 @@ class CAFusion(CloudRemovalModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         opt, mask, sar = self.inputs(batch)
+        assert mask is not None and sar is not None  # needs_mask and sar_bands: inputs() raised otherwise
         cloudy = opt[:, -1]
         h, w = cloudy.shape[-2:]
         ph, pw = (-h) % self.r, (-w) % self.r

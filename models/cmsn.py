@@ -20,8 +20,13 @@ class ResFFTConv(nn.Module):
 
     def __init__(self, ch: int) -> None:
         super().__init__()
-        self.spatial = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True),
-                                     nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch))
+        self.spatial = nn.Sequential(
+            nn.Conv2d(ch, ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(ch, ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(ch),
+        )
         self.freq = nn.Sequential(nn.Conv2d(ch, ch, 1), nn.ReLU(inplace=True), nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +43,9 @@ class TemporalAggregation(nn.Module):
 
     def __init__(self, ch: int, dates: int) -> None:
         super().__init__()
-        self.att = nn.Sequential(nn.Conv2d(ch * dates + dates, ch, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(ch, dates, 3, padding=1))
+        self.att = nn.Sequential(
+            nn.Conv2d(ch * dates + dates, ch, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(ch, dates, 3, padding=1)
+        )
         self.fuse = nn.Conv2d(ch * dates, ch, 1)
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,15 +67,23 @@ class CMSN(CloudRemovalModel):
         self.aggregate = TemporalAggregation(ch, t)
         self.decoder = nn.Sequential(*[ResFFTConv(ch) for _ in range(cfg["dec_blocks"])])
         self.coarse_head = nn.Conv2d(ch, self.n_out, 3, padding=1)
-        self.refine = nn.Sequential(nn.Conv2d(self.n_out + self.n_optical + 1, ch, 3, padding=1), nn.ReLU(inplace=True),
-                                    nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(ch, self.n_out, 3, padding=1))
+        self.refine = nn.Sequential(
+            nn.Conv2d(self.n_out + self.n_optical + 1, ch, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(ch, ch, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(ch, self.n_out, 3, padding=1),
+        )
 
     @staticmethod
     def build_spec(cfg: dict[str, Any]):
-        return spec_from_config({"optical_sensor": "landsat", **cfg}, sar_bands=(), includes_target_date=True, needs_mask=True)
+        return spec_from_config(
+            {"optical_sensor": "landsat", **cfg}, sar_bands=(), includes_target_date=True, needs_mask=True
+        )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         opt, mask, _ = self.inputs(batch)
+        assert mask is not None  # needs_mask=True: inputs() raised without it
         b, t, c, h, w = opt.shape
         x = torch.cat([to_tanh(opt), mask], 2).flatten(0, 1)
         feats = self.encoder(x).view(b, t, -1, h, w)

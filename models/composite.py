@@ -34,6 +34,7 @@ class Composite(CloudRemovalModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         opt, mask, _ = self.inputs(batch)
+        assert mask is not None  # needs_mask=True: inputs() raised without it
         clear = mask < 0.5  # (B,T,1,H,W)
         count = clear.sum(1)  # (B,1,H,W)
         if self.method == "recent":

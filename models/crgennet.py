@@ -23,7 +23,9 @@ from .spec import ModelOutput
 
 
 def conv7(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.ReplicationPad2d(3), nn.Conv2d(cin, cout, 7, stride=stride), nn.InstanceNorm2d(cout, affine=True), nn.Mish())
+    return nn.Sequential(
+        nn.ReplicationPad2d(3), nn.Conv2d(cin, cout, 7, stride=stride), nn.InstanceNorm2d(cout, affine=True), nn.Mish()
+    )
 
 
 def conv3(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
@@ -50,7 +52,11 @@ class DownUpBlock(nn.Module):
         self.refine = nn.Sequential(*[RefineBlock(ch * 4, dropout) for _ in range(n_refine)])
         up = []
         for cin, cout in ((ch * 4, ch * 2), (ch * 2, ch)):
-            up += [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1), nn.InstanceNorm2d(cout, affine=True), nn.Mish()]
+            up += [
+                nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1),
+                nn.InstanceNorm2d(cout, affine=True),
+                nn.Mish(),
+            ]
         self.up = nn.Sequential(*up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +69,9 @@ class ExtendedConvBlock(nn.Module):
     def __init__(self, cin: int, cout: int, dilations: tuple[int, ...] = (1, 2, 4)) -> None:
         super().__init__()
         self.branches = nn.ModuleList(conv3(cin, cout, d) for d in dilations)
-        self.fuse = nn.Sequential(nn.Conv2d(cout * len(dilations), cout, 1), nn.InstanceNorm2d(cout, affine=True), nn.Mish())
+        self.fuse = nn.Sequential(
+            nn.Conv2d(cout * len(dilations), cout, 1), nn.InstanceNorm2d(cout, affine=True), nn.Mish()
+        )
         self.skip = nn.Conv2d(cin, cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +120,9 @@ class CRGenNet(CloudRemovalModel):
         c, s, ngf = self.n_optical, self.n_sar, cfg["ngf"]
         dims, depths, heads, ws = cfg["swin_dims"], cfg["swin_depths"], cfg["swin_heads"], cfg["window"]
         if not (len(dims) == len(depths) == len(heads) == 4):
-            raise ModelConfigError(f"crgennet: swin_dims/swin_depths/swin_heads need 4 entries (4 scales), got {dims}, {depths}, {heads}")
+            raise ModelConfigError(
+                f"crgennet: swin_dims/swin_depths/swin_heads need 4 entries (4 scales), got {dims}, {depths}, {heads}"
+            )
         if cfg["fusion_stride"] not in (1, 2, 4, 8, 16):
             raise ModelConfigError(f"crgennet: fusion_stride={cfg['fusion_stride']!r} must be one of 1, 2, 4, 8, 16")
         self.stem = conv7(2 * s + c, ngf)
@@ -127,7 +137,9 @@ class CRGenNet(CloudRemovalModel):
         skip_ch = [dims[2], dims[1], dims[0], ngf]
         self.ups = nn.ModuleList(nn.ConvTranspose2d(ci, co, 2, stride=2) for ci, co in zip(dec_in, dec_out))
         self.dec = nn.ModuleList(conv3(co + sk, co) for co, sk in zip(dec_out, skip_ch))
-        self.dec_att = nn.ModuleList([ChannelAttention(dec_out[0]), ChannelAttention(dec_out[1]), SpatialAttention(), SpatialAttention()])
+        self.dec_att = nn.ModuleList(
+            [ChannelAttention(dec_out[0]), ChannelAttention(dec_out[1]), SpatialAttention(), SpatialAttention()]
+        )
         # FusionAttention on the decoder stage whose output is at 1/fusion_stride resolution
         self.fusion_stage = {8: 0, 4: 1, 2: 2, 1: 3, 16: -1}[cfg["fusion_stride"]]
         fch = dims[3] if self.fusion_stage < 0 else dec_out[self.fusion_stage]
@@ -156,6 +168,7 @@ class CRGenNet(CloudRemovalModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         opt, _, sar = self.inputs(batch)
+        assert sar is not None  # the spec has sar_bands: inputs() raised without SAR
         s1_t1, s1_t2, s2_t1 = to_tanh(sar[:, 0]), to_tanh(sar[:, 1]), to_tanh(opt[:, 0])
         h, w = s2_t1.shape[-2:]
         ph, pw = (-h) % 16, (-w) % 16
@@ -181,6 +194,7 @@ class CRGenNet(CloudRemovalModel):
 
     def condition(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         opt, _, sar = self.inputs(batch)
+        assert sar is not None  # the spec has sar_bands: inputs() raised without SAR
         return torch.cat([sar[:, 0], sar[:, 1], opt[:, 0]], 1)
 
     def discriminator(self) -> nn.Module:

@@ -100,6 +100,8 @@ def _shift_pad_mask(hp: int, wp: int, h: int, w: int, ws: int, shift: int, devic
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside ws×ws windows with a learned relative position bias."""
 
+    rel_index: torch.Tensor  # a buffer: typed here, or mypy sees nn.Module.__getattr__'s Tensor | Module
+
     def __init__(self, dim: int, heads: int, ws: int) -> None:
         super().__init__()
         self.heads, self.ws = heads, ws

@@ -6,7 +6,7 @@ All image losses take reflectance in [0, 1], ``(B, C, H, W)``, and an optional w
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,9 @@ def _fill_invalid(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor 
 def ssim_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """1 − SSIM (Gaussian 11, σ 1.5, data range 1)."""
     p = _fill_invalid(pred, target, valid)
-    return 1.0 - structural_similarity_index_measure(p, target, data_range=1.0, kernel_size=11, sigma=1.5)
+    # a tuple only with return_full_image / return_contrast_sensitivity
+    ssim = cast(torch.Tensor, structural_similarity_index_measure(p, target, data_range=1.0, kernel_size=11, sigma=1.5))
+    return 1.0 - ssim
 
 
 def ms_ssim_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,7 +111,9 @@ def structure_loss(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor | N
     return 0.9 * l1_loss(pred, target, w) + 0.001 * pearson_loss(pred, target, w)
 
 
-def gaussian_nll(mean: torch.Tensor, var: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+def gaussian_nll(
+    mean: torch.Tensor, var: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None = None
+) -> torch.Tensor:
     """Gaussian negative log-likelihood with a diagonal variance (constant term included)."""
     nll = F.gaussian_nll_loss(mean, target, var, full=True, eps=1e-6, reduction="none")
     return _wmean(nll, w)
@@ -138,13 +142,15 @@ class VGGLoss(nn.Module):
         self.vgg = vgg
         self.rgb = list(rgb)
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         p = _fill_invalid(pred, target, valid)[:, self.rgb]
         with torch.no_grad():
             ft = self.vgg(target[:, self.rgb])
         fp = self.vgg(p)
-        perceptual = sum(F.l1_loss(a, b) for a, b in zip(fp, ft)) / len(fp)
-        style = sum(F.l1_loss(gram(a), gram(b)) for a, b in zip(fp, ft)) / len(fp)
+        perceptual = _total(F.l1_loss(a, b) for a, b in zip(fp, ft)) / len(fp)
+        style = _total(F.l1_loss(gram(a), gram(b)) for a, b in zip(fp, ft)) / len(fp)
         return perceptual, style
 
 
@@ -174,7 +180,9 @@ class ModelLoss(nn.Module):
         self.terms = terms
         self.vgg = vgg
 
-    def forward(self, output: ModelOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, output: ModelOutput, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ctx = {"out": output, "batch": batch, "target": batch["target"], "valid": _valid(batch),
                "cloud": _target_cloud(batch, self.spec)}
         if self.vgg is not None:
@@ -187,6 +195,14 @@ class ModelLoss(nn.Module):
             total = total + val
         parts["total"] = total.detach()
         return total, parts
+
+
+def _on_image(
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    pick: Callable[[dict], torch.Tensor],
+) -> Callable[[dict], torch.Tensor]:
+    """The loss term of the image ``pick`` takes from the context (a function: binds ``pick`` per loop pass)."""
+    return lambda c: loss(pick(c), c["target"], c["valid"])
 
 
 def _weighted(weight: float, fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
@@ -226,11 +242,13 @@ def build_loss(name: str, cfg: dict[str, Any], spec: InputSpec, vgg_weights: str
         for img_key, scale in (("mean", 1.0), ("coarse", float(w("coarse_weight", 0.5)))):
             if not scale:
                 continue
-            pick = (lambda c: c["out"].mean) if img_key == "mean" else (lambda c: c["out"].extras["coarse"])
+            pick: Callable[[dict], torch.Tensor] = (
+                (lambda c: c["out"].mean) if img_key == "mean" else (lambda c: c["out"].extras["coarse"])
+            )
             sfx = "" if img_key == "mean" else "_coarse"
-            add("cosine" + sfx, scale * w("cosine", 1.0), lambda c, f=pick: cosine_loss(f(c), c["target"], c["valid"]))
-            add("ms_ssim" + sfx, scale * w("ms_ssim", 1.0), lambda c, f=pick: ms_ssim_loss(f(c), c["target"], c["valid"]))
-            add("l1" + sfx, scale * w("l1", 0.0), lambda c, f=pick: l1_loss(f(c), c["target"], c["valid"]))
+            add("cosine" + sfx, scale * w("cosine", 1.0), _on_image(cosine_loss, pick))
+            add("ms_ssim" + sfx, scale * w("ms_ssim", 1.0), _on_image(ms_ssim_loss, pick))
+            add("l1" + sfx, scale * w("l1", 0.0), _on_image(l1_loss, pick))
         add("perceptual", w("perceptual", 1.0), lambda c: c["vgg"][0])
     elif name == "srggan":
         add("l1", w("l1", 1.0), lambda c: l1_loss(c["out"].mean, c["target"], c["valid"]))
@@ -243,7 +261,9 @@ def build_loss(name: str, cfg: dict[str, Any], spec: InputSpec, vgg_weights: str
             coarse = c["out"].extras["coarse"]
             glob = l1_loss(coarse, c["target"], c["valid"])
             cloud = c["cloud"] if c["valid"] is None or c["cloud"] is None else c["cloud"] * c["valid"]
-            local = l1_loss(coarse, c["target"], cloud) if cloud is not None and cloud.sum() > 0 else coarse.new_zeros(())
+            local = (
+                l1_loss(coarse, c["target"], cloud) if cloud is not None and cloud.sum() > 0 else coarse.new_zeros(())
+            )
             return glob + float(w("local_weight", 1.0)) * local
         add("mtgl", 1.0, mtgl)
         add("freq", w("delta", 0.1), lambda c: fft_loss(c["out"].mean, c["target"], c["valid"]))
@@ -273,31 +293,38 @@ def build_loss(name: str, cfg: dict[str, Any], spec: InputSpec, vgg_weights: str
 # --------------------------------------------------------------------------- adversarial
 
 
+def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    # the builtin sum, typed: it starts from int 0, which adding to a tensor leaves unchanged
+    return cast(torch.Tensor, sum(terms))
+
+
 def _as_list(d: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     return list(d) if isinstance(d, (list, tuple)) else [d]
 
 
 def lsgan_d_loss(d_real: Any, d_fake: Any) -> torch.Tensor:
-    return sum(0.5 * (((r - 1) ** 2).mean() + (f**2).mean()) for r, f in zip(_as_list(d_real), _as_list(d_fake)))
+    return _total(0.5 * (((r - 1) ** 2).mean() + (f**2).mean()) for r, f in zip(_as_list(d_real), _as_list(d_fake)))
 
 
 def lsgan_g_loss(d_fake: Any) -> torch.Tensor:
-    return sum(((f - 1) ** 2).mean() for f in _as_list(d_fake))
+    return _total(((f - 1) ** 2).mean() for f in _as_list(d_fake))
 
 
 def wgan_d_loss(d_real: Any, d_fake: Any) -> torch.Tensor:
-    return sum(f.mean() - r.mean() for r, f in zip(_as_list(d_real), _as_list(d_fake)))
+    return _total(f.mean() - r.mean() for r, f in zip(_as_list(d_real), _as_list(d_fake)))
 
 
 def wgan_g_loss(d_fake: Any) -> torch.Tensor:
-    return sum(-f.mean() for f in _as_list(d_fake))
+    return _total(-f.mean() for f in _as_list(d_fake))
 
 
-def gradient_penalty(disc: nn.Module, real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+def gradient_penalty(
+    disc: nn.Module, real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor | None
+) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): (‖∇D(x̂)‖₂ − 1)² at random interpolates x̂ of real and fake."""
     alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
     x = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
-    score = sum(d.sum() for d in _as_list(disc(x, cond)))
+    score = _total(d.sum() for d in _as_list(disc(x, cond)))
     (g,) = torch.autograd.grad(score, x, create_graph=True)
     return ((g.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
@@ -326,12 +353,34 @@ class AdversarialLoss:
         gp = gradient_penalty(disc, real, fake, cond)
         return wd + self.gp_weight * gp, {"d_wgan": wd.detach(), "d_gp": gp.detach()}
 
-    def generator_loss(self, disc: nn.Module, fake: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def generator_loss(
+        self, disc: nn.Module, fake: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         d_fake = disc(fake, cond)
         g = lsgan_g_loss(d_fake) if self.kind == "lsgan" else wgan_g_loss(d_fake)
         return self.weight * g, {"g_adv": g.detach()}
 
 
-__all__ = ["l1_loss", "l2_loss", "ssim_loss", "ms_ssim_loss", "cosine_loss", "gradient_loss", "fft_loss", "pearson_loss",
-           "structure_loss", "gaussian_nll", "cloud_weighted_mse", "gram", "VGGLoss", "ModelLoss", "build_loss",
-           "lsgan_d_loss", "lsgan_g_loss", "wgan_d_loss", "wgan_g_loss", "gradient_penalty", "AdversarialLoss"]
+__all__ = [
+    "l1_loss",
+    "l2_loss",
+    "ssim_loss",
+    "ms_ssim_loss",
+    "cosine_loss",
+    "gradient_loss",
+    "fft_loss",
+    "pearson_loss",
+    "structure_loss",
+    "gaussian_nll",
+    "cloud_weighted_mse",
+    "gram",
+    "VGGLoss",
+    "ModelLoss",
+    "build_loss",
+    "lsgan_d_loss",
+    "lsgan_g_loss",
+    "wgan_d_loss",
+    "wgan_g_loss",
+    "gradient_penalty",
+    "AdversarialLoss",
+]

@@ -5,7 +5,7 @@ Training-loop contract (what ``pipeline.train.loop`` builds on)
 ::
 
     cfg   = resolve_config(name, "small" | "paper" | {overrides..., "base": "small"|"paper"})
-    model = build_model(name, cfg)              # nn.Module, model.spec: InputSpec, model.is_gan, model.trainable
+    model = build_model(name, cfg)              # CloudRemovalModel: .spec (InputSpec), .is_gan, .trainable
     spec  = model_spec(name, cfg)               # == model.spec; fetch exactly these sensors/bands/dates
     loss  = model_loss(name, cfg, vgg_weights=PATH_OR_None)   # nn.Module; move it to the device too
     out   = model(batch)                        # ModelOutput: .mean (B,C,H,W) in [0,1], .var or None, .extras
@@ -122,7 +122,7 @@ def resolve_config(name: str, config: str | dict[str, Any] = "small") -> dict[st
     return base
 
 
-def build_model(name: str, config: str | dict[str, Any] = "small") -> nn.Module:
+def build_model(name: str, config: str | dict[str, Any] = "small") -> CloudRemovalModel:
     cfg = resolve_config(name, config)
     arch = {k: v for k, v in cfg.items() if k != "loss"}
     return _entry_for(name).cls(**arch)

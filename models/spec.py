@@ -1,7 +1,7 @@
 """What a model consumes and returns: the contract between models, training and inference.
 
 A sample covers dates ``t_1 .. t_T`` (optical inputs, oldest first) and ``t_target``. Batches are dicts
-of float32 tensors, all normalized per DESIGN.md (S2/Landsat reflectance clipped to [0, 1]; S1 dB
+of float32 tensors, all normalized per docs/architecture.md (S2/Landsat reflectance clipped to [0, 1]; S1 dB
 clipped to [-25, 0] for VV and [-32.5, 0] for VH, then scaled to [0, 1]):
 
 - ``optical``       (B, T, C, H, W): the optical inputs; for ``includes_target_date`` models the last one

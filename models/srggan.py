@@ -67,8 +67,11 @@ class SRGGAN(CloudRemovalModel):
         return ModelOutput(mean=from_tanh(out), extras={"guidance": inj[0].detach().mean(1, keepdim=True)})
 
     def discriminator(self) -> nn.Module:
-        return PatchGAN(self.n_out + self.n_optical * self.spec.optical_dates + self.n_sar * (self.spec.optical_dates + 1),
-                        self.cfg["ndf"], self.cfg["d_layers"])
+        return PatchGAN(
+            self.n_out + self.n_optical * self.spec.optical_dates + self.n_sar * (self.spec.optical_dates + 1),
+            self.cfg["ndf"],
+            self.cfg["d_layers"],
+        )
 
 
 class PatchGAN(nn.Module):

@@ -57,7 +57,9 @@ class UnCRtainTS(CloudRemovalModel):
         self.encoder = nn.Sequential(*[MBConv(ch) for _ in range(cfg["enc_blocks"])])
         self.use_structure = bool(cfg["sar_structure"]) and self.n_sar > 0
         if self.use_structure:
-            self.structure = nn.Sequential(nn.Conv2d(self.n_sar, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+            self.structure = nn.Sequential(
+                nn.Conv2d(self.n_sar, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1)
+            )
         self.temporal = TemporalAttention(ch, cfg["heads"], cfg["d_k"], max(self.spec.optical_dates, 1))
         self.decoder = nn.Sequential(*[MBConv(ch) for _ in range(cfg["dec_blocks"])])
         self.mean_head = nn.Conv2d(ch, self.n_out, 1)
@@ -73,6 +75,7 @@ class UnCRtainTS(CloudRemovalModel):
         x = opt if sar is None else torch.cat([opt, sar[:, :t]], 2)  # S1 aligned with each optical date
         f = self.encoder(self.stem(x.flatten(0, 1)))
         if self.use_structure:
+            assert sar is not None  # use_structure needs n_sar > 0: inputs() raised without SAR
             # Scharr edges of speckle-prone SAR: structure that clouds do not hide (SSCR)
             f = f + self.structure(gradient_magnitude(sar[:, :t].flatten(0, 1), "scharr"))
         z = self.decoder(self.temporal(f.view(b, t, -1, h, w)))
@@ -81,6 +84,22 @@ class UnCRtainTS(CloudRemovalModel):
         return ModelOutput(mean=mean, var=var)
 
 
-SMALL = {"optical_dates": 2, "channels": 16, "enc_blocks": 1, "dec_blocks": 1, "heads": 4, "d_k": 4, "sar_structure": True}
-PAPER = {"optical_dates": 3, "channels": 128, "enc_blocks": 4, "dec_blocks": 5, "heads": 16, "d_k": 4, "sar_structure": True}
+SMALL = {
+    "optical_dates": 2,
+    "channels": 16,
+    "enc_blocks": 1,
+    "dec_blocks": 1,
+    "heads": 4,
+    "d_k": 4,
+    "sar_structure": True,
+}
+PAPER = {
+    "optical_dates": 3,
+    "channels": 128,
+    "enc_blocks": 4,
+    "dec_blocks": 5,
+    "heads": 16,
+    "d_k": 4,
+    "sar_structure": True,
+}
 LOSS = {"kind": "gnll"}

@@ -34,8 +34,12 @@ class UNetCore(nn.Module):
         super().__init__()
         chans = [base * 2**i for i in range(depth + 1)]
         self.depth = depth
-        self.down = nn.ModuleList([conv_block(cin, chans[0])] + [conv_block(chans[i], chans[i + 1]) for i in range(depth)])
-        self.up = nn.ModuleList([nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))])
+        self.down = nn.ModuleList(
+            [conv_block(cin, chans[0])] + [conv_block(chans[i], chans[i + 1]) for i in range(depth)]
+        )
+        self.up = nn.ModuleList(
+            [nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))]
+        )
         self.dec = nn.ModuleList([conv_block(chans[i] * 2, chans[i]) for i in reversed(range(depth))])
         self.head = nn.Conv2d(chans[0], cout, 1)
         self.chans = chans
@@ -60,21 +64,31 @@ class UNetCore(nn.Module):
 
 class UNet(CloudRemovalModel):
     name = "unet"
+    skip_index: torch.Tensor  # a buffer (residual only): typed here, or mypy sees Tensor | Module
 
     def __init__(self, **cfg: Any) -> None:
         super().__init__(self.build_spec(cfg))
-        cin = self.n_optical * self.spec.optical_dates + self.n_sar + (self.spec.optical_dates if cfg["use_mask"] else 0)
+        cin = (
+            self.n_optical * self.spec.optical_dates + self.n_sar + (self.spec.optical_dates if cfg["use_mask"] else 0)
+        )
         self.use_mask = cfg["use_mask"]
         self.net = UNetCore(cin, self.n_out, cfg["base_channels"], cfg["depth"])
         self.residual = bool(cfg.get("residual", True))
         if self.residual:
             missing = [b for b in self.spec.out_bands if b not in self.spec.optical_bands]
             if missing:
-                raise ModelConfigError(f"unet: residual=True adds the input to the output, but output bands {missing} are not "
-                                       "among the optical input bands; add them to optical_bands or set residual: false")
-            self.register_buffer("skip_index", torch.tensor([self.spec.optical_bands.index(b) for b in self.spec.out_bands]), persistent=False)
+                raise ModelConfigError(
+                    f"unet: residual=True adds the input to the output, but output bands {missing} are not "
+                    "among the optical input bands; add them to optical_bands or set residual: false"
+                )
+            self.register_buffer(
+                "skip_index",
+                torch.tensor([self.spec.optical_bands.index(b) for b in self.spec.out_bands]),
+                persistent=False,
+            )
             # near zero, not zero: a zero last layer would also zero every other layer's first gradient
             nn.init.normal_(self.net.head.weight, std=1e-3)
+            assert self.net.head.bias is not None  # a Conv2d with the default bias=True
             nn.init.zeros_(self.net.head.bias)
 
     @staticmethod
@@ -85,6 +99,7 @@ class UNet(CloudRemovalModel):
         opt, mask, sar = self.inputs(batch)
         parts = [opt.flatten(1, 2)]
         if self.use_mask:
+            assert mask is not None  # needs_mask=use_mask: inputs() raised otherwise
             parts.append(mask.flatten(1, 2))
         if sar is not None:
             parts.append(sar[:, -1])

@@ -22,6 +22,10 @@ _STD = (0.229, 0.224, 0.225)
 
 
 class VGG16Features(nn.Module):
+    # buffers (register_buffer): typed here, or mypy sees nn.Module.__getattr__'s Tensor | Module
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, layers: tuple[str, ...] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")) -> None:
         super().__init__()
         mods: list[nn.Module] = []
@@ -72,7 +76,9 @@ def load_vgg16(path: str | Path) -> VGG16Features:
     want = net.features.state_dict()
     missing = [f"features.{k}" for k in want if f"features.{k}" not in sd]
     if missing:
-        raise ModelConfigError(f"VGG16 weights file {str(p)!r} lacks {missing[:4]}...; it must be torchvision's vgg16 state dict")
+        raise ModelConfigError(
+            f"VGG16 weights file {str(p)!r} lacks {missing[:4]}...; it must be torchvision's vgg16 state dict"
+        )
     try:
         net.features.load_state_dict({k: sd[f"features.{k}"] for k in want})
     except RuntimeError as exc:

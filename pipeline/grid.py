@@ -44,7 +44,7 @@ class Grid:
         return (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
 
     def bounds_lonlat(self) -> tuple[float, float, float, float]:
-        return tuple(transform_bounds(CRS.from_user_input(self.crs), CRS.from_epsg(4326), *self.bounds, densify_pts=21))  # type: ignore[return-value]
+        return tuple(transform_bounds(CRS.from_user_input(self.crs), CRS.from_epsg(4326), *self.bounds, densify_pts=21))
 
     def window(self, row: int, col: int, height: int, width: int) -> "Grid":
         """The sub-grid starting at pixel (row, col); may extend past this grid's edge."""

@@ -64,7 +64,9 @@ class Splits(_Strict):
     train: float = Field(0.7, ge=0, le=1)
     val: float = Field(0.15, ge=0, le=1)
     test: float = Field(0.15, ge=0, le=1)
-    block_size: int = Field(2, ge=1, description="Spatial block side in patches; whole blocks go to one split so nothing leaks.")
+    block_size: int = Field(
+        2, ge=1, description="Spatial block side in patches; whole blocks go to one split so nothing leaks."
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -81,7 +83,9 @@ class TCSEN12Rule(_Strict):
     rule: Literal["tcsen12"] = "tcsen12"
     reference_max_cloud: float = Field(0.05, ge=0, le=1, description="Max cloud+shadow fraction of the reference date.")
     input_max_cloud: float = Field(1.0, ge=0, le=1, description="Max cloud fraction of the auxiliary optical dates.")
-    input_dates: int = Field(1, ge=1, le=4, description="Auxiliary optical dates before the reference (1: pairs, 2: three-date samples).")
+    input_dates: int = Field(
+        1, ge=1, le=4, description="Auxiliary optical dates before the reference (1: pairs, 2: three-date samples)."
+    )
     max_gap_days: int = Field(30, ge=1, description="Max days between the reference and the oldest auxiliary date.")
     sar_max_days: int = Field(3, ge=0, description="S1 must lie within this many days of each optical date.")
     min_valid: float = Field(0.99, ge=0, le=1, description="Min fraction of valid (non-nodata) pixels per date.")
@@ -91,7 +95,9 @@ class CMSNRule(_Strict):
     """CMSN: three Landsat dates, each under its own cloud cap (T1, T2, T3)."""
 
     rule: Literal["cmsn"] = "cmsn"
-    caps: tuple[float, float, float] = Field((0.25, 0.15, 0.10), description="Cloud caps for T1, T2, T3 (T3 is the target).")
+    caps: tuple[float, float, float] = Field(
+        (0.25, 0.15, 0.10), description="Cloud caps for T1, T2, T3 (T3 is the target)."
+    )
     max_gap_days: int = Field(64, ge=1)
     min_valid: float = Field(0.99, ge=0, le=1)
 
@@ -117,7 +123,9 @@ class WRS(_Strict):
 class Region(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Lower-case slug, also the file name.")
     description: str = ""
-    active: bool = Field(False, description="Scheduled build-dataset runs build a dataset for active regions that have none.")
+    active: bool = Field(
+        False, description="Scheduled build-dataset runs build a dataset for active regions that have none."
+    )
     bbox: tuple[float, float, float, float] | None = Field(None, description="[W, S, E, N] in EPSG:4326 degrees.")
     geometry: str | None = Field(None, description="GeoJSON file (relative to the region file) instead of bbox.")
     crs: str = Field("auto", description="'auto' (UTM zone of the centroid) or an EPSG code like 'EPSG:32650'.")
@@ -154,7 +162,8 @@ class Region(_Strict):
         for lat in (s, n):
             if not -90 <= lat <= 90:
                 raise ValueError(
-                    f"latitude {lat} is outside [-90, 90]; bbox is [W, S, E, N] in degrees - are longitude and latitude swapped?"
+                    f"latitude {lat} is outside [-90, 90]; bbox is [W, S, E, N] in degrees - are longitude and "
+                    "latitude swapped?"
                 )
         for lon in (w, e):
             if not -180 <= lon <= 180:
@@ -162,7 +171,8 @@ class Region(_Strict):
         if w > e:
             if w > 0 > e:
                 raise ValueError(
-                    f"bbox west {w} > east {e}: the AOI crosses the antimeridian, which is not supported; split it into two regions at 180°"
+                    f"bbox west {w} > east {e}: the AOI crosses the antimeridian, which is not supported; split it "
+                    "into two regions at 180°"
                 )
             raise ValueError(f"bbox west {w} > east {e}; swap them ([W, S, E, N])")
         if s > n:
@@ -188,7 +198,8 @@ class Region(_Strict):
             raise ValueError("give exactly one of 'bbox' ([W, S, E, N]) or 'geometry' (a GeoJSON file)")
         if self.event_date and not self.window.start <= self.event_date <= self.window.end:
             raise ValueError(
-                f"event_date {self.event_date} is outside the window {self.window.start}..{self.window.end}; widen the window or fix the date"
+                f"event_date {self.event_date} is outside the window {self.window.start}..{self.window.end}; widen the "
+                "window or fix the date"
             )
         return self
 
@@ -207,11 +218,15 @@ class Region(_Strict):
     def grid(self) -> Grid:
         """The AOI's grid in the target CRS, snapped outward to whole pixels of ``resolution``."""
         crs = self.target_crs()
-        left, bottom, right, top = transform_bounds(CRS.from_epsg(4326), CRS.from_user_input(crs), *self.lonlat_bounds(), densify_pts=21)
+        left, bottom, right, top = transform_bounds(
+            CRS.from_epsg(4326), CRS.from_user_input(crs), *self.lonlat_bounds(), densify_pts=21
+        )
         r = self.resolution
         left, bottom = math.floor(left / r) * r, math.floor(bottom / r) * r
         right, top = math.ceil(right / r) * r, math.ceil(top / r) * r
-        return Grid(crs, Affine(r, 0.0, left, 0.0, -r, top), int(round((right - left) / r)), int(round((top - bottom) / r)))
+        return Grid(
+            crs, Affine(r, 0.0, left, 0.0, -r, top), int(round((right - left) / r)), int(round((top - bottom) / r))
+        )
 
     def patches(self) -> list[tuple[str, Grid]]:
         """Full patches of ``patch.size`` every ``patch.stride`` pixels; ids encode the pixel offset."""
@@ -235,7 +250,9 @@ def _geojson_bounds(path: Path, region_file: Path | None = None) -> tuple[float,
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise RegionError(f"{where}: GeoJSON file not found; fix the region's 'geometry' path (relative to the region file)") from None
+        raise RegionError(
+            f"{where}: GeoJSON file not found; fix the region's 'geometry' path (relative to the region file)"
+        ) from None
     except json.JSONDecodeError as exc:
         raise RegionError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
     return geojson_bounds(data, where)
@@ -317,7 +334,12 @@ def _model_at(loc: tuple) -> type[BaseModel]:
         if isinstance(part, int):
             continue
         if part in _TAGS:
-            model = {"tcsen12": TCSEN12Rule, "cmsn": CMSNRule, "sen12mscr_ts": SEN12MSCRTSRule}[part]
+            rules: dict[str, type[BaseModel]] = {
+                "tcsen12": TCSEN12Rule,
+                "cmsn": CMSNRule,
+                "sen12mscr_ts": SEN12MSCRTSRule,
+            }
+            model = rules[part]
             continue
         field = model.model_fields.get(part)
         ann = getattr(field, "annotation", None)
@@ -341,11 +363,15 @@ def _format_errors(source: str, exc: ValidationError) -> str:
             close = difflib.get_close_matches(key, allowed, n=1)
             fix = f"did you mean '{close[0]}'? " if close else "remove it; "
             under = f" under '{_loc_text(parent)}'" if parent else ""
-            lines.append(f"{source}: unknown key '{loc}' (value {value!r}); {fix}allowed keys{under} are: {', '.join(allowed)}")
+            lines.append(
+                f"{source}: unknown key '{loc}' (value {value!r}); {fix}allowed keys{under} are: {', '.join(allowed)}"
+            )
             continue
         if err["type"] == "missing":
             if loc.startswith("bbox["):
-                lines.append(f"{source}: field 'bbox' needs 4 numbers [W, S, E, N] in degrees, e.g. [113.6, 34.71, 113.71, 34.8]")
+                lines.append(
+                    f"{source}: field 'bbox' needs 4 numbers [W, S, E, N] in degrees, e.g. [113.6, 34.71, 113.71, 34.8]"
+                )
             else:
                 lines.append(f"{source}: missing required field '{loc}'; {_MISSING_HINT.get(loc, 'add it')}")
             continue
@@ -379,14 +405,19 @@ def load_region(name_or_path: str | Path) -> Region:
     if not path.suffix:
         path = regions_dir() / f"{name_or_path}.yaml"
     if not path.exists():
-        raise RegionError(f"region '{name_or_path}' not found (looked for {path}); known regions: {', '.join(list_regions()) or 'none'}")
+        raise RegionError(
+            f"region '{name_or_path}' not found (looked for {path}); known regions: "
+            f"{', '.join(list_regions()) or 'none'}"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RegionError(f"{path}: not valid YAML ({exc}); fix the file") from None
     region = parse_region(data, str(path))
     if path.stem != region.name and path.parent == regions_dir():
-        raise RegionError(f"{path}: field 'name' is {region.name!r} but the file is named {path.stem!r}; make them equal")
+        raise RegionError(
+            f"{path}: field 'name' is {region.name!r} but the file is named {path.stem!r}; make them equal"
+        )
     if region.geometry is not None:
         region = region.model_copy(update={"geometry": str((path.parent / region.geometry).resolve())})
         _geojson_bounds(Path(str(region.geometry)), path)  # a broken GeoJSON fails here, not at the first grid() call

@@ -69,7 +69,9 @@ class Sensor:
         names = tuple(names)
         missing = [n for n in names if n not in self.band_names]
         if missing:
-            raise SourceError(f"sensor {self.key} has no band(s) {missing}; its bands are: {', '.join(self.band_names)}")
+            raise SourceError(
+                f"sensor {self.key} has no band(s) {missing}; its bands are: {', '.join(self.band_names)}"
+            )
         return names
 
 
@@ -93,12 +95,40 @@ def _s2_bands(product: str) -> tuple[Band, ...]:
     if product == "L2A":
         spectral = [b for b in spectral if b.name != "B10"]
     qa = [
-        Band("QA60", None, 60, units="bitmask", description="Bit 10 opaque cloud, bit 11 cirrus (unfilled 2022-02..2024-02)", nodata=None),
-        Band("CLOUD_PROB", None, 10, dtype="uint8", units="percent", description="s2cloudless cloud probability 0-100", nodata=None),
-        Band("cs_cdf", None, 10, dtype="float32", units="score", description="Cloud Score+ CDF, 1 = clear", nodata=None),
+        Band(
+            "QA60",
+            None,
+            60,
+            units="bitmask",
+            description="Bit 10 opaque cloud, bit 11 cirrus (unfilled 2022-02..2024-02)",
+            nodata=None,
+        ),
+        Band(
+            "CLOUD_PROB",
+            None,
+            10,
+            dtype="uint8",
+            units="percent",
+            description="s2cloudless cloud probability 0-100",
+            nodata=None,
+        ),
+        Band(
+            "cs_cdf", None, 10, dtype="float32", units="score", description="Cloud Score+ CDF, 1 = clear", nodata=None
+        ),
     ]
     if product == "L2A":
-        qa.insert(0, Band("SCL", None, 20, dtype="uint8", units="class", description="Scene classification (3 shadow, 8/9 cloud, 10 cirrus, 11 snow)", nodata=0))
+        qa.insert(
+            0,
+            Band(
+                "SCL",
+                None,
+                20,
+                dtype="uint8",
+                units="class",
+                description="Scene classification (3 shadow, 8/9 cloud, 10 cirrus, 11 snow)",
+                nodata=0,
+            ),
+        )
     return tuple(spectral + qa)
 
 
@@ -118,7 +148,16 @@ def _landsat_oli() -> tuple[Band, ...]:
         Band("SR_B5", 865, 30, scale=_LS_SR, offset=_LS_SR_OFF, common="nir", description="NIR"),
         Band("SR_B6", 1608.5, 30, scale=_LS_SR, offset=_LS_SR_OFF, common="swir1", description="SWIR 1"),
         Band("SR_B7", 2200.5, 30, scale=_LS_SR, offset=_LS_SR_OFF, common="swir2", description="SWIR 2"),
-        Band("ST_B10", 10895, 100, scale=_LS_ST, offset=_LS_ST_OFF, units="kelvin", common="lwir11", description="Surface temperature"),
+        Band(
+            "ST_B10",
+            10895,
+            100,
+            scale=_LS_ST,
+            offset=_LS_ST_OFF,
+            units="kelvin",
+            common="lwir11",
+            description="Surface temperature",
+        ),
         _QA_PIXEL,
     )
 
@@ -131,7 +170,16 @@ def _landsat_tm_etm() -> tuple[Band, ...]:
         Band("SR_B4", 835, 30, scale=_LS_SR, offset=_LS_SR_OFF, common="nir", description="NIR"),
         Band("SR_B5", 1650, 30, scale=_LS_SR, offset=_LS_SR_OFF, common="swir1", description="SWIR 1"),
         Band("SR_B7", 2215, 30, scale=_LS_SR, offset=_LS_SR_OFF, common="swir2", description="SWIR 2"),
-        Band("ST_B6", 11450, 120, scale=_LS_ST, offset=_LS_ST_OFF, units="kelvin", common="lwir", description="Surface temperature"),
+        Band(
+            "ST_B6",
+            11450,
+            120,
+            scale=_LS_ST,
+            offset=_LS_ST_OFF,
+            units="kelvin",
+            common="lwir",
+            description="Surface temperature",
+        ),
         _QA_PIXEL,
     )
 
@@ -163,14 +211,86 @@ SENSORS: dict[str, Sensor] = {
     s.key: s
     for s in [
         Sensor("s1_grd", "s1", "Sentinel-1 GRD (IW, dB)", _S1, 6, "COPERNICUS/S1_GRD"),
-        Sensor("s2_l1c", "s2", "Sentinel-2 MSI L1C (TOA)", _s2_bands("L1C"), 5, "COPERNICUS/S2_HARMONIZED", ("B4", "B3", "B2"), ("QA60",)),
-        Sensor("s2_l2a", "s2", "Sentinel-2 MSI L2A (SR)", _s2_bands("L2A"), 5, "COPERNICUS/S2_SR_HARMONIZED", ("B4", "B3", "B2"), ("QA60", "SCL")),
-        Sensor("landsat8_l2", "landsat", "Landsat 8 OLI/TIRS C2 L2", _landsat_oli(), 16, "LANDSAT/LC08/C02/T1_L2", ("SR_B4", "SR_B3", "SR_B2"), ("QA_PIXEL",)),
-        Sensor("landsat9_l2", "landsat", "Landsat 9 OLI-2/TIRS-2 C2 L2", _landsat_oli(), 16, "LANDSAT/LC09/C02/T1_L2", ("SR_B4", "SR_B3", "SR_B2"), ("QA_PIXEL",)),
-        Sensor("landsat7_l2", "landsat", "Landsat 7 ETM+ C2 L2", _landsat_tm_etm(), 16, "LANDSAT/LE07/C02/T1_L2", ("SR_B3", "SR_B2", "SR_B1"), ("QA_PIXEL",)),
-        Sensor("landsat5_l2", "landsat", "Landsat 5 TM C2 L2", _landsat_tm_etm(), 16, "LANDSAT/LT05/C02/T1_L2", ("SR_B3", "SR_B2", "SR_B1"), ("QA_PIXEL",)),
-        Sensor("landsat8_toa", "landsat", "Landsat 8 C2 TOA", _landsat_oli_toa(), 16, "LANDSAT/LC08/C02/T1_TOA", ("B4", "B3", "B2"), ("QA_PIXEL",)),
-        Sensor("landsat9_toa", "landsat", "Landsat 9 C2 TOA", _landsat_oli_toa(), 16, "LANDSAT/LC09/C02/T1_TOA", ("B4", "B3", "B2"), ("QA_PIXEL",)),
+        Sensor(
+            "s2_l1c",
+            "s2",
+            "Sentinel-2 MSI L1C (TOA)",
+            _s2_bands("L1C"),
+            5,
+            "COPERNICUS/S2_HARMONIZED",
+            ("B4", "B3", "B2"),
+            ("QA60",),
+        ),
+        Sensor(
+            "s2_l2a",
+            "s2",
+            "Sentinel-2 MSI L2A (SR)",
+            _s2_bands("L2A"),
+            5,
+            "COPERNICUS/S2_SR_HARMONIZED",
+            ("B4", "B3", "B2"),
+            ("QA60", "SCL"),
+        ),
+        Sensor(
+            "landsat8_l2",
+            "landsat",
+            "Landsat 8 OLI/TIRS C2 L2",
+            _landsat_oli(),
+            16,
+            "LANDSAT/LC08/C02/T1_L2",
+            ("SR_B4", "SR_B3", "SR_B2"),
+            ("QA_PIXEL",),
+        ),
+        Sensor(
+            "landsat9_l2",
+            "landsat",
+            "Landsat 9 OLI-2/TIRS-2 C2 L2",
+            _landsat_oli(),
+            16,
+            "LANDSAT/LC09/C02/T1_L2",
+            ("SR_B4", "SR_B3", "SR_B2"),
+            ("QA_PIXEL",),
+        ),
+        Sensor(
+            "landsat7_l2",
+            "landsat",
+            "Landsat 7 ETM+ C2 L2",
+            _landsat_tm_etm(),
+            16,
+            "LANDSAT/LE07/C02/T1_L2",
+            ("SR_B3", "SR_B2", "SR_B1"),
+            ("QA_PIXEL",),
+        ),
+        Sensor(
+            "landsat5_l2",
+            "landsat",
+            "Landsat 5 TM C2 L2",
+            _landsat_tm_etm(),
+            16,
+            "LANDSAT/LT05/C02/T1_L2",
+            ("SR_B3", "SR_B2", "SR_B1"),
+            ("QA_PIXEL",),
+        ),
+        Sensor(
+            "landsat8_toa",
+            "landsat",
+            "Landsat 8 C2 TOA",
+            _landsat_oli_toa(),
+            16,
+            "LANDSAT/LC08/C02/T1_TOA",
+            ("B4", "B3", "B2"),
+            ("QA_PIXEL",),
+        ),
+        Sensor(
+            "landsat9_toa",
+            "landsat",
+            "Landsat 9 C2 TOA",
+            _landsat_oli_toa(),
+            16,
+            "LANDSAT/LC09/C02/T1_TOA",
+            ("B4", "B3", "B2"),
+            ("QA_PIXEL",),
+        ),
     ]
 }
 

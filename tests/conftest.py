@@ -10,6 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 
+# The ``ee_offline`` fixture for every test that asks for it by name (importing a fixture into a test module
+# and requesting it as an argument reads as a redefinition to linters).
+pytest_plugins = ["tests.sources.ee_offline"]
+
 # Prefect must never touch a user's profile or phone home from tests.
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / "test-home"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

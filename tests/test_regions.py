@@ -147,7 +147,12 @@ def test_resolution_not_positive(tmp_path, value):
 
 def test_patch_size_not_multiple_of_8(tmp_path):
     msg = _error(tmp_path, lambda d: d["patch"].update(size=100))
-    assert "field 'patch.size'" in msg and "not a positive multiple of 8" in msg and "use e.g. 96" in msg and "(got 100)" in msg
+    assert (
+        "field 'patch.size'" in msg
+        and "not a positive multiple of 8" in msg
+        and "use e.g. 96" in msg
+        and "(got 100)" in msg
+    )
 
 
 def test_unknown_sensor(tmp_path):
@@ -218,7 +223,10 @@ def _geo_region(tmp_path: Path, geojson) -> Path:
 
 def test_geojson_geometry_region_grids_like_bbox(tmp_path):
     ring = [[113.6, 34.71], [113.71, 34.71], [113.71, 34.8], [113.6, 34.8], [113.6, 34.71]]
-    fc = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}
+    fc = {
+        "type": "FeatureCollection",
+        "features": [{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}],
+    }
     r = load_region(_geo_region(tmp_path, fc))
     assert r.lonlat_bounds() == (113.6, 34.71, 113.71, 34.8)
     assert r.grid() == load_region("zhengzhou-demo").grid()

@@ -122,7 +122,16 @@ def test_qa_pixel_decoding_matches_hand_computed_bits_on_real_files(real_qa):
         assert qa.dtype == np.uint16
         rows, cols = rng.integers(0, qa.shape[0], 50), rng.integers(0, qa.shape[1], 50)
         words = qa[rows, cols]
-        for bit in (QAPixel.FILL, QAPixel.DILATED_CLOUD, QAPixel.CIRRUS, QAPixel.CLOUD, QAPixel.SHADOW, QAPixel.SNOW, QAPixel.CLEAR, QAPixel.WATER):
+        for bit in (
+            QAPixel.FILL,
+            QAPixel.DILATED_CLOUD,
+            QAPixel.CIRRUS,
+            QAPixel.CLOUD,
+            QAPixel.SHADOW,
+            QAPixel.SNOW,
+            QAPixel.CLEAR,
+            QAPixel.WATER,
+        ):
             expect = [(int(w) >> bit) & 1 == 1 for w in words]  # independent, per-pixel Python ints
             assert QAPixel.bit(words, bit).tolist() == expect, (name, bit)
         for first in (QAPixel.CLOUD_CONF, QAPixel.SHADOW_CONF, QAPixel.SNOW_CONF, QAPixel.CIRRUS_CONF):
@@ -133,7 +142,10 @@ def test_qa_pixel_decoding_matches_hand_computed_bits_on_real_files(real_qa):
 
 def test_real_qa_pixel_statistics_match_the_readme(real_qa):
     # README: 008059 ~81 % cloud, 6 % shadow; 005009 ~55 % cloud and ~40 % snow (Greenland)
-    tropics, greenland = real_qa["LC08_L2SP_008059_20191201_20200825_02_T1"], real_qa["LC08_L2SP_005009_20150710_20200908_02_T2"]
+    tropics, greenland = (
+        real_qa["LC08_L2SP_008059_20191201_20200825_02_T1"],
+        real_qa["LC08_L2SP_005009_20150710_20200908_02_T2"],
+    )
 
     def frac(qa, bit):
         valid = ~QAPixel.bit(qa, QAPixel.FILL)

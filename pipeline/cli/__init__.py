@@ -4,10 +4,14 @@
 """
 
 from pipeline.cli.app import app, main
+
+# Imported for their side effect, in pipeline order: `cloudfree --help` lists commands in registration order.
+# isort: off
 from pipeline.cli import regions  # noqa: F401  (regions, scenes)
 from pipeline.cli import preview  # noqa: F401  (preview)
 from pipeline.cli import dataset  # noqa: F401  (build-dataset)
 from pipeline.cli import train  # noqa: F401  (train, evaluate, export-model)
 from pipeline.cli import reconstruct  # noqa: F401  (reconstruct)
+# isort: on
 
 __all__ = ["app", "main"]

@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.table import Table
 
 from pipeline.cli.app import app, console
-from pipeline.errors import DataError
-from pipeline.masking.config import METHODS
+from pipeline.dataset.config import BuildConfig
 from pipeline.sources.registry import SourceName, SourceSpec
 
 if TYPE_CHECKING:
     from pipeline.dataset.build import BuildReport
 
-# Kept light at import time: `cloudfree --help` and `regions list` must not pay for torch and zarr.
-MASK_METHODS = ("cheapest",) + METHODS
+# Kept light at import time (BuildConfig is pydantic only): `cloudfree --help` and `regions list` must not
+# pay for torch and zarr; the build itself is imported in the command body.
+
+
+def _option(name: str, *flags: str) -> Any:
+    """A ``typer.Option`` whose default and help are the ``BuildConfig`` field's, so each is written once."""
+    f = BuildConfig.model_fields[name]
+    return typer.Option(f.default, *flags, help=f.description)
 
 
 def print_summary(report: BuildReport) -> None:
     """The build summary as rich tables: scenes, splits, rejections, cloud histogram, work done."""
     sim = " [yellow](SIMULATED data)[/]" if report.simulated else ""
-    console.print(f"[bold]{report.region}[/] -> {report.out}{sim}  rule [cyan]{report.rule}[/] on {' + '.join(report.families)}, mask [cyan]{report.mask_method}[/]")
+    console.print(f"[bold]{report.region}[/] -> {report.out}{sim}  rule [cyan]{report.rule}[/] on "
+                  f"{' + '.join(report.families)}, mask [cyan]{report.mask_method}[/]")
     scenes = Table(title="scenes", show_edge=False)
     scenes.add_column("sensor")
     scenes.add_column("found", justify="right")
@@ -31,7 +37,8 @@ def print_summary(report: BuildReport) -> None:
     for s, n in sorted(report.scenes.items()):
         scenes.add_row(s, str(n), str(report.scenes_used.get(s, 0)))
     console.print(scenes)
-    splits = Table(title=f"kept: {report.patches_kept}/{report.patches_total} patches, {report.samples} samples", show_edge=False)
+    kept = f"kept: {report.patches_kept}/{report.patches_total} patches, {report.samples} samples"
+    splits = Table(title=kept, show_edge=False)
     splits.add_column("split")
     splits.add_column("patches", justify="right")
     splits.add_column("samples", justify="right")
@@ -63,22 +70,24 @@ def print_summary(report: BuildReport) -> None:
 @app.command("build-dataset")
 def build_dataset_cmd(
     region: str = typer.Argument(..., help="Region name (regions/NAME.yaml) or path to a region YAML file."),
-    source: SourceName = typer.Option(SourceName.synthetic, "--source", help="Where pixels come from: synthetic (offline simulator), local or earthengine."),
-    out: Path = typer.Option(..., "--out", help="Dataset folder; rerunning into the same folder resumes and repairs it."),
-    max_patches: Optional[int] = typer.Option(None, "--max-patches", min=1, help="Keep at most N patches (dealt round-robin over the splits)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Concurrent writer threads (default: min(4, CPUs))."),
-    mask_method: str = typer.Option(
-        "cheapest", "--mask-method",
-        help=f"Cloud mask: {', '.join(MASK_METHODS)}. 'cheapest' uses Cloud Score+ cs_cdf where the source has it, else 'auto'.",
+    source: SourceName = typer.Option(
+        SourceSpec.model_fields["name"].default, "--source",
+        help="Where pixels come from: synthetic (offline simulator), local or earthengine.",
     ),
+    out: Path = typer.Option(
+        ..., "--out", help="Dataset folder; rerunning into the same folder resumes and repairs it."
+    ),
+    max_patches: Optional[int] = _option("max_patches", "--max-patches"),
+    workers: Optional[int] = _option("workers", "--workers"),
+    mask_method: str = _option("mask_method", "--mask-method"),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of GeoTIFFs for --source local."),
     seed: int = typer.Option(0, "--seed", help="Simulator seed for --source synthetic."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool = _option("progress", "--progress/--no-progress"),
 ) -> None:
     """Select patches, export GeoTIFFs + manifest.parquet, write Zarr cubes and report.md."""
     spec = SourceSpec.parse(source, root, {"seed": seed} if source is SourceName.synthetic else None)
-    from pipeline.dataset.build import build_dataset
+    config = BuildConfig.parse(source=spec, max_patches=max_patches, workers=workers, mask_method=mask_method,
+                               progress=progress)
+    from pipeline.dataset.build import run_build
 
-    report = build_dataset(region, spec.name, out, max_patches=max_patches, workers=workers, mask_method=mask_method,
-                           source_options=spec.kwargs(), progress=progress)
-    print_summary(report)
+    print_summary(run_build(region, out, config))

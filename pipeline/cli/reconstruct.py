@@ -1,65 +1,62 @@
-"""``cloudfree reconstruct``: AOI + date + checkpoint -> cloud-free COG, provenance, STAC Item, quicklook."""
+"""``cloudfree reconstruct``: AOI + date + checkpoint -> cloud-free COG, provenance, STAC Item, quicklook.
+
+The options are the fields of ``pipeline.reconstruct.config.ReconstructConfig``: their defaults, help texts
+and rules live there, and a bad value comes back as one line naming the option (exit code 2).
+"""
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from pipeline.cli.app import app, console, parse_date
+from pipeline.reconstruct.config import AuxDates, Compression, OutType, ReconstructConfig, cli_option
 from pipeline.sources.registry import SourceName, SourceSpec
 
 
-class OutType(str, enum.Enum):
-    float32 = "float32"
-    uint16 = "uint16"
-
-
-class AuxDates(str, enum.Enum):
-    clearest = "clearest"
-    latest = "latest"
-
-
-class Compression(str, enum.Enum):
-    deflate = "deflate"
-    zstd = "zstd"
+def _option(field: str) -> Any:
+    """A typer option of a config field: the config's default and description, spelled ``--field-name``."""
+    info = ReconstructConfig.model_fields[field]
+    return typer.Option(info.default, cli_option(field), help=info.description)
 
 
 @app.command("reconstruct")
 def reconstruct_cmd(
     region: str = typer.Argument(..., help="Region name (regions/NAME.yaml) or path to a region YAML file."),
-    date: List[str] = typer.Option(..., "--date", help="Target date YYYY-MM-DD; repeat for several dates (a VRT stacks them)."),
-    checkpoint: str = typer.Option("composite", "--checkpoint", help="Training run folder (model.pt + model.json) or 'composite' (no training)."),
-    source: SourceName = typer.Option(SourceName.synthetic, "--source", help="Where the input scenes come from."),
+    date: List[str] = typer.Option(
+        ..., "--date", help="Target date YYYY-MM-DD; repeat for several dates (a VRT stacks them)."),
+    checkpoint: str = typer.Option(
+        "composite", "--checkpoint", help="Training run folder (model.pt + model.json) or 'composite' (no training)."),
+    source: SourceName = typer.Option(SourceSpec.model_fields["name"].default, "--source",
+                                      help="Where the input scenes come from."),
     out: Path = typer.Option(Path("out"), "--out", help="Output folder (created if missing)."),
-    keep_clear: bool = typer.Option(False, "--keep-clear", help="Keep observed clear pixels of the target date exactly; feather the seam."),
-    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="Address of a running dask.distributed scheduler, e.g. tcp://10.0.0.5:8786."),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of GeoTIFFs for --source local."),
-    tile: int = typer.Option(256, help="Model tile size in pixels."),
-    overlap: int = typer.Option(64, help="Overlap between tiles in pixels (>= 32 recommended)."),
-    batch_size: int = typer.Option(8, help="Tiles per model forward."),
-    block: int = typer.Option(1024, help="Output block side (multiple of 512); bounds memory."),
-    dtype: OutType = typer.Option(OutType.float32, "--dtype", help="float32 reflectance or uint16 DN (reflectance x 10000, scale 1e-4)."),
-    compress: Compression = typer.Option(Compression.deflate, "--compress", help="COG compression."),
-    mask_method: str = typer.Option("auto", "--mask-method", help="Cloud mask method (auto, s2cloudless, cloudscore, qa60, scl, qa_pixel, spectral)."),
-    sar_max_days: int = typer.Option(6, "--sar-max-days", help="Max days between an optical date and the S1 used with it."),
-    aux_dates: AuxDates = typer.Option(AuxDates.clearest, "--aux-dates", help="Earlier optical dates the model sees: the least cloudy within 30 days before --date, or the latest ones."),
-    device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)."),
+    keep_clear: bool = _option("keep_clear"),
+    dask_address: Optional[str] = _option("dask_address"),
+    tile: int = _option("tile"),
+    overlap: int = _option("overlap"),
+    batch_size: int = _option("batch_size"),
+    block: int = _option("block"),
+    dtype: OutType = _option("dtype"),
+    compress: Compression = _option("compress"),
+    mask_method: str = _option("mask_method"),
+    sar_max_days: int = _option("sar_max_days"),
+    aux_dates: AuxDates = _option("aux_dates"),
+    device: Optional[str] = _option("device"),
 ) -> None:
-    """Reconstruct cloud-free imagery for REGION on --date with a checkpoint; writes COG + provenance + STAC + quicklook."""
-    from pipeline.reconstruct.run import reconstruct_dates
-
-    options = SourceSpec.parse(source, root).kwargs()
+    """Reconstruct cloud-free imagery for REGION on --date with a checkpoint: COG, provenance, STAC Item, quicklook."""
+    config = ReconstructConfig.parse({
+        "source": SourceSpec.parse(source, root), "keep_clear": keep_clear, "dask_address": dask_address, "tile": tile,
+        "overlap": overlap, "batch_size": batch_size, "block": block, "dtype": dtype, "compress": compress,
+        "mask_method": mask_method, "sar_max_days": sar_max_days, "aux_dates": aux_dates, "device": device,
+    }, option=cli_option)
     dates = [parse_date(d) for d in date]
+    from pipeline.reconstruct.run import reconstruct_dates  # torch, rasterio: only once a command runs
+
     with console.status(f"reconstructing {region} on {', '.join(map(str, dates))} ..."):
-        results, vrt = reconstruct_dates(
-            region, dates, checkpoint, source.value, out,
-            keep_clear=keep_clear, tile=tile, overlap=overlap, batch_size=batch_size, block=block,
-            dtype=dtype.value, compress=compress.value, dask_address=dask_address, mask_method=mask_method,
-            sar_max_days=sar_max_days, aux_dates=aux_dates.value, device=device, source_options=options,
-        )
+        results, vrt = reconstruct_dates(region, dates, checkpoint, out, config)
     for r in results:
         resumed = f" (resumed, {r.blocks_computed}/{r.blocks_total} blocks computed)" if r.resumed else ""
         console.print(f"[green]wrote[/] {r.cog}{resumed}")

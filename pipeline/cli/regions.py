@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 import yaml
@@ -72,7 +72,9 @@ def list_cmd() -> None:
 def show_cmd(name: str = typer.Argument(..., help="Region name (regions/NAME.yaml) or path to a YAML file.")) -> None:
     """The validated region (defaults filled in) and its derived grid: CRS, size, patch count."""
     r = load_region(name)
-    dumped = yaml.safe_dump(r.model_dump(mode="json", exclude_none=True), sort_keys=False, default_flow_style=None, width=10_000)
+    dumped = yaml.safe_dump(
+        r.model_dump(mode="json", exclude_none=True), sort_keys=False, default_flow_style=None, width=10_000
+    )
     console.print(dumped.rstrip(), highlight=False, soft_wrap=True)
     g = r.grid()
     size, stride = r.patch.size, r.patch.stride or r.patch.size
@@ -108,9 +110,15 @@ def _parse_date(value: Optional[dt.datetime]) -> Optional[dt.date]:
 def scenes_cmd(
     region: str = typer.Argument(..., help="Region name or YAML path."),
     source: SourceName = typer.Option(SourceName.synthetic, "--source", help="Where scenes come from."),
-    sensor: Optional[Family] = typer.Option(None, "--sensor", help="One sensor family (default: all the region's sensors)."),
-    start: Optional[dt.datetime] = typer.Option(None, "--start", formats=["%Y-%m-%d"], help="First date (default: the region's window start)."),
-    end: Optional[dt.datetime] = typer.Option(None, "--end", formats=["%Y-%m-%d"], help="Last date (default: the region's window end)."),
+    sensor: Optional[Family] = typer.Option(
+        None, "--sensor", help="One sensor family (default: all the region's sensors)."
+    ),
+    start: Optional[dt.datetime] = typer.Option(
+        None, "--start", formats=["%Y-%m-%d"], help="First date (default: the region's window start)."
+    ),
+    end: Optional[dt.datetime] = typer.Option(
+        None, "--end", formats=["%Y-%m-%d"], help="Last date (default: the region's window end)."
+    ),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of GeoTIFFs for --source local."),
 ) -> None:
     """Scenes a source has over REGION in its window: id, time, sensor, cloud %."""

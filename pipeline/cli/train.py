@@ -9,11 +9,12 @@ from __future__ import annotations
 import enum
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from pipeline.cli.app import app, console
+from pipeline.train.config import TrainConfig, train_default
 
 
 class ExportFormat(str, enum.Enum):
@@ -21,28 +22,44 @@ class ExportFormat(str, enum.Enum):
     onnx = "onnx"
 
 
+def _override(name: str, flag: str, help: str | None = None) -> Any:
+    """An option that sets ``TrainConfig.<name>``: help and the shown default come from the field.
+
+    Its own default stays None, meaning "not given": only a given flag overrides the ``--config`` file.
+    """
+    field = TrainConfig.model_fields[name]
+    default = train_default(name)
+    return typer.Option(None, flag, help=help or field.description,
+                        show_default=False if default is None else str(default))
+
+
 @app.command("train")
 def train_cmd(
     data: Path = typer.Option(..., "--data", help="dataset folder written by `cloudfree build-dataset` (holds cubes/)"),
     model: str = typer.Option(..., "--model", help="registry name: unet, crgennet, srggan, cmsn, uncrtaints, cafusion"),
     out: Path = typer.Option(..., "--out", help="run folder: model.pt, model.json, train_state.pt, tb/"),
-    config: str = typer.Option("small", "--config", help="small | paper | a YAML/JSON file of training settings"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="total epochs (a resumed run continues up to this)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="global batch; default: the model's published one"),
+    config: str = typer.Option(train_default("model_params"), "--config",
+                               help="small | paper | a YAML/JSON file of training settings"),
+    epochs: Optional[int] = _override("epochs", "--epochs"),
+    batch_size: Optional[int] = _override("batch_size", "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate; default: the model's published one"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)"),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="max gradient norm"),
-    patience: Optional[int] = typer.Option(None, "--patience", help="early stopping patience (epochs)"),
-    monitor: Optional[str] = typer.Option(None, "--monitor", help="validation metric for the best checkpoint, e.g. cloud_psnr"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per rank"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps-per-epoch", help="cap on steps per epoch"),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="seconds; stop after the epoch that passes it"),
-    vgg_weights: Optional[str] = typer.Option(None, "--vgg-weights", help="torchvision vgg16 state dict for perceptual losses"),
+    seed: Optional[int] = _override("seed", "--seed"),
+    precision: Optional[str] = _override("precision", "--precision"),
+    grad_clip: Optional[float] = _override("grad_clip", "--grad-clip", help="max global gradient norm"),
+    patience: Optional[int] = _override("patience", "--patience", help="early stopping: epochs without improvement"),
+    monitor: Optional[str] = _override("monitor", "--monitor"),
+    workers: Optional[int] = _override("num_workers", "--workers"),
+    max_steps: Optional[int] = _override("max_steps_per_epoch", "--max-steps-per-epoch"),
+    time_limit: Optional[float] = _override("time_limit_s", "--time-limit"),
+    vgg_weights: Optional[str] = _override("vgg_weights", "--vgg-weights"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out exactly where it stopped"),
 ) -> None:
     """Train a model on a dataset's cubes; best checkpoint by a validation metric, TensorBoard logs in OUT/tb."""
-    from pipeline.train.config import OptimConfig, load_train_config
+    import os
+
+    from pydantic import ValidationError
+
+    from pipeline.train.config import OptimConfig, TrainConfigError, load_train_config
     from pipeline.train.loop import train
 
     logging.getLogger("pipeline").setLevel(logging.INFO)
@@ -50,24 +67,29 @@ def train_cmd(
                             grad_clip=grad_clip, patience=patience, monitor=monitor, num_workers=workers,
                             max_steps_per_epoch=max_steps, time_limit_s=time_limit, vgg_weights=vgg_weights)
     if lr is not None:
-        cfg = cfg.model_copy(update={"optimizer": (cfg.optimizer or cfg.defaults().optimizer).model_copy(update={"lr": lr})})
-        OptimConfig.model_validate(cfg.optimizer.model_dump())
+        # --lr changes one field of the file's (or the model's published) optimiser, keeping the others
+        try:
+            optimizer = OptimConfig.model_validate({**cfg.resolved_optimizer().model_dump(), "lr": lr})
+        except ValidationError as exc:
+            raise TrainConfigError(f"--lr {lr}: {exc.errors()[0]['msg']}") from None
+        cfg = cfg.model_copy(update={"optimizer": optimizer})
     result = train(cfg, data, out, resume=resume)
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         best = "-" if result.best_value is None else f"{result.best_value:.4f}"
         console.print(f"trained {model} for {result.epochs_run} epoch(s) in {result.seconds:.0f} s "
-                      f"({result.samples_per_s:.1f} samples/s); best {result.monitor} {best} at epoch {result.best_epoch}"
-                      f"{' (early stop)' if result.stopped_early else ''}; checkpoint {out / 'model.pt'}", highlight=False)
+                      f"({result.samples_per_s:.1f} samples/s); best {result.monitor} {best} "
+                      f"at epoch {result.best_epoch}{' (early stop)' if result.stopped_early else ''}; "
+                      f"checkpoint {out / 'model.pt'}", highlight=False)
 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="run folder of `cloudfree train` (model.pt + model.json)"),
+    checkpoint: Path = typer.Option(..., "--checkpoint",
+                                    help="run folder of `cloudfree train` (model.pt + model.json)"),
     data: Path = typer.Option(..., "--data", help="dataset folder with cubes/"),
     split: str = typer.Option("test", "--split", help="train | val | test"),
-    out: Optional[Path] = typer.Option(None, "--out", help="where metrics.json and metrics.md go (default RUN/eval-SPLIT)"),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help="where metrics.json and metrics.md go (default RUN/eval-SPLIT)"),
     batch_size: int = typer.Option(8, "--batch-size"),
 ) -> None:
     """Metrics on all and cloud-covered pixels, per band group, next to the composite baseline."""

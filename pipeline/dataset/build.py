@@ -1,45 +1,36 @@
 """``build_dataset``: region + source -> masks -> selection -> patch GeoTIFFs + manifest -> cubes -> report.
 
 Each scene is read ONCE over the whole region grid, masked once, and the mask is cached as
-``DATASET/masks/<scene>.tif`` (keyed by mask method and settings), so a rerun never recomputes it. Per-patch
-fractions come from that whole-scene mask by summed-area tables; the patch files are then cut from the
-same in-memory scene when it is still cached, or from one more whole-scene read otherwise. Every stage
-skips work whose output is already on disk and verified (masks by key, patches by sha256, manifest and
-cubes by content hash, report/dataset.json by bytes), so a rerun of a finished build writes nothing.
+``DATASET/masks/<scene>.tif`` (keyed by mask method and settings; see ``scene_masks``), so a rerun never
+recomputes it. Per-patch fractions come from that whole-scene mask by summed-area tables; the patch files
+are then cut from the same in-memory scene when it is still cached, or from one more whole-scene read
+otherwise. Every stage skips work whose output is already on disk and verified (masks by key, patches by
+sha256, manifest and cubes by content hash, report/dataset.json by bytes), so a rerun of a finished build
+writes nothing. The build's options are a ``BuildConfig`` (``pipeline.dataset.config``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
+import contextlib
 import json
 import logging
-import os
-import re
 import tempfile
-import threading
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import rasterio
-from rasterio.errors import RasterioError
 from tqdm.auto import tqdm
 
 from pipeline.dataset import patches as ex
+from pipeline.dataset.config import BuildConfig
 from pipeline.dataset.cubes import build_cubes
-from pipeline import __version__
-from pipeline.errors import DataError, RegionError, SourceError
-from pipeline.files import fingerprint
-from pipeline.grid import Grid
-from pipeline.masking.codes import MaskClass
-from pipeline.masking.scene import METHODS, MaskConfig, mask_scene
-from pipeline.regions import Region, load_region
+from pipeline.dataset.scene_masks import SceneMasks, source_name
 from pipeline.dataset.selection import (
     REASON_MAX_PATCHES,
     REASON_OVERLAP,
@@ -55,20 +46,20 @@ from pipeline.dataset.selection import (
     select_samples,
     uses_sar,
 )
-from pipeline.sensors import S1_BANDS, get_sensor, to_dn
+from pipeline.errors import DataError, RegionError, SourceError
+from pipeline.files import TMP_SUFFIX, fingerprint, remove_stale_temps, write_bytes_atomic
+from pipeline.grid import Grid
+from pipeline.regions import Region, load_region
+from pipeline.sensors import S1_BANDS, get_sensor
 from pipeline.sources.base import Scene, Source
-from pipeline.sources.registry import get_source
+from pipeline.sources.registry import SourceSpec, get_source
 
 log = logging.getLogger(__name__)
 
-SOFTWARE = f"cloudfree {__version__}"
 HIST_BINS = (0.0, 0.05, 0.10, 0.25, 0.50, 0.75, 1.0 + 1e-9)
 SPLIT_NAMES = ("train", "val", "test")
-DEFAULT_CACHE_BYTES = 2 << 30
-MASK_METHODS = ("cheapest",) + tuple(METHODS)  # scenes kept in memory between masking and export (first run only)
-
-# Extra bands a non-default mask method needs beside the reflectance bands.
-_METHOD_BANDS = {"cloudscore": ("cs_cdf",), "qa60": ("QA60",), "scl": ("SCL",), "qa_pixel": ("QA_PIXEL",), "spectral": ()}
+NORMALIZATION = ("optical: reflectance clipped to [0, 1] (S2 DN / 10000); "
+                 "S1 dB clipped to [-25, 0] VV, [-32.5, 0] VH -> [0, 1]")
 
 
 @dataclass
@@ -112,8 +103,8 @@ class BuildReport:
             f"# Dataset report: {self.region}",
             "",
             f"- source: `{self.source}`{' (SIMULATED data, synthetic archive)' if self.simulated else ''}",
-            f"- selection rule: `{self.rule}` on {' + '.join(self.families)} (other sensors are searched and counted only); "
-            f"mask method: `{self.mask_method}`",
+            (f"- selection rule: `{self.rule}` on {' + '.join(self.families)} "
+             f"(other sensors are searched and counted only); mask method: `{self.mask_method}`"),
             f"- patches on the grid: {self.patches_total}; kept: {self.patches_kept}; samples: {self.samples}",
             f"- largest reference cloud+shadow fraction: {self.max_reference_cover * 100:.2f} %",
             f"- manifest sha256: `{self.manifest_sha256}`",
@@ -135,10 +126,12 @@ class BuildReport:
         lines += ["", "## Candidate dates rejected (patch x date), by reason", ""]
         if self.rejected_candidates:
             lines += ["| reason | candidates |", "|---|---:|"]
-            lines += [f"| {r} | {n} |" for r, n in sorted(self.rejected_candidates.items(), key=lambda kv: (-kv[1], kv[0]))]
+            by_count = sorted(self.rejected_candidates.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines += [f"| {r} | {n} |" for r, n in by_count]
         else:
             lines.append("none")
-        lines += ["", "## Cloud+shadow cover of optical patch-dates", "", "```", *histogram_lines(self.cloud_histogram), "```", ""]
+        lines += ["", "## Cloud+shadow cover of optical patch-dates", ""]
+        lines += ["```", *histogram_lines(self.cloud_histogram), "```", ""]
         return "\n".join(lines)
 
 
@@ -161,318 +154,139 @@ def prepare_out(out: str | Path) -> Path:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-", suffix=ex.TMP_SUFFIX):
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-", suffix=TMP_SUFFIX):
             pass
     except OSError as exc:
-        raise DataError(f"{out}: cannot write the output folder ({exc.strerror or exc}); choose a writable --out") from None
+        raise DataError(f"{out}: cannot write the output folder ({exc.strerror or exc}); "
+                        "choose a writable --out") from None
     return out
 
 
-def _safe_name(scene_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", scene_id)
+# --- the steps of a build ----------------------------------------------------------------------------
 
 
-def resolve_method(method: str, bands: Sequence[str]) -> str:
-    """``cheapest``: Cloud Score+ when the scene carries ``cs_cdf`` (a lookup, ~0.05 s per 1 Mpx scene),
-    otherwise ``mask_scene``'s ``auto`` (QA_PIXEL for Landsat, s2cloudless for L1C bands: ~50 s per
-    1 Mpx scene on 2 cores). Any other name is passed to ``mask_scene`` as is."""
-    if method != "cheapest":
-        return method
-    return "cloudscore" if "cs_cdf" in bands else "auto"
+@dataclass
+class _Found:
+    """What the search found: the scenes of every searched sensor and the patches of the region grid."""
+
+    source_name: str
+    families: list[str]  # the sensor families the rule uses, optical first; other sensors are counted only
+    scenes_by_family: dict[str, list[Scene]]
+    grid: Grid
+    offsets: list[PatchOffset]
+
+    @property
+    def scenes(self) -> list[Scene]:
+        """The scenes to mask: those of the families the rule uses."""
+        return [s for f in self.families for s in self.scenes_by_family[f]]
+
+    @property
+    def offset_of(self) -> dict[str, PatchOffset]:
+        return {o.patch_id: o for o in self.offsets}
 
 
-# --- scenes: read once, mask once, cache -------------------------------------------------------------
+@dataclass
+class _Picked:
+    """The samples kept after selection, the split cut and the ``max_patches`` cap."""
+
+    rule: str
+    samples: list[Sample]
+    split_of: dict[str, str]  # kept patch -> split
+    rejected: Counter  # reason -> patches
+    rejected_candidates: Counter  # reason -> (patch, date) candidates
 
 
-class _SceneCache:
-    """Scene arrays kept between masking and export, up to a byte budget (first come, first kept)."""
+@dataclass
+class _Written:
+    """What the export, manifest and cube steps wrote."""
 
-    def __init__(self, budget: int) -> None:
-        self.budget, self.used, self.items = budget, 0, {}
-        self.lock = threading.Lock()
-
-    def put(self, scene_id: str, arrays: ex.SceneArrays) -> None:
-        size = arrays.data.nbytes + (arrays.mask.nbytes if arrays.mask is not None else 0)
-        with self.lock:
-            if self.used + size <= self.budget:
-                self.items[scene_id] = arrays
-                self.used += size
-
-    def pop(self, scene_id: str) -> ex.SceneArrays | None:
-        with self.lock:
-            a = self.items.pop(scene_id, None)
-            if a is not None:
-                self.used -= a.data.nbytes + (a.mask.nbytes if a.mask is not None else 0)
-            return a
+    files: int
+    exported: ex.ExportResult
+    manifest: pd.DataFrame
+    manifest_sha: str
+    cubes_written: list[str] = field(default_factory=list)
 
 
-class _Scenes:
-    """Reads, masks and caches the scenes of one build on the region grid."""
-
-    def __init__(self, source: Source, source_key: str, grid: Grid, out: Path, mask_method: str, mask_config: MaskConfig,
-                 simulated_default: bool, cache_bytes: int) -> None:
-        self.source, self.source_key, self.grid, self.out = source, source_key, grid, out
-        self.method, self.config = mask_method, mask_config
-        self.simulated_default = simulated_default
-        self.cache = _SceneCache(cache_bytes)
-        self.by_id: dict[str, Scene] = {}
-        self.masks: dict[str, np.ndarray] = {}
-        self.mask_methods: dict[str, str] = {}
-        self.computed = 0
-        self.cached = 0
-        self._lock = threading.Lock()  # scans run on two threads
-
-    def mask_key(self, scene: Scene) -> str:
-        method = "sar-valid" if scene.family == "s1" else self.method
-        cfg = None if scene.family == "s1" else self.config.model_dump()
-        return fingerprint({"v": 1, "source": self.source_key, "scene": scene.id, "sensor": scene.sensor, "method": method, "config": cfg, "grid": self.grid.to_dict()})
-
-    def mask_path(self, scene: Scene) -> Path:
-        return self.out / "masks" / f"{_safe_name(scene.id)}.tif"
-
-    def _load_cached_mask(self, scene: Scene) -> tuple[np.ndarray, str] | None:
-        path = self.mask_path(scene)
-        if not path.exists():
-            return None
-        try:
-            with rasterio.open(path) as src:
-                tags = src.tags()
-                if tags.get("cloudfree_mask_key") != self.mask_key(scene) or (src.height, src.width) != self.grid.shape:
-                    log.info("%s: mask cache is for other settings; recomputing", path)
-                    return None
-                return src.read(1), tags.get("mask_method", self.method)
-        except RasterioError as exc:
-            log.warning("%s: unreadable mask cache (%s); recomputing it", path, exc)
-            return None
-
-    def bands_to_read(self, scene: Scene) -> list[str] | None:
-        sensor = get_sensor(scene.sensor)
-        if scene.family == "s1":
-            return list(S1_BANDS)
-        if self.method in ("cheapest", "auto", "s2cloudless"):
-            return None  # every band: the method is chosen from the evidence present
-        extra = [b for b in _METHOD_BANDS[self.method] if b in sensor.band_names]
-        return list(sensor.reflectance_bands) + [b for b in extra if b not in sensor.reflectance_bands]
-
-    def read(self, scene: Scene) -> tuple[ex.SceneArrays, Any, np.ndarray]:
-        """(arrays to cut patches from, the raw raster for masking, where any band is NaN)."""
-        try:
-            raster = self.source.read(scene, self.grid, self.bands_to_read(scene))
-        except SourceError as exc:
-            raise SourceError(f"scene {scene.id}: {exc}") from None
-        if tuple(raster.shape[-2:]) != self.grid.shape:
-            raise DataError(f"scene {scene.id}: source returned shape {tuple(raster.shape[-2:])}, expected the region grid {self.grid.shape}")
-        raster = raster.load()
-        sensor = get_sensor(scene.sensor)
-        simulated = bool(raster.attrs.get("simulated", scene.properties.get("simulated", self.simulated_default)))
-        names = [str(b) for b in raster["band"].values]
-        tags = {
-            "scene_id": scene.id,
-            "sensor": scene.sensor,
-            "datetime": scene.datetime.astimezone(dt.timezone.utc).isoformat(),
-            "simulated": str(simulated),
-            "software": SOFTWARE,
-        }
-        if scene.family == "s1":
-            missing = [b for b in S1_BANDS if b not in names]
-            if missing:
-                raise DataError(f"scene {scene.id}: S1 raster lacks band(s) {missing}; the source must provide VV and VH")
-            data = np.stack([raster.sel(band=b).values.astype(np.float32) for b in S1_BANDS])
-            arrays = ex.SceneArrays(data, S1_BANDS, self.grid, None, {**tags, "units": "dB"}, nodata=float("nan"))
-            return arrays, raster, np.isnan(data).any(axis=0)
-        bands = tuple(sensor.reflectance_bands)
-        missing = [b for b in bands if b not in names]
-        if missing:
-            raise DataError(f"scene {scene.id}: raster lacks optical band(s) {missing} of {scene.sensor}; the source must provide them")
-        values = np.stack([raster.sel(band=b).values for b in bands])
-        data = np.stack([to_dn(sensor, b, v) for b, v in zip(bands, values)])
-        nan = np.isnan(values).any(axis=0)
-        data[:, nan] = 0  # DN 0 is the optical nodata; the mask says NODATA there
-        scales = tuple(sensor.band(b).scale for b in bands)
-        offsets = tuple(sensor.band(b).offset for b in bands)
-        arrays = ex.SceneArrays(data, bands, self.grid, None, {**tags, "mask_codes": _MASK_CODES}, scales=scales, offsets=offsets)
-        return arrays, raster, nan
-
-    def scan(self, scene: Scene) -> np.ndarray:
-        """The scene's MaskClass mask on the region grid: from the cache, or read + mask + cache it."""
-        with self._lock:
-            self.by_id[scene.id] = scene
-        hit = self._load_cached_mask(scene)
-        if hit is not None:
-            with self._lock:
-                self.cached += 1
-                self.masks[scene.id], self.mask_methods[scene.id] = hit
-            return hit[0]
-        arrays, raster, nan = self.read(scene)
-        if scene.family == "s1":
-            mask = np.where(nan, MaskClass.NODATA, MaskClass.CLEAR).astype(np.uint8)
-            method = "sar-valid"
-        else:
-            method = resolve_method(self.method, [str(b) for b in raster["band"].values])
-            try:
-                m = mask_scene(raster, scene, self.config, method=method)
-            except DataError as exc:
-                raise DataError(f"scene {scene.id} ({scene.sensor}): {exc}") from None
-            mask = np.asarray(m.values, dtype=np.uint8)
-            mask[nan] = MaskClass.NODATA
-            method = str(m.attrs.get("mask_method", self.method))
-            arrays.mask = mask
-            arrays.tags["mask_method"] = method
-        ex.write_geotiff(
-            self.mask_path(scene), mask[None], self.grid, ["mask"],
-            tags={"cloudfree_mask_key": self.mask_key(scene), "mask_method": method, "scene_id": scene.id, "mask_codes": _MASK_CODES},
-        )
-        with self._lock:
-            self.computed += 1
-            self.masks[scene.id], self.mask_methods[scene.id] = mask, method
-        self.cache.put(scene.id, arrays)
-        return mask
-
-    def load_for_export(self, scene_id: str) -> ex.SceneArrays:
-        arrays = self.cache.pop(scene_id)
-        if arrays is None:
-            arrays, _, _ = self.read(self.by_id[scene_id])
-        if self.by_id[scene_id].family != "s1":
-            arrays.mask = self.masks[scene_id]
-            arrays.tags["mask_method"] = self.mask_methods[scene_id]
-        return arrays
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], step: str) -> Iterator[None]:
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[step] = time.perf_counter() - t
 
 
-_MASK_CODES = "last band cloud_mask: 0 clear, 1 cloud, 2 shadow, 3 nodata, 4 thin cloud, 5 snow"
+def _open_source(config: BuildConfig, source: Source | None) -> tuple[Source, str]:
+    """(the source to read, the name the build records): ``source`` when given, else the config's."""
+    if source is not None:
+        return source, source_name(source)
+    # source_name, not str(): a default SourceSpec keeps its name as the enum member
+    name = source_name(config.source.name)
+    return get_source(name, **config.source.kwargs()), name
 
 
-# --- the build ---------------------------------------------------------------------------------------
-
-
-def _search(source: Source, region: Region, families: Sequence[str]) -> dict[str, list[Scene]]:
+def _search(source: Source, name: str, region: Region) -> _Found:
+    """Every sensor's scenes in the region's window; a clear error when a needed family has none."""
     found = {}
-    for fam in families:
+    for fam in region.sensors:
         scenes = source.search(region, region.window.start, region.window.end, fam)
         found[fam] = sorted(scenes, key=lambda s: (s.datetime, s.id))
-    return found
-
-
-def _manifest(samples: Sequence[Sample], split_of: dict[str, str], table: pd.DataFrame, offsets: dict[str, PatchOffset],
-              grid: Grid, paths: dict[tuple[str, str], str], shas: dict[str, str], simulated: dict[str, bool]) -> pd.DataFrame:
-    fr = table.set_index(["patch_id", "scene_id"])
-    rows = []
-    for s in samples:
-        o = offsets[s.patch_id]
-        pg = grid.window(o.row, o.col, o.size, o.size)
-        for m in s.members:
-            f = fr.loc[(s.patch_id, m.scene_id)]
-            rel = paths[(s.patch_id, m.scene_id)]
-            rows.append(
-                {
-                    "sample_id": s.sample_id,
-                    "patch_id": s.patch_id,
-                    "split": split_of[s.patch_id],
-                    "role": m.role,
-                    "sensor": m.sensor,
-                    "scene_id": m.scene_id,
-                    "datetime": m.datetime,
-                    "crs": grid.crs,
-                    "bounds": list(pg.bounds),
-                    "cloud_fraction": float(f["cloud_fraction"]),
-                    "shadow_fraction": float(f["shadow_fraction"]),
-                    "valid_fraction": float(f["valid_fraction"]),
-                    "path": rel,
-                    "sha256": shas[rel],
-                    "simulated": simulated[m.scene_id],
-                }
-            )
-    return pd.DataFrame(rows, columns=ex.MANIFEST_COLUMNS)
-
-
-def build_dataset(
-    region: Region | str | Path,
-    source: Source | str = "synthetic",
-    out: str | Path = "data/dataset",
-    *,
-    max_patches: int | None = None,
-    workers: int | None = None,
-    mask_method: str = "cheapest",
-    mask_config: MaskConfig | None = None,
-    source_options: dict[str, Any] | None = None,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
-    progress: bool = True,
-) -> BuildReport:
-    """Build (or resume, or verify) the dataset of ``region`` in ``out``; see the module docstring.
-
-    Raises ``SourceError`` when a needed sensor has no scenes, ``SelectionError`` (naming each rule's
-    rejection counts) when no patch passes, ``DataError`` for unreadable inputs or an unwritable ``out``.
-    """
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
-    if max_patches is not None and max_patches < 1:
-        raise DataError(f"--max-patches must be at least 1 (got {max_patches})")
-    workers = workers or min(4, os.cpu_count() or 1)
-    if mask_method not in MASK_METHODS:
-        raise DataError(f"unknown mask method {mask_method!r}; use one of: {', '.join(MASK_METHODS)}")
-    reg = region if isinstance(region, Region) else load_region(region)
-    out = prepare_out(out)
-    ex.remove_stale_temps(out)
-    src = source if not isinstance(source, str) else get_source(source, **(source_options or {}))
-    source_name = source if isinstance(source, str) else getattr(source, "name", type(source).__name__)
-
-    fam = optical_family(reg)
-    sar_on = uses_sar(reg)
-    needed = [fam] + (["s1"] if sar_on else [])
-    found = _search(src, reg, reg.sensors)
+    needed = [optical_family(region)] + (["s1"] if uses_sar(region) else [])
     for f in needed:
         if not found.get(f):
             raise SourceError(
-                f"no {f} scenes found for region {reg.name} between {reg.window.start} and {reg.window.end} in source "
-                f"{source_name!r}; widen the region's window, check the bbox, or use another --source"
+                f"no {f} scenes found for region {region.name} between {region.window.start} and {region.window.end} "
+                f"in source {name!r}; widen the region's window, check the bbox, or use another --source"
             )
-    grid = reg.grid()
-    offsets = patch_offsets(reg)
+    grid = region.grid()
+    offsets = patch_offsets(region)
     if not offsets:
-        raise RegionError(f"region {reg.name}: its grid ({grid.width}x{grid.height} px) is smaller than one patch of {reg.patch.size} px; enlarge the bbox or shrink patch.size")
-    scenes = [s for f in needed for s in found[f]]
-    simulated_default = source_name == "synthetic"
-    seconds["search"] = time.perf_counter() - t0
+        raise RegionError(f"region {region.name}: its grid ({grid.width}x{grid.height} px) is smaller than one "
+                          f"patch of {region.patch.size} px; enlarge the bbox or shrink patch.size")
+    return _Found(name, needed, found, grid, offsets)
 
-    # 1. masks + per-patch fractions, each scene read once over the whole grid
-    t = time.perf_counter()
-    # Synthetic scene ids repeat across seeds, so cached masks and patches are keyed by the source too.
-    source_key = fingerprint({"source": source_name, "seed": getattr(src, "seed", None), "root": str(getattr(src, "root", "")),
-                       "version": getattr(src, "version", None)})
-    sc = _Scenes(src, source_key, grid, out, mask_method, mask_config or MaskConfig(), simulated_default, cache_bytes)
-    bar = tqdm(total=len(scenes), desc="mask scenes", unit="scene", disable=not progress, leave=False)
+
+def _scan_masks(masks: SceneMasks, found: _Found, config: BuildConfig) -> pd.DataFrame:
+    """Mask every scene the rule uses (each read once over the whole grid) -> the per-patch fraction table."""
+    bar = tqdm(total=len(found.scenes), desc="mask scenes", unit="scene", disable=not config.progress, leave=False)
 
     def scan(scene: Scene) -> pd.DataFrame:
-        mask = sc.scan(scene)
+        mask = masks.scan(scene)
         bar.update()
-        return fraction_rows(mask, offsets, family=scene.family, sensor=scene.sensor, scene_id=scene.id, datetime=scene.datetime)
+        return fraction_rows(mask, found.offsets, family=scene.family, sensor=scene.sensor, scene_id=scene.id,
+                             datetime=scene.datetime)
 
     # Masking is CPU-heavy numpy/LightGBM that releases the GIL; two scenes at a time bound the memory.
-    with bar, ThreadPoolExecutor(max(1, min(workers, 2))) as pool:
-        parts = list(pool.map(scan, scenes))
-    table = dedupe_dates(pd.concat(parts, ignore_index=True))
-    seconds["mask"] = time.perf_counter() - t
+    with bar, ThreadPoolExecutor(max(1, min(config.worker_count, 2))) as pool:
+        parts = list(pool.map(scan, found.scenes))
+    return dedupe_dates(pd.concat(parts, ignore_index=True))
 
-    # 2. selection, splits, cap
-    t = time.perf_counter()
-    sel = select_samples(table, reg, [o.patch_id for o in offsets])
+
+def _select(table: pd.DataFrame, region: Region, found: _Found, max_patches: int | None) -> _Picked:
+    """The selection rule's samples, split by spatial blocks (overlaps across splits dropped), then capped."""
+    sel = select_samples(table, region, [o.patch_id for o in found.offsets])
     rejected = Counter(sel.rejected_patches)
     if not sel.samples:
         raise SelectionError(
-            f"no patch of region {reg.name} passes the {sel.rule} rule ({len(offsets)} patches, {len(scenes)} scenes): {sel.explain()}; "
-            "relax the region's selection settings or widen its window"
+            f"no patch of region {region.name} passes the {sel.rule} rule ({len(found.offsets)} patches, "
+            f"{len(found.scenes)} scenes): {sel.explain()}; relax the region's selection settings or widen its window"
         )
-    by_id = {o.patch_id: o for o in offsets}
-    split_of, dropped = assign_splits([by_id[p] for p in sel.patch_ids], reg.splits, reg.patch.stride or reg.patch.size)
+    offset_of = found.offset_of
+    stride = region.patch.stride or region.patch.size
+    split_of, dropped = assign_splits([offset_of[p] for p in sel.patch_ids], region.splits, stride)
     if dropped:
         rejected[REASON_OVERLAP] += len(dropped)
     split_of, capped = cap_patches(split_of, max_patches)
     if capped:
         rejected[REASON_MAX_PATCHES] += len(capped)
     samples = [s for s in sel.samples if s.patch_id in split_of]
-    seconds["select"] = time.perf_counter() - t
+    return _Picked(sel.rule, samples, split_of, rejected, sel.rejected_candidates)
 
-    # 3. patch files
-    t = time.perf_counter()
+
+def _patch_files(samples: Sequence[Sample], found: _Found,
+                 masks: SceneMasks) -> tuple[dict[tuple[str, str], str], list[ex.PatchFile]]:
+    """((patch, scene) -> file path, the files to export in path order), each keyed by all it depends on."""
+    offset_of = found.offset_of
     paths: dict[tuple[str, str], str] = {}
     files: dict[str, ex.PatchFile] = {}
     for s in samples:
@@ -481,74 +295,168 @@ def build_dataset(
             paths[(s.patch_id, m.scene_id)] = rel
             if rel in files:
                 continue
-            o = by_id[s.patch_id]
-            scene = sc.by_id[m.scene_id]
-            sensor = get_sensor(scene.sensor)
-            bands = S1_BANDS if scene.family == "s1" else sensor.reflectance_bands
-            key = fingerprint({"v": ex.FORMAT_VERSION, "source": source_key, "scene": scene.id, "sensor": scene.sensor, "datetime": scene.datetime,
-                        "window": [o.row, o.col, o.size], "grid": grid.to_dict(), "bands": bands,
-                        "mask": sc.mask_key(scene) if scene.family != "s1" else None})
+            o = offset_of[s.patch_id]
+            scene = masks.by_id[m.scene_id]
+            sar = scene.family == "s1"
+            bands = S1_BANDS if sar else get_sensor(scene.sensor).reflectance_bands
+            key = fingerprint({"v": ex.FORMAT_VERSION, "source": masks.source_key, "scene": scene.id,
+                               "sensor": scene.sensor, "datetime": scene.datetime, "window": [o.row, o.col, o.size],
+                               "grid": found.grid.to_dict(), "bands": bands,
+                               "mask": None if sar else masks.mask_key(scene)})
             files[rel] = ex.PatchFile(rel, scene.id, o.row, o.col, o.size, key)
-    result = ex.export_patches(out, sorted(files.values(), key=lambda f: f.rel_path), sc.load_for_export, workers=workers, progress=progress)
-    seconds["export"] = time.perf_counter() - t
+    return paths, sorted(files.values(), key=lambda f: f.rel_path)
 
-    # 4. manifest
-    t = time.perf_counter()
-    simulated = {sid: bool(s.properties.get("simulated", simulated_default)) for sid, s in sc.by_id.items()}
-    manifest = _manifest(samples, split_of, table, by_id, grid, paths, result.sha256, simulated)
-    manifest_sha = ex.write_manifest(manifest, out / ex.MANIFEST_NAME)
-    is_sim = bool(manifest["simulated"].any())
-    seconds["manifest"] = time.perf_counter() - t
 
-    # 5. cubes
-    t = time.perf_counter()
-    before = {p: (p / "zarr.json").stat().st_mtime_ns for p in (out / "cubes").glob("*.zarr") if (p / "zarr.json").exists()}
-    cube_attrs = {"region": reg.name, "rule": sel.rule, "manifest_sha256": manifest_sha, "simulated": is_sim, "source": source_name}
-    cubes = build_cubes(out, cube_attrs, workers=workers, progress=progress)
-    written_cubes = [s for s, p in cubes.items() if before.get(p) != (p / "zarr.json").stat().st_mtime_ns]
-    seconds["cubes"] = time.perf_counter() - t
+def _manifest(picked: _Picked, table: pd.DataFrame, found: _Found, paths: dict[tuple[str, str], str],
+              shas: dict[str, str], masks: SceneMasks) -> pd.DataFrame:
+    """One row per (sample, member): where its file is, its split and role, and its patch's fractions."""
+    fr = table.set_index(["patch_id", "scene_id"])
+    offset_of = found.offset_of
+    rows = []
+    for s in picked.samples:
+        o = offset_of[s.patch_id]
+        pg = found.grid.window(o.row, o.col, o.size, o.size)
+        for m in s.members:
+            f = fr.loc[(s.patch_id, m.scene_id)]
+            rel = paths[(s.patch_id, m.scene_id)]
+            rows.append(
+                {
+                    "sample_id": s.sample_id,
+                    "patch_id": s.patch_id,
+                    "split": picked.split_of[s.patch_id],
+                    "role": m.role,
+                    "sensor": m.sensor,
+                    "scene_id": m.scene_id,
+                    "datetime": m.datetime,
+                    "crs": found.grid.crs,
+                    "bounds": list(pg.bounds),
+                    "cloud_fraction": float(f["cloud_fraction"]),
+                    "shadow_fraction": float(f["shadow_fraction"]),
+                    "valid_fraction": float(f["valid_fraction"]),
+                    "path": rel,
+                    "sha256": shas[rel],
+                    "simulated": masks.is_simulated(masks.by_id[m.scene_id]),
+                }
+            )
+    return pd.DataFrame(rows, columns=ex.MANIFEST_COLUMNS)
 
-    # 6. dataset.json + report
-    t = time.perf_counter()
-    opt_rows = table[table["family"] == fam]
+
+def _write_cubes(out: Path, attrs: dict[str, Any], config: BuildConfig) -> list[str]:
+    """Build the split cubes; the splits whose cube was rewritten (an unchanged manifest rewrites none)."""
+    before = {p: (p / "zarr.json").stat().st_mtime_ns for p in (out / "cubes").glob("*.zarr")
+              if (p / "zarr.json").exists()}
+    cubes = build_cubes(out, attrs, workers=config.worker_count, progress=config.progress)
+    return [s for s, p in cubes.items() if before.get(p) != (p / "zarr.json").stat().st_mtime_ns]
+
+
+def _report(region: Region, out: Path, found: _Found, masks: SceneMasks, table: pd.DataFrame, picked: _Picked,
+            written: _Written) -> BuildReport:
+    """The report of what was found, kept, rejected and written (no timings: ``report.md`` is deterministic)."""
+    manifest = written.manifest
+    opt_rows = table[table["family"] == found.families[0]]
     ref_rows = manifest[manifest["role"] == "target"]
     used = manifest.drop_duplicates("scene_id")["sensor"].value_counts().to_dict()
-    report = BuildReport(
-        region=reg.name, source=source_name, out=out, rule=sel.rule,
-        mask_method=", ".join(sorted(set(sc.mask_methods[s.id] for s in scenes if s.family != "s1"))) or mask_method,
-        simulated=is_sim, families=needed,
-        scenes=dict(Counter(s.sensor for f in reg.sensors for s in found.get(f, []))),
+    methods = sorted({masks.mask_methods[s.id] for s in found.scenes if s.family != "s1"})
+    split_samples = manifest.drop_duplicates("sample_id")["split"].value_counts().items()
+    return BuildReport(
+        region=region.name, source=found.source_name, out=out, rule=picked.rule,
+        mask_method=", ".join(methods) or masks.method,
+        simulated=bool(manifest["simulated"].any()), families=found.families,
+        scenes=dict(Counter(s.sensor for f in region.sensors for s in found.scenes_by_family.get(f, []))),
         scenes_used={k: int(v) for k, v in used.items()},
-        patches_total=len(offsets), patches_kept=len(split_of), samples=len(samples),
-        rejected=dict(rejected), rejected_candidates=dict(sel.rejected_candidates),
-        split_patches=dict(Counter(split_of.values())),
-        split_samples={k: int(v) for k, v in manifest.drop_duplicates("sample_id")["split"].value_counts().items()},
+        patches_total=len(found.offsets), patches_kept=len(picked.split_of), samples=len(picked.samples),
+        rejected=dict(picked.rejected), rejected_candidates=dict(picked.rejected_candidates),
+        split_patches=dict(Counter(picked.split_of.values())),
+        split_samples={k: int(v) for k, v in split_samples},
         cloud_histogram=cloud_histogram((opt_rows["cloud_fraction"] + opt_rows["shadow_fraction"]).to_numpy()),
         max_reference_cover=float((ref_rows["cloud_fraction"] + ref_rows["shadow_fraction"]).max()),
-        files=len(files), files_written=result.written, files_skipped=result.skipped, files_repaired=result.repaired,
-        masks_computed=sc.computed, masks_cached=sc.cached, cubes_written=written_cubes, manifest_sha256=manifest_sha,
+        files=written.files, files_written=written.exported.written, files_skipped=written.exported.skipped,
+        files_repaired=written.exported.repaired, masks_computed=masks.computed, masks_cached=masks.cached,
+        cubes_written=written.cubes_written, manifest_sha256=written.manifest_sha,
     )
-    first = samples[0]
-    info = {
-        "region": reg.name,
-        "source": source_name,
-        "simulated": is_sim,
-        "rule": reg.selection.model_dump(mode="json"),
-        "sensors": {"optical": fam, "optical_sensors": sorted({m.sensor for s in samples for m in s.optical}),
+
+
+def _dataset_info(region: Region, found: _Found, picked: _Picked, report: BuildReport) -> dict[str, Any]:
+    """``dataset.json``: what a training run needs to know about the dataset (deterministic: no timings)."""
+    fam = found.families[0]
+    sar_on = "s1" in found.families
+    first = picked.samples[0]
+    return {
+        "region": region.name,
+        "source": found.source_name,
+        "simulated": report.simulated,
+        "rule": region.selection.model_dump(mode="json"),
+        "sensors": {"optical": fam, "optical_sensors": sorted({m.sensor for s in picked.samples for m in s.optical}),
                     "sar": "s1" if sar_on else None},
-        "bands": {fam: list(get_sensor(first.optical[0].sensor).reflectance_bands), "s1": list(S1_BANDS) if sar_on else []},
+        "bands": {fam: list(get_sensor(first.optical[0].sensor).reflectance_bands),
+                  "s1": list(S1_BANDS) if sar_on else []},
         "dates_per_sample": len(first.optical),
-        "patch": {"size": reg.patch.size, "stride": reg.patch.stride or reg.patch.size},
-        "grid": grid.to_dict(),
+        "patch": {"size": region.patch.size, "stride": region.patch.stride or region.patch.size},
+        "grid": found.grid.to_dict(),
         "mask_method": report.mask_method,
         "counts": {"samples": report.samples, "patches": report.patches_kept, "files": report.files,
                    "split_samples": report.split_samples, "split_patches": report.split_patches},
-        "manifest_sha256": manifest_sha,
-        "normalization": "optical: reflectance clipped to [0, 1] (S2 DN / 10000); S1 dB clipped to [-25, 0] VV, [-32.5, 0] VH -> [0, 1]",
+        "manifest_sha256": report.manifest_sha256,
+        "normalization": NORMALIZATION,
     }
-    ex.write_bytes_atomic(out / "dataset.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
-    ex.write_bytes_atomic(out / "report.md", report.to_markdown().encode())
-    seconds["report"] = time.perf_counter() - t
+
+
+# --- the build ---------------------------------------------------------------------------------------
+
+
+def run_build(region: Region | str | Path, out: str | Path, config: BuildConfig,
+              source: Source | None = None) -> BuildReport:
+    """Build (or resume, or verify) the dataset of ``region`` in ``out``; see the module docstring.
+
+    ``source`` is an already-built source (a custom archive, a test double) used instead of
+    ``config.source``. Raises ``SourceError`` when a needed sensor has no scenes, ``SelectionError``
+    (naming each rule's rejection counts) when no patch passes, ``DataError`` for unreadable inputs or an
+    unwritable ``out``.
+    """
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "search"):
+        reg = region if isinstance(region, Region) else load_region(region)
+        out = prepare_out(out)
+        remove_stale_temps(out)
+        src, name = _open_source(config, source)
+        found = _search(src, name, reg)
+    with _timed(seconds, "mask"):
+        masks = SceneMasks(src, found.source_name, found.grid, out, config.mask_method, config.mask_config,
+                           cache_bytes=config.cache_bytes)
+        table = _scan_masks(masks, found, config)
+    with _timed(seconds, "select"):
+        picked = _select(table, reg, found, config.max_patches)
+    with _timed(seconds, "export"):
+        paths, files = _patch_files(picked.samples, found, masks)
+        exported = ex.export_patches(out, files, masks.load_for_export, workers=config.worker_count,
+                                     progress=config.progress)
+    with _timed(seconds, "manifest"):
+        manifest = _manifest(picked, table, found, paths, exported.sha256, masks)
+        written = _Written(len(files), exported, manifest, ex.write_manifest(manifest, out / ex.MANIFEST_NAME))
+    with _timed(seconds, "cubes"):
+        attrs = {"region": reg.name, "rule": picked.rule, "manifest_sha256": written.manifest_sha,
+                 "simulated": bool(manifest["simulated"].any()), "source": found.source_name}
+        written.cubes_written = _write_cubes(out, attrs, config)
+    with _timed(seconds, "report"):
+        report = _report(reg, out, found, masks, table, picked, written)
+        info = _dataset_info(reg, found, picked, report)
+        write_bytes_atomic(out / "dataset.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+        write_bytes_atomic(out / "report.md", report.to_markdown().encode())
     report.seconds = seconds
-    log.info("built %s: %d samples, %d files written, %d skipped in %.1f s", out, report.samples, result.written, result.skipped, report.elapsed)
+    log.info("built %s: %d samples, %d files written, %d skipped in %.1f s", out, report.samples, exported.written,
+             exported.skipped, report.elapsed)
     return report
+
+
+def build_dataset(region: Region | str | Path, source: Source | str, out: str | Path, *,
+                  source_options: dict[str, Any] | None = None, **options: Any) -> BuildReport:
+    """Keyword form of ``run_build``: ``source`` is a registry name (with ``source_options``) or a built
+    ``Source``; ``options`` are ``BuildConfig`` fields (``max_patches``, ``workers``, ``mask_method``,
+    ``mask_config``, ``cache_bytes``, ``progress``). A bad option is one ``DataError`` line."""
+    if isinstance(source, str):
+        config = BuildConfig.parse(source=SourceSpec.parse(source, None, source_options), **options)
+        return run_build(region, out, config)
+    if source_options:
+        raise DataError(f"source_options only apply to a source given by name, not to the built source "
+                        f"{source_name(source)!r}; pass its options to its constructor")
+    return run_build(region, out, BuildConfig.parse(**options), source=source)

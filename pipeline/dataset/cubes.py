@@ -37,8 +37,10 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
+from pipeline.dataset.patches import read_manifest
 from pipeline.errors import DataError
-from pipeline.dataset.patches import MASK_BAND, GeoTiff, read_geotiff, read_manifest, remove_stale_temps
+from pipeline.files import remove_stale_temps
+from pipeline.geotiff import MASK_BAND, GeoTiff, read_geotiff
 from pipeline.masking.codes import to_cube_codes
 from pipeline.normalize import optical_to_unit, s2_dn_to_unit, sar_to_unit
 from pipeline.sensors import S1_BANDS, get_sensor
@@ -269,7 +271,7 @@ def open_cube(dataset_dir: str | Path, split: str) -> xr.Dataset:
 
 
 class CubeDataset(torch.utils.data.Dataset):
-    """Raw samples of one split, normalized per DESIGN.md; dates oldest first, the LAST the reference.
+    """Raw samples of one split, normalized per docs/architecture.md; dates oldest first, the LAST the reference.
 
     Yields ``<family>`` (D, C, H, W) float32 in [0, 1] (``s2``: DN / 10000; ``landsat``: C2 scale/offset,
     clipped), ``<family>_mask`` (D, H, W) uint8 cube codes, ``<family>_bands``, ``s1`` (D, 2, H, W) float32

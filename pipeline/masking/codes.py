@@ -1,6 +1,6 @@
 """Mask class codes shared by masking, the sources' truth, cubes and inference.
 
-The cube contract (DESIGN.md) stores the first four codes (0 clear, 1 cloud, 2 shadow, 3 nodata);
+The cube contract (docs/architecture.md) stores the first four codes (0 clear, 1 cloud, 2 shadow, 3 nodata);
 ``to_cube_codes`` folds the finer classes into them (thin cloud -> cloud, snow/water -> clear).
 """
 

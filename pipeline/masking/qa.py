@@ -58,7 +58,11 @@ def decode_qa60(qa60: np.ndarray, date: dt.date | None, *, strict: bool = True) 
     q, nan = _as_int(qa60)
     return _compose(
         q.shape,
-        [(((q >> 11) & 1) == 1, MaskClass.THIN_CLOUD), (((q >> 10) & 1) == 1, MaskClass.CLOUD), (nan, MaskClass.NODATA)],
+        [
+            (((q >> 11) & 1) == 1, MaskClass.THIN_CLOUD),
+            (((q >> 10) & 1) == 1, MaskClass.CLOUD),
+            (nan, MaskClass.NODATA),
+        ],
     )
 
 

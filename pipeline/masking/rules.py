@@ -150,7 +150,9 @@ def _shift(a: np.ndarray, dr: int, dc: int, fill: int | bool = 0) -> np.ndarray:
     h, w = a.shape
     if abs(dr) >= h or abs(dc) >= w:
         return out
-    out[max(0, dr) : h - max(0, -dr), max(0, dc) : w - max(0, -dc)] = a[max(0, -dr) : h - max(0, dr), max(0, -dc) : w - max(0, dc)]
+    out[max(0, dr) : h - max(0, -dr), max(0, dc) : w - max(0, -dc)] = a[
+        max(0, -dr) : h - max(0, dr), max(0, -dc) : w - max(0, dc)
+    ]
     return out
 
 
@@ -159,7 +161,12 @@ def _offset(d: float, east: float, north: float, a: float, e: float) -> tuple[in
 
 
 def matched_shadow_zone(
-    cloud: np.ndarray, dark: np.ndarray, transform: tuple[float, ...], sun_azimuth: float, sun_elevation: float, cfg: MaskConfig
+    cloud: np.ndarray,
+    dark: np.ndarray,
+    transform: tuple[float, ...],
+    sun_azimuth: float,
+    sun_elevation: float,
+    cfg: MaskConfig,
 ) -> np.ndarray:
     """Each cloud object projected at the one height (of the scanned range) where its shadow is darkest.
 

@@ -32,12 +32,17 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from pipeline.errors import DataError, SourceError
 from pipeline.masking import qa as mask_qa
 from pipeline.masking import rules as mask_rules
-from pipeline.errors import DataError, SourceError
-from pipeline.masking.config import METHODS, MaskConfig
-from pipeline.masking.cloud_probability import S2CLOUDLESS_BANDS, detector, mask_from_probability, s2cloudless_probability
+from pipeline.masking.cloud_probability import (
+    S2CLOUDLESS_BANDS,
+    detector,
+    mask_from_probability,
+    s2cloudless_probability,
+)
 from pipeline.masking.codes import MaskClass
+from pipeline.masking.config import METHODS, MaskConfig
 from pipeline.sensors import SENSORS, get_sensor
 
 log = logging.getLogger(__name__)
@@ -169,12 +174,15 @@ def _require(method: str, bands: _Bands) -> None:
             return
         missing = bands.missing(*S2CLOUDLESS_BANDS)
         raise DataError(
-            f"mask method 's2cloudless' needs bands {', '.join(S2CLOUDLESS_BANDS)} (L1C; missing: {', '.join(missing)}) "
+            f"mask method 's2cloudless' needs bands {', '.join(S2CLOUDLESS_BANDS)} (L1C; missing: "
+            f"{', '.join(missing)}) "
             f"or a CLOUD_PROB band; {_INSTEAD}"
         )
     missing = bands.missing(*_NEEDS[method])
     if missing:
-        raise DataError(f"mask method {method!r} needs band(s) {', '.join(missing)} missing from the raster; {_INSTEAD}")
+        raise DataError(
+            f"mask method {method!r} needs band(s) {', '.join(missing)} missing from the raster; {_INSTEAD}"
+        )
 
 
 def _nodata(bands: _Bands, used: list[str]) -> np.ndarray:
@@ -186,7 +194,9 @@ def _nodata(bands: _Bands, used: list[str]) -> np.ndarray:
     return out
 
 
-def _evidence(method: str, bands: _Bands, date: dt.date | None, cfg: MaskConfig, pixel_m: float) -> tuple[np.ndarray, list[str]]:
+def _evidence(
+    method: str, bands: _Bands, date: dt.date | None, cfg: MaskConfig, pixel_m: float
+) -> tuple[np.ndarray, list[str]]:
     """The method's own codes and the bands it read."""
     shape = bands.raster.shape[-2:]
     if method == "qa_pixel":
@@ -212,8 +222,8 @@ def _evidence(method: str, bands: _Bands, date: dt.date | None, cfg: MaskConfig,
         codes[cloud] = MaskClass.CLOUD
         return codes, used
     if method == "spectral":
-        arrays = [np.nan_to_num(bands.get(b), nan=0.0) for b in SPECTRAL]
-        codes[mask_rules.spectral_cloud(*arrays, pixel_m, cfg)] = MaskClass.CLOUD
+        blue, green, red, nir, swir1, swir2 = (np.nan_to_num(bands.get(b), nan=0.0) for b in SPECTRAL)
+        codes[mask_rules.spectral_cloud(blue, green, red, nir, swir1, swir2, pixel_m, cfg)] = MaskClass.CLOUD
         return codes, list(SPECTRAL)
     raise AssertionError(method)
 
@@ -246,7 +256,9 @@ def _add_cirrus_snow_shadow(
     # Cloud Score+ scores shadows low as well; a dark low-score pixel is a shadow, not a cloud.
     cloud = flagged & ~dark if method == "cloudscore" else codes == MaskClass.CLOUD
     if az is None or el is None:
-        log.info("mask %s: sun angles unknown, shadows = dark pixels within %.0f m of clouds", method, cfg.shadow_search_m)
+        log.info(
+            "mask %s: sun angles unknown, shadows = dark pixels within %.0f m of clouds", method, cfg.shadow_search_m
+        )
     shadow = mask_rules.cloud_shadow(cloud, dark, transform, az, el, cfg)
     target = (codes == MaskClass.CLEAR) | (flagged & dark & ~cloud)
     codes[shadow & target] = MaskClass.SHADOW
@@ -267,7 +279,10 @@ def mask_scene(
     """
     cfg = config or MaskConfig()
     if tuple(raster.dims) != ("band", "y", "x"):
-        raise DataError(f"mask_scene needs a raster with dims (band, y, x), got {tuple(raster.dims)}; use raster.transpose('band', 'y', 'x')")
+        raise DataError(
+            f"mask_scene needs a raster with dims (band, y, x), got {tuple(raster.dims)}; use raster.transpose('band', "
+            "'y', 'x')"
+        )
     sensor_key = scene.sensor if scene is not None else raster.attrs.get("sensor")
     bands = _Bands(raster, sensor_key)
     date = _scene_date(raster, scene)
@@ -284,7 +299,11 @@ def mask_scene(
     log.debug("mask %s via %s: %s", raster.attrs.get("scene_id", "?"), chosen, mask_fractions(codes))
 
     coords = {k: raster.coords[k] for k in ("y", "x") if k in raster.coords}
-    attrs = {k: raster.attrs[k] for k in ("crs", "transform", "scene_id", "sensor", "datetime", "simulated") if k in raster.attrs}
+    attrs = {
+        k: raster.attrs[k]
+        for k in ("crs", "transform", "scene_id", "sensor", "datetime", "simulated")
+        if k in raster.attrs
+    }
     attrs["mask_method"] = chosen
     attrs["mask_codes"] = ", ".join(f"{c.value} {c.name.lower()}" for c in MaskClass)
     return xr.DataArray(codes, dims=("y", "x"), coords=coords, attrs=attrs, name="mask")

@@ -59,7 +59,8 @@ class RasterSpec:
             raise ValueError(f"{len(self.descriptions)} descriptions for {len(self.bands)} bands")
 
     @classmethod
-    def reflectance(cls, bands: Sequence[str], dtype: str = "float32", tags: dict[str, str] | None = None) -> "RasterSpec":
+    def reflectance(cls, bands: Sequence[str], dtype: str = "float32",
+                    tags: dict[str, str] | None = None) -> "RasterSpec":
         """Optical reflectance as float32 (NaN nodata) or uint16 DN = reflectance x 10000 (0 nodata)."""
         if dtype == "uint16":
             return cls(tuple(bands), "uint16", 0, UINT16_DN_SCALE, 0.0, tags=dict(tags or {}))
@@ -84,7 +85,8 @@ class RasterSpec:
             tuple(f"{b}_std" for b in bands),
             "float32",
             float("nan"),
-            tags={**(tags or {}), "UNCERTAINTY": "predictive standard deviation per band, reflectance units (sqrt of the model's variance)"},
+            tags={**(tags or {}), "UNCERTAINTY": "predictive standard deviation per band, reflectance units "
+                  "(sqrt of the model's variance)"},
         )
 
     def encode(self, values: np.ndarray) -> np.ndarray:
@@ -149,7 +151,8 @@ class BlockWriter:
     the intermediate so a finished block is on disk before the caller records it as done.
     """
 
-    def __init__(self, path: str | Path, grid: Grid, spec: RasterSpec, *, compress: str = "deflate", resume: bool = False) -> None:
+    def __init__(self, path: str | Path, grid: Grid, spec: RasterSpec, *, compress: str = "deflate",
+                 resume: bool = False) -> None:
         if compress.lower() not in _COMPRESSIONS:
             raise ValueError(f"compress {compress!r} is not supported; use one of {_COMPRESSIONS}")
         self.path = Path(path)
@@ -159,7 +162,8 @@ class BlockWriter:
         self.partial = self.path.with_name(f".{self.path.name}.partial.tif")
         if resume and self.partial.exists():
             with rasterio.open(self.partial) as ds:
-                if (ds.width, ds.height, ds.count, ds.dtypes[0]) != (grid.width, grid.height, len(spec.bands), spec.dtype):
+                expected = (grid.width, grid.height, len(spec.bands), spec.dtype)
+                if (ds.width, ds.height, ds.count, ds.dtypes[0]) != expected:
                     resume = False
         if not (resume and self.partial.exists()):
             self._create()
@@ -264,7 +268,8 @@ def validate_cog(path: str | Path, *, raise_on_error: bool = True) -> COGReport:
         if ds.driver != "GTiff":
             problems.append(f"driver is {ds.driver}, not GTiff")
         if layout != "COG":
-            problems.append(f"IMAGE_STRUCTURE LAYOUT is {layout!r}, not 'COG' (file not written by the COG driver or edited afterwards)")
+            problems.append(f"IMAGE_STRUCTURE LAYOUT is {layout!r}, not 'COG' "
+                            "(file not written by the COG driver or edited afterwards)")
         compression = struct.get("COMPRESSION")
         if compression not in ("DEFLATE", "ZSTD"):
             problems.append(f"compression is {compression!r}, not DEFLATE or ZSTD")
@@ -282,13 +287,15 @@ def validate_cog(path: str | Path, *, raise_on_error: bool = True) -> COGReport:
             problems.append(f"band descriptions missing: {descriptions}")
         if ds.crs is None:
             problems.append("no CRS")
-        report = COGReport(path, layout, compression, blocks, overviews, descriptions, ds.crs.to_string() if ds.crs else None, problems)
+        crs = ds.crs.to_string() if ds.crs else None
+        report = COGReport(path, layout, compression, blocks, overviews, descriptions, crs, problems)
     if problems and raise_on_error:
         raise DataError(f"{path}: not a valid COG: " + "; ".join(problems))
     return report
 
 
-def build_vrt(sources: Sequence[str | Path], dst: str | Path, *, separate: bool = False, labels: Sequence[str] | None = None) -> Path:
+def build_vrt(sources: Sequence[str | Path], dst: str | Path, *, separate: bool = False,
+              labels: Sequence[str] | None = None) -> Path:
     """A GDAL VRT over ``sources`` (all on the same CRS and pixel size): a mosaic of pieces, or with
     ``separate=True`` a band stack (e.g. one output per date, bands labelled ``label band``).
 
@@ -313,14 +320,16 @@ def build_vrt(sources: Sequence[str | Path], dst: str | Path, *, separate: bool 
     width, height = int(round((right - left) / res0[0])), int(round((top - bottom) / res0[1]))
     root = ET.Element("VRTDataset", rasterXSize=str(width), rasterYSize=str(height))
     ET.SubElement(root, "SRS", dataAxisToSRSAxisMapping="1,2").text = crs0.to_wkt()
-    ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in (left, res0[0], 0.0, top, 0.0, -res0[1]))
+    geo_transform = (left, res0[0], 0.0, top, 0.0, -res0[1])
+    ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in geo_transform)
     gdal_type = {"float32": "Float32", "uint16": "UInt16", "uint8": "Byte"}[dtype0]
 
     def add_band(n: int, description: str, nodata: Any, scale: float, offset: float) -> ET.Element:
         band = ET.SubElement(root, "VRTRasterBand", dataType=gdal_type, band=str(n))
         ET.SubElement(band, "Description").text = description
         if nodata is not None:
-            ET.SubElement(band, "NoDataValue").text = "nan" if isinstance(nodata, float) and np.isnan(nodata) else repr(nodata)
+            is_nan = isinstance(nodata, float) and np.isnan(nodata)
+            ET.SubElement(band, "NoDataValue").text = "nan" if is_nan else repr(nodata)
         if scale != 1.0 or offset != 0.0:
             ET.SubElement(band, "Offset").text = repr(offset)
             ET.SubElement(band, "Scale").text = repr(scale)
@@ -328,7 +337,8 @@ def build_vrt(sources: Sequence[str | Path], dst: str | Path, *, separate: bool 
 
     def add_source(band: ET.Element, path: Path, src_band: int, prof: dict, bounds: Any) -> None:
         src = ET.SubElement(band, "ComplexSource")
-        ET.SubElement(src, "SourceFilename", relativeToVRT="1").text = os.path.relpath(path.resolve(), dst.resolve().parent)
+        relative = os.path.relpath(path.resolve(), dst.resolve().parent)
+        ET.SubElement(src, "SourceFilename", relativeToVRT="1").text = relative
         ET.SubElement(src, "SourceBand").text = str(src_band)
         w, h = prof["width"], prof["height"]
         ET.SubElement(src, "SrcRect", xOff="0", yOff="0", xSize=str(w), ySize=str(h))

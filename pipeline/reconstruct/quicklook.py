@@ -24,7 +24,8 @@ def _rgb_stack(da: xr.DataArray | np.ndarray, bands: Sequence[str]) -> np.ndarra
         names = [str(b) for b in da.band.values]
         missing = [b for b in bands if b not in names]
         if missing:
-            raise DataError(f"quicklook bands {missing} are not in the raster (it has {', '.join(names)}); pass bands=...")
+            raise DataError(
+                f"quicklook bands {missing} are not in the raster (it has {', '.join(names)}); pass bands=...")
         arr = np.stack([np.asarray(da.sel(band=b).values, dtype=np.float32) for b in bands], axis=-1)
     else:
         arr = np.asarray(da, dtype=np.float32)

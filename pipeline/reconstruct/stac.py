@@ -56,7 +56,8 @@ def _densified(grid: Grid, n: int = 8) -> dict[str, Any]:
     for i in range(n):
         pts.append((left, top - (top - bottom) * i / n))
     pts.append(pts[0])
-    geom = transform_geom(CRS.from_user_input(grid.crs), "EPSG:4326", {"type": "Polygon", "coordinates": [pts]}, precision=7)
+    geom = transform_geom(CRS.from_user_input(grid.crs), "EPSG:4326", {"type": "Polygon", "coordinates": [pts]},
+                          precision=7)
     return {"type": "Polygon", "coordinates": [[list(p) for p in geom["coordinates"][0]]]}
 
 
@@ -81,7 +82,8 @@ def _eo_bands(band_names: Sequence[str], sensor_key: str | None) -> list[Band]:
 
 
 # Common names the eo extension's schema allows (others would fail its enum).
-_EO_COMMON = {"coastal", "blue", "green", "red", "rededge", "yellow", "pan", "nir", "nir08", "nir09", "cirrus", "swir16", "swir22", "lwir", "lwir11", "lwir12"}
+_EO_COMMON = {"coastal", "blue", "green", "red", "rededge", "yellow", "pan", "nir", "nir08", "nir09", "cirrus",
+              "swir16", "swir22", "lwir", "lwir11", "lwir12"}
 
 
 def build_item(
@@ -106,8 +108,10 @@ def build_item(
     props["simulated"] = bool(simulated)
     if input_dates:
         dates = sorted(set(input_dates) | {target_date})
-        props["start_datetime"] = dt.datetime.combine(dates[0], dt.time(), tzinfo=dt.timezone.utc).isoformat().replace("+00:00", "Z")
-        props["end_datetime"] = dt.datetime.combine(dates[-1], dt.time(23, 59, 59), tzinfo=dt.timezone.utc).isoformat().replace("+00:00", "Z")
+        start = dt.datetime.combine(dates[0], dt.time(), tzinfo=dt.timezone.utc)
+        end = dt.datetime.combine(dates[-1], dt.time(23, 59, 59), tzinfo=dt.timezone.utc)
+        props["start_datetime"] = start.isoformat().replace("+00:00", "Z")
+        props["end_datetime"] = end.isoformat().replace("+00:00", "Z")
     item = pystac.Item(item_id, geometry, bbox, when, props)
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     crs = CRS.from_user_input(grid.crs)
@@ -130,15 +134,18 @@ def build_item(
     if assets.provenance:
         item.add_asset(
             "provenance",
-            pystac.Asset(href(assets.provenance), title="Provenance: 0 observed clear, 1 reconstructed, 255 nodata", media_type=COG_MEDIA_TYPE, roles=["metadata"]),
+            pystac.Asset(href(assets.provenance), title="Provenance: 0 observed clear, 1 reconstructed, 255 nodata",
+                         media_type=COG_MEDIA_TYPE, roles=["metadata"]),
         )
     if assets.uncertainty:
         item.add_asset(
             "uncertainty",
-            pystac.Asset(href(assets.uncertainty), title="Predictive standard deviation per band", media_type=COG_MEDIA_TYPE, roles=["metadata"]),
+            pystac.Asset(href(assets.uncertainty), title="Predictive standard deviation per band",
+                         media_type=COG_MEDIA_TYPE, roles=["metadata"]),
         )
     if assets.quicklook:
-        item.add_asset("overview", pystac.Asset(href(assets.quicklook), title="Quicklook: input | output", media_type=pystac.MediaType.PNG, roles=["overview", "visual"]))
+        item.add_asset("overview", pystac.Asset(href(assets.quicklook), title="Quicklook: input | output",
+                                                media_type=pystac.MediaType.PNG, roles=["overview", "visual"]))
     for key, p in assets.extra.items():
         item.add_asset(key, pystac.Asset(href(p), roles=["metadata"]))
     return item
@@ -186,7 +193,8 @@ def validate_item(item: pystac.Item | dict, *, remote: bool = False) -> Validati
             v.validate_extension(d, pystac.STACObjectType.ITEM, version, uri)
             exts[uri] = "valid"
         except GetSchemaError as exc:
-            exts[uri] = f"not checked: schema not available offline ({type(exc.__cause__).__name__}); set {SCHEMA_DIR_ENV}"
+            cause = type(exc.__cause__).__name__
+            exts[uri] = f"not checked: schema not available offline ({cause}); set {SCHEMA_DIR_ENV}"
             log.warning("STAC extension schema %s not validated: %s", uri, exc)
         finally:
             pystac_log.setLevel(level)

@@ -16,51 +16,22 @@ client writes them, producing the same file as one process.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from pipeline.reconstruct.cog import PROVENANCE_NODATA, PROVENANCE_OBSERVED, PROVENANCE_RECONSTRUCTED, BlockWriter
+from pipeline.reconstruct.config import ReconstructConfig
 
 log = logging.getLogger(__name__)
-
-
-MIN_OVERLAP = 32
-
-
-@dataclass(frozen=True)
-class StitchConfig:
-    tile: int = 256
-    overlap: int = 64
-    batch_size: int = 8
-    block: int = 1024  # output block side in pixels; a multiple of the 512-px COG tile
-    floor: float = 1e-3  # minimum blending weight, so tile edges still count where nothing else covers
-    keep_clear: bool = False
-    feather: int = 16  # px over which a --keep-clear seam is blended on the reconstructed side
-    bf16: bool = True  # autocast to bfloat16 on CUDA
-
-    def __post_init__(self) -> None:
-        if self.tile <= 0 or self.tile % 8:
-            raise ValueError(f"tile {self.tile} must be a positive multiple of 8")
-        if not MIN_OVERLAP <= self.overlap < self.tile:
-            raise ValueError(f"overlap {self.overlap} must be in [{MIN_OVERLAP}, tile={self.tile}): narrower overlaps leave visible tile seams")
-        if self.block <= 0 or self.block % 512:
-            raise ValueError(f"block {self.block} must be a positive multiple of 512 (the COG tile)")
-        if self.batch_size < 1 or self.feather < 0 or not 0 < self.floor < 1:
-            raise ValueError("batch_size >= 1, feather >= 0 and 0 < floor < 1 are required")
-
-    @property
-    def stride(self) -> int:
-        return self.tile - self.overlap
 
 
 def hann_weights(tile: int, floor: float = 1e-3) -> np.ndarray:
@@ -109,7 +80,7 @@ def _edges(length: int, block: int) -> list[int]:
 def plan_blocks(height: int, width: int, block: int) -> list[Block]:
     """Output blocks row-major; starts on multiples of ``block`` (so of the 512-px COG tile)."""
     rows, cols = _edges(height, block), _edges(width, block)
-    out = []
+    out: list[Block] = []
     for r0, r1 in zip(rows[:-1], rows[1:]):
         for c0, c1 in zip(cols[:-1], cols[1:]):
             out.append(Block(len(out), r0, r1, c0, c1))
@@ -169,7 +140,7 @@ class TorchPredictor:
         return mean, var
 
 
-def pad_index(n: int, before: int, after: int, mode: str) -> np.ndarray:
+def pad_index(n: int, before: int, after: int, mode: Literal["reflect", "edge"]) -> np.ndarray:
     """Source index of every position of an axis of length ``n`` padded by ``np.pad(mode=...)``.
 
     Padding is a per-axis remapping of indices, so gathering tiles through these indices gives exactly
@@ -199,7 +170,8 @@ def assemble_batch(arrays: Mapping[str, np.ndarray], row_index: np.ndarray, col_
     return batch
 
 
-def compute_block(block: Block, height: int, width: int, loader: Loader, predictor: Predictor, cfg: StitchConfig) -> BlockResult:
+def compute_block(block: Block, height: int, width: int, loader: Loader, predictor: Predictor,
+                  cfg: ReconstructConfig) -> BlockResult:
     """Predict one output block from the lattice tiles that touch it (plus the feather margin)."""
     f = cfg.feather if cfg.keep_clear else 0
     # The compute region extends the block by the feather width so the keep-clear blend sees its neighbours.
@@ -211,7 +183,7 @@ def compute_block(block: Block, height: int, width: int, loader: Loader, predict
     j0, j1 = int(cols[0]), int(cols[-1]) + cfg.tile
     a0, a1, b0, b1 = max(0, i0), min(height, i1), max(0, j0), min(width, j1)
     inputs = loader(a0, a1, b0, b1)
-    mode = "reflect" if min(a1 - a0, b1 - b0) > 1 else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if min(a1 - a0, b1 - b0) > 1 else "edge"
     row_index = pad_index(a1 - a0, a0 - i0, i1 - a1, mode)  # input window padded to the tiles' extent
     col_index = pad_index(b1 - b0, b0 - j0, j1 - b1, mode)
 
@@ -343,12 +315,14 @@ class Progress:
         self.path.unlink(missing_ok=True)
 
 
-def _run_local(todo: Sequence[Block], height: int, width: int, loader: Loader, predictor: Predictor, cfg: StitchConfig) -> Iterable[BlockResult]:
+def _run_local(todo: Sequence[Block], height: int, width: int, loader: Loader, predictor: Predictor,
+               cfg: ReconstructConfig) -> Iterable[BlockResult]:
     for b in todo:
         yield compute_block(b, height, width, loader, predictor, cfg)
 
 
-def _run_dask(todo: Sequence[Block], height: int, width: int, loader: Loader, predictor: Predictor, cfg: StitchConfig, client: Any, max_in_flight: int) -> Iterable[BlockResult]:
+def _run_dask(todo: Sequence[Block], height: int, width: int, loader: Loader, predictor: Predictor,
+              cfg: ReconstructConfig, client: Any, max_in_flight: int) -> Iterable[BlockResult]:
     from uuid import uuid4
 
     from distributed import as_completed
@@ -361,7 +335,8 @@ def _run_dask(todo: Sequence[Block], height: int, width: int, loader: Loader, pr
     pending = list(todo)
 
     def submit(b: Block) -> Any:
-        return client.submit(compute_block, b, height, width, loader_f, predictor_f, cfg, key=f"cloudfree-block-{run}-{b.key}", pure=False)
+        return client.submit(compute_block, b, height, width, loader_f, predictor_f, cfg,
+                             key=f"cloudfree-block-{run}-{b.key}", pure=False)
 
     # at most ``max_in_flight`` blocks exist at once, so memory stays bounded on client and workers
     ac = as_completed([submit(pending.pop(0)) for _ in range(min(max_in_flight, len(pending)))])
@@ -378,7 +353,7 @@ def run_blocks(
     width: int,
     loader: Loader,
     predictor: Predictor,
-    cfg: StitchConfig,
+    cfg: ReconstructConfig,
     outputs: Outputs,
     progress: Progress,
     *,

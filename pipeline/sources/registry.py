@@ -30,7 +30,9 @@ SOURCE_NAMES = tuple(s.value for s in SourceName)
 def root_problem(name: str, root: Any) -> str | None:
     """The local-root rule, written once: ``local`` needs a folder, the other sources take none."""
     if name == SourceName.local.value and root is None:
-        return "--source local needs --root DIR, the folder with your GeoTIFFs (in a flow: source_options {'root': DIR})"
+        return (
+            "--source local needs --root DIR, the folder with your GeoTIFFs (in a flow: source_options {'root': DIR})"
+        )
     if name != SourceName.local.value and root is not None:
         return f"--root only applies to --source local, not {name}; drop it (in a flow: drop source_options 'root')"
     return None
@@ -39,11 +41,20 @@ def root_problem(name: str, root: Any) -> str | None:
 class SourceSpec(BaseModel):
     """Where pixels come from: the source name and its keyword arguments."""
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+    model_config = ConfigDict(extra="forbid", use_enum_values=True, validate_default=True)
 
-    name: SourceName = Field(SourceName.synthetic, description="synthetic (offline simulator with truth), local (a folder of GeoTIFFs) or earthengine.")
+    name: SourceName = Field(
+        SourceName.synthetic,
+        description="synthetic (offline simulator with truth), local (a folder of GeoTIFFs) or earthengine.",
+    )
     root: Path | None = Field(None, description="Folder of GeoTIFFs; required for local, refused for the others.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Other keyword arguments of the source, e.g. {'seed': 3} for synthetic, {'project': 'my-gcp-project'} for earthengine.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Other keyword arguments of the source, e.g. {'seed': 3} for synthetic, {'project': 'my-gcp-project'} for "
+            "earthengine."
+        ),
+    )
 
     @model_validator(mode="after")
     def _root_rule(self) -> "SourceSpec":
@@ -53,8 +64,13 @@ class SourceSpec(BaseModel):
         return self
 
     @classmethod
-    def parse(cls, name: str | SourceName, root: Path | str | None = None, options: dict[str, Any] | None = None) -> "SourceSpec":
-        """A spec from CLI options or flow parameters (``options`` may carry ``root``); one ``SourceError`` line when invalid."""
+    def parse(
+        cls, name: str | SourceName, root: Path | str | None = None, options: dict[str, Any] | None = None
+    ) -> "SourceSpec":
+        """A spec from CLI options or flow parameters (``options`` may carry ``root``).
+
+        Invalid input raises one ``SourceError`` line.
+        """
         options = dict(options or {})
         if root is None and "root" in options:
             root = options.pop("root")

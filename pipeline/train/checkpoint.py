@@ -14,13 +14,10 @@ or mismatched file is a ``CheckpointError`` naming the file and the fix, never a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from models.base import CloudRemovalModel
 from models.spec import InputSpec
 from pipeline import __version__
 from pipeline.errors import CheckpointError
@@ -111,7 +109,7 @@ def meta_spec(meta: Mapping[str, Any]) -> InputSpec:
     return InputSpec.from_dict(meta["spec"])
 
 
-def build_from_meta(meta: Mapping[str, Any], where: Path) -> torch.nn.Module:
+def build_from_meta(meta: Mapping[str, Any], where: Path) -> CloudRemovalModel:
     from models.errors import ModelError
     from models.registry import build_model
 
@@ -140,7 +138,7 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], wher
     unwrap(model).load_state_dict(state, strict=True)
 
 
-def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[CloudRemovalModel, dict]:
     """Rebuild the model of a training run from ``model.json`` and load ``model.pt``; returns ``(model.eval(), meta)``."""
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
@@ -168,6 +166,7 @@ def check_spec_matches(meta: Mapping[str, Any], model: str, spec: InputSpec, whe
 
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # legacy=True (the default) gives the MT19937 tuple
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

@@ -3,6 +3,9 @@
 ``cloudfree train --config small|paper|FILE``: ``small``/``paper`` pick the registry's architecture preset;
 FILE is a YAML or JSON mapping of ``TrainConfig`` fields (``model_params`` holds architecture / loss
 overrides on top of ``base: small|paper``). Command-line flags override the file.
+
+This module stays free of torch: ``cloudfree train`` and the flow parameters read their defaults from
+``TrainConfig`` at import time, and the CLI must start fast.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.train.samples import AugmentConfig
 from pipeline.errors import CloudfreeError
 
 
@@ -22,30 +24,55 @@ class TrainConfigError(CloudfreeError):
     """A training config file or field is invalid."""
 
 
-class OptimConfig(BaseModel):
+class AugmentConfig(BaseModel):
+    """How training samples are perturbed; evaluation uses the same cloud model with a fixed seed, no flips."""
+
     model_config = ConfigDict(extra="forbid")
-    name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
+
+    flips: bool = Field(True, description="random horizontal/vertical flips (training only)")
+    rot90: bool = Field(True, description="random 90-degree rotations (training only; 180 only for non-square patches)")
+    cloud_source: Literal["mixed", "real", "simulated"] = Field(
+        "mixed", description="where pasted cloud masks come from: other dates of the sample, a random field, or either")
+    cover_min: float = Field(0.15, ge=0.0, le=1.0, description="smallest simulated cloud cover fraction")
+    cover_max: float = Field(0.7, ge=0.0, le=1.0, description="largest simulated cloud cover fraction")
+    thin_prob: float = Field(0.25, ge=0.0, le=1.0, description="chance that a pasted cloud is thin (max opacity < 1)")
+    shadow: bool = Field(True, description="add a darkened, displaced cloud shadow")
+    crop: int | None = Field(
+        None, ge=8, description="random square crop of this side (training only; validation sees whole patches)")
+    input_cloud_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="chance per clear input date to get synthetic clouds "
+                                         "(models without the target date; training only)")
+
+
+class OptimConfig(BaseModel):
+    """Optimiser of the generator (and, for GAN models, of the discriminator)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["adam", "adamw", "sgd"] = Field("adam", description="adam, adamw or sgd (sgd: momentum = betas[0])")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW betas; SGD uses the first as momentum")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay (decoupled for adamw)")
     d_lr: float | None = Field(None, description="discriminator learning rate (GAN models); defaults to lr")
 
 
 class SchedulerConfig(BaseModel):
+    """Learning-rate schedule, stepped once per epoch."""
+
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["plateau", "cosine", "none"] = "plateau"
+    kind: Literal["plateau", "cosine", "none"] = Field(
+        "plateau", description="plateau: ReduceLROnPlateau on the monitored metric; cosine: annealing over all epochs")
     factor: float = Field(0.1, gt=0, lt=1, description="ReduceLROnPlateau: lr multiplier")
     patience: int = Field(10, ge=0, description="ReduceLROnPlateau: epochs without improvement before lowering lr")
-    min_lr: float = Field(0.0, ge=0)
+    min_lr: float = Field(0.0, ge=0, description="lower bound of the learning rate")
 
 
 class ModelDefaults(BaseModel):
     """What the model's authors published (or a stated choice where they did not)."""
 
-    optimizer: OptimConfig
-    scheduler: SchedulerConfig = SchedulerConfig()
-    batch_size: int = 8
-    source: str = ""
+    optimizer: OptimConfig = Field(description="published optimiser")
+    scheduler: SchedulerConfig = Field(SchedulerConfig(), description="published learning-rate schedule")
+    batch_size: int = Field(8, description="published (global) batch size")
+    source: str = Field("", description="where these settings come from, recorded in model.json")
 
 
 # Published training settings (REFERENCES.md and the papers' code); "not published" marks our choice.
@@ -55,7 +82,8 @@ MODEL_DEFAULTS: dict[str, ModelDefaults] = {
     "srggan": ModelDefaults(optimizer=OptimConfig(lr=1e-4, betas=(0.5, 0.999)), batch_size=4,
                             source="SRG-GAN: Adam 1e-4, batch 4"),
     "uncrtaints": ModelDefaults(optimizer=OptimConfig(lr=1e-2), batch_size=4, source="UnCRtainTS: lr 1e-2, batch 4"),
-    "cafusion": ModelDefaults(optimizer=OptimConfig(lr=1e-4), batch_size=8, source="cloud-aware SAR fusion: Adam 1e-4 (batch not published)"),
+    "cafusion": ModelDefaults(optimizer=OptimConfig(lr=1e-4), batch_size=8,
+                              source="cloud-aware SAR fusion: Adam 1e-4 (batch not published)"),
     "cmsn": ModelDefaults(optimizer=OptimConfig(lr=1e-4), batch_size=8, source="not published: Adam 1e-4, batch 8"),
     "unet": ModelDefaults(optimizer=OptimConfig(lr=1e-3), batch_size=8, source="baseline: Adam 1e-3, batch 8"),
 }
@@ -70,29 +98,33 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field(..., description="registry name (cloudfree models list)")
-    model_params: str | dict[str, Any] = Field("small", description="'small', 'paper' or overrides on top of base: small|paper")
+    model_params: str | dict[str, Any] = Field(
+        "small", description="'small', 'paper' or overrides on top of base: small|paper")
     epochs: int = Field(20, ge=1, description="total epochs (a resumed run continues up to this number)")
-    batch_size: int | None = Field(None, ge=1, description="GLOBAL batch (split over DDP ranks); default: the model's published one")
+    batch_size: int | None = Field(
+        None, ge=1, description="GLOBAL batch (split over DDP ranks); default: the model's published one")
     optimizer: OptimConfig | None = Field(None, description="default: the model's published optimiser")
     scheduler: SchedulerConfig | None = Field(None, description="default: the model's published schedule")
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm (None: no clipping)")
     d_steps: int = Field(1, ge=1, description="discriminator steps per generator step (GAN models)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto | fp32 | bf16 | fp16 (auto: bf16 autocast on CUDA, fp32 on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
-    seed: int = 0
+    seed: int = Field(0, description="seeds weights, shuffling and augmentation (same seed: same run)")
     deterministic: bool = Field(True, description="torch deterministic algorithms where PyTorch has them")
     monitor: str = Field("cloud_psnr", description="validation metric that picks the best checkpoint")
     patience: int | None = Field(10, ge=1, description="early stopping: epochs without improvement (None: off)")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch (quick runs)")
-    time_limit_s: float | None = Field(None, gt=0, description="stop after the epoch during which this many seconds passed")
+    time_limit_s: float | None = Field(
+        None, gt=0, description="stop after the epoch during which this many seconds passed")
     val_every: int = Field(1, ge=1, description="validate every N epochs (and always after the last one)")
     log_every: int = Field(10, ge=1, description="TensorBoard scalars every N steps")
     image_every: int = Field(1, ge=1, description="TensorBoard image grids every N epochs")
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = Field("train", description="cube split trained on (cubes/SPLIT.zarr)")
+    val_split: str = Field("val", description="cube split validated on every val_every epochs")
     vgg_weights: str | None = Field(None, description="torchvision vgg16 state dict for perceptual/style losses")
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = Field(AugmentConfig(), description="synthetic clouds, flips, rotations, crops")
 
     @property
     def monitor_mode(self) -> Literal["max", "min"]:
@@ -109,6 +141,11 @@ class TrainConfig(BaseModel):
 
     def resolved_batch_size(self) -> int:
         return self.batch_size or self.defaults().batch_size
+
+
+def train_default(name: str) -> Any:
+    """``TrainConfig``'s default of field ``name``: the one place front ends (CLI, flow parameters) take it from."""
+    return TrainConfig.model_fields[name].get_default(call_default_factory=True)
 
 
 def load_train_config(config: str | Path | None, model: str, **overrides: Any) -> TrainConfig:
@@ -129,7 +166,8 @@ def load_train_config(config: str | Path | None, model: str, **overrides: Any) -
             raise TrainConfigError(f"{path}: expected a mapping of training settings, got {type(loaded).__name__}")
         data.update(loaded)
     if data.get("model", model) != model:
-        raise TrainConfigError(f"--config {config} is for model {data['model']!r} but --model is {model!r}; make them agree")
+        raise TrainConfigError(
+            f"--config {config} is for model {data['model']!r} but --model is {model!r}; make them agree")
     data["model"] = model
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:

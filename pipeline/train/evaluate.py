@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -23,13 +22,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from models.base import CloudRemovalModel
 from models.spec import InputSpec
-from pipeline.train.samples import AssembledDataset, model_inputs
 from pipeline.errors import DataError
-from pipeline.train.metrics import image_metrics
 from pipeline.sensors import SENSORS
-
-log = logging.getLogger(__name__)
+from pipeline.train.metrics import image_metrics
+from pipeline.train.runtime import Runtime, open_split
+from pipeline.train.samples import AssembledDataset, model_inputs
 
 METRICS = ("psnr", "ssim", "sam", "mae", "rmse")  # the table's columns; metrics.json has corr / ndvi_mae too
 GROUPS = {"visible": (0.0, 700.0), "nir": (700.0, 1000.0), "swir": (1000.0, 1e9)}
@@ -59,7 +58,8 @@ def image_scores(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, 
     c = cloud.reshape(cloud.shape[0], 1, *cloud.shape[-2:]).float()
     per = image_metrics(pred.float(), target.float(), v, c, ndvi_bands)
     frac = (c * v).mean((1, 2, 3))
-    return [{**{k: float(t[i]) for k, t in per.items()}, "cloud_fraction": float(frac[i])} for i in range(pred.shape[0])]
+    return [{**{k: float(t[i]) for k, t in per.items()}, "cloud_fraction": float(frac[i])}
+            for i in range(pred.shape[0])]
 
 
 def ndvi_indices(bands: tuple[str, ...]) -> tuple[int, int] | None:
@@ -76,7 +76,8 @@ def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     for k in rows[0]:
-        vals = [r[k] for r in rows if not math.isnan(r[k])]  # +inf (exact reconstruction) stays, as in pipeline.train.metrics
+        # +inf (exact reconstruction) stays, as in pipeline.train.metrics
+        vals = [r[k] for r in rows if not math.isnan(r[k])]
         out[k] = float(np.mean(vals)) if vals else float("nan")
     out["n_images"] = float(len(rows))
     out["n_images_cloud"] = float(sum(1 for r in rows if not math.isnan(r.get("cloud_psnr", float("nan")))))
@@ -84,7 +85,8 @@ def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batch: Mapping[str, Any], rt: Any) -> torch.Tensor:
+def predict(model: nn.Module, batch: Mapping[str, Any], rt: Runtime) -> torch.Tensor:
+    """The model's mean prediction for a batch of assembled samples, in fp32."""
     inputs = rt.to_device(model_inputs(batch))
     with rt.autocast():
         out = model(inputs)
@@ -114,7 +116,8 @@ def image_grid(batch: Mapping[str, Any], pred: torch.Tensor, spec: InputSpec, n:
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader: DataLoader, rt: Any, want_images: bool = False) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def validate(model: CloudRemovalModel, loader: DataLoader, rt: Runtime,
+             want_images: bool = False) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Mean metrics over the loader (all + cloud pixels) and, optionally, an image grid of the first batch."""
     was_training = model.training
     model.eval()
@@ -142,8 +145,8 @@ def composite_for(spec: InputSpec, n_dates: int) -> tuple[nn.Module, InputSpec]:
     avail = n_dates if spec.includes_target_date else n_dates - 1
     dates = max(1, min(int(base["optical_dates"]), avail))
     model = build_model("composite", {"base": "small", "optical_dates": dates, "optical_bands": list(spec.out_bands),
-                                      "optical_sensor": spec.optical_sensor, "includes_target_date": spec.includes_target_date,
-                                      "sar_bands": []})
+                                      "optical_sensor": spec.optical_sensor,
+                                      "includes_target_date": spec.includes_target_date, "sar_bands": []})
     return model.eval(), model.spec
 
 
@@ -156,7 +159,6 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
     """
     from pipeline.files import write_text_atomic
     from pipeline.train.checkpoint import load_checkpoint
-    from pipeline.train.loop import Runtime, open_split
 
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     model, meta = load_checkpoint(run_dir)
@@ -165,17 +167,20 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
     first = raw[0]
     family = spec.optical_sensor
     if family not in first:
-        raise DataError(f"{data_dir} holds {[k for k in ('s2', 'landsat') if k in first]} optical data but the checkpoint's model needs {family!r}; evaluate on a dataset of that sensor")
+        have = [k for k in ("s2", "landsat") if k in first]
+        raise DataError(f"{data_dir} holds {have} optical data but the checkpoint's model needs {family!r}; "
+                        "evaluate on a dataset of that sensor")
     n_dates = int(np.asarray(first[family]).shape[0])
     comp, comp_spec = composite_for(spec, n_dates)
-    rt = Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rt = Runtime.local()
     model.to(rt.device)
     comp.to(rt.device)
     ds_model = AssembledDataset(raw, spec, train=False, seed=seed)
     ds_comp = AssembledDataset(raw, comp_spec, train=False, seed=seed)
-    kw = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    kw: dict[str, Any] = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers)
     groups = band_groups(family, spec.out_bands)
-    scores: dict[str, dict[str, list]] = {name: {"all": [], **{g: [] for g in groups}} for name in ("model", "composite")}
+    scores: dict[str, dict[str, list]] = {name: {"all": [], **{g: [] for g in groups}}
+                                          for name in ("model", "composite")}
     for bm, bc in zip(DataLoader(ds_model, **kw), DataLoader(ds_comp, **kw)):
         if bm["sample_id"] != bc["sample_id"] or not torch.equal(bm["cloud"], bc["cloud"]):
             raise RuntimeError("model and composite batches disagree on samples or cloud maps")  # a bug, not user input
@@ -221,7 +226,8 @@ def markdown_table(result: Mapping[str, Any]) -> str:
     name = result["model"]
     lines = [f"# {name} vs composite on `{result['split']}` ({result['n_samples']} samples)", "",
              f"Cloud pixels: {result['cloud_pixels']}.", ""]
-    head = "| method | " + " | ".join(f"{k.upper()} all" for k in METRICS) + " | " + " | ".join(f"{k.upper()} cloud" for k in METRICS) + " |"
+    head = ("| method | " + " | ".join(f"{k.upper()} all" for k in METRICS) + " | "
+            + " | ".join(f"{k.upper()} cloud" for k in METRICS) + " |")
     lines += [head, "|" + "---|" * (1 + 2 * len(METRICS))]
     for who in ("model", "composite"):
         s = res[who]["all"]
@@ -230,8 +236,8 @@ def markdown_table(result: Mapping[str, Any]) -> str:
                      + " | ".join(_fmt(s.get(f"cloud_{k}", float('nan')), k) for k in METRICS) + " |")
     groups = [g for g in GROUPS if g in res["model"]]
     if groups:
-        lines += ["", "| method | " + " | ".join(f"{g} PSNR all | {g} PSNR cloud | {g} MAE cloud" for g in groups) + " |",
-                  "|" + "---|" * (1 + 3 * len(groups))]
+        group_head = " | ".join(f"{g} PSNR all | {g} PSNR cloud | {g} MAE cloud" for g in groups)
+        lines += ["", f"| method | {group_head} |", "|" + "---|" * (1 + 3 * len(groups))]
         for who in ("model", "composite"):
             label = name if who == "model" else "composite (recent clear)"
             cells = []

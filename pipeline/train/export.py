@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from models.spec import InputSpec
+from pipeline.errors import CloudfreeError
 from pipeline.files import write_text_atomic
 from pipeline.train.checkpoint import load_checkpoint
-from pipeline.errors import CloudfreeError
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,8 @@ the monitored value is broadcast so every rank steps its scheduler and stops tog
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +31,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from models.spec import InputSpec, ModelOutput
-from pipeline.train.samples import AssembledDataset, model_inputs
+from pipeline.errors import CheckpointError, CloudfreeError, DataError
 from pipeline.train.checkpoint import (
     META_FILE,
     STATE_FILE,
     atomic_torch_save,
     check_spec_matches,
-    load_checkpoint,
     load_weights,
     read_meta,
     rng_state,
@@ -48,126 +45,30 @@ from pipeline.train.checkpoint import (
     set_rng_state,
     unwrap,
 )
-from pipeline.errors import CheckpointError, CloudfreeError, DataError
 from pipeline.train.config import TrainConfig, TrainConfigError
+from pipeline.train.evaluate import validate
+from pipeline.train.runtime import Runtime, dataset_fingerprint, open_split, setup_runtime, teardown_runtime
+from pipeline.train.samples import AssembledDataset, model_inputs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "TrainResult", "TrainingError", "load_checkpoint", "Runtime"]
+__all__ = ["train", "TrainResult", "TrainingError"]
 
 
 class TrainingError(CloudfreeError):
     """Training cannot continue (non-finite loss, model that cannot be trained, ...)."""
 
 
-# --------------------------------------------------------------------------- runtime: device, precision, ranks
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    amp_dtype: torch.dtype | None = None  # autocast dtype, None = fp32
-    channels_last: bool = False
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for k, v in batch.items():
-            v = v.to(self.device, non_blocking=True)
-            if self.channels_last and v.dim() == 4:
-                v = v.contiguous(memory_format=torch.channels_last)
-            out[k] = v
-        return out
-
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Device, precision and (under ``torchrun``) the process group: NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-        owns = True
-    prec = cfg.precision
-    if prec == "auto":
-        prec = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if not cuda and prec == "fp16":
-        raise TrainConfigError("precision fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
-    if cfg.deterministic:
-        # cuBLAS needs this for deterministic matmuls; must be set before the first CUDA matmul
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif cuda:
-        torch.backends.cudnn.benchmark = True
-    return Runtime(device, rank, world, local, amp, cfg.channels_last and cuda, owns)
-
-
-def teardown_runtime(rt: Runtime) -> None:
-    if rt.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # --------------------------------------------------------------------------- data
 
 
-def open_split(data_dir: Path, split: str) -> Dataset:
-    """A split's raw samples; a folder without cubes gets the command that builds them."""
-    from pipeline.dataset.cubes import CubeDataset, cube_path
-
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist; build it with `cloudfree build-dataset REGION --out {data_dir}`")
-    if not cube_path(data_dir, split).exists():
-        have = sorted(p.stem for p in (data_dir / "cubes").glob("*.zarr")) if (data_dir / "cubes").is_dir() else []
-        raise DataError(
-            f"{data_dir} has no cube for split {split!r} (cubes found: {have or 'none'}); build the dataset with "
-            f"`cloudfree build-dataset REGION --out {data_dir}` (it writes cubes/train.zarr, val.zarr, test.zarr)")
-    ds = CubeDataset(data_dir, split)
-    if len(ds) == 0:
-        raise DataError(f"{data_dir}: split {split!r} has no samples; rebuild the dataset with more patches or other split fractions")
-    return ds
-
-
-def dataset_fingerprint(data_dir: Path | None) -> str | None:
-    """sha256 of the dataset manifest the model was trained on (provenance in model.json)."""
-    if data_dir is None:
-        return None
-    path = Path(data_dir) / "manifest.parquet"
-    if not path.is_file():
-        return None
-    from pipeline.files import sha256_file
-
-    return sha256_file(path)
-
-
-def _loader(ds: Dataset, batch: int, rt: Runtime, cfg: TrainConfig, *, shuffle: bool, sharded: bool) -> tuple[DataLoader, DistributedSampler | None]:
+def _loader(ds: Dataset, batch: int, rt: Runtime, cfg: TrainConfig, *, shuffle: bool,
+            sharded: bool) -> tuple[DataLoader, DistributedSampler | None]:
     sampler = None
     if sharded:
         # also with one process: the same permutation as a DDP run of the same global batch
-        sampler = DistributedSampler(ds, num_replicas=rt.world, rank=rt.rank, shuffle=shuffle, seed=cfg.seed, drop_last=False)
+        sampler = DistributedSampler(ds, num_replicas=rt.world, rank=rt.rank, shuffle=shuffle, seed=cfg.seed,
+                                     drop_last=False)
     workers = cfg.num_workers
     loader = DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False, num_workers=workers,
                         pin_memory=rt.device.type == "cuda", drop_last=False, persistent_workers=False,
@@ -219,7 +120,8 @@ def build_parts(cfg: TrainConfig, rt: Runtime, steps_per_epoch: int) -> Parts:
     except ModelError as exc:
         raise TrainConfigError(f"model {cfg.model!r}: {exc}") from None
     if not getattr(model, "trainable", True):
-        raise TrainingError(f"model {cfg.model!r} needs no training (it has no weights); score it with `cloudfree evaluate` next to a trained model")
+        raise TrainingError(f"model {cfg.model!r} needs no training (it has no weights); "
+                            "score it with `cloudfree evaluate` next to a trained model")
     spec = model.spec
     model = model.to(rt.device)
     loss = loss.to(rt.device)
@@ -233,15 +135,19 @@ def build_parts(cfg: TrainConfig, rt: Runtime, steps_per_epoch: int) -> Parts:
     if rt.distributed:
         if rt.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if disc is not None:
             for p in disc.parameters():  # identical start on every rank (init already seeded, this makes sure)
                 dist.broadcast(p.data, 0)
     oc, sc = cfg.resolved_optimizer(), cfg.resolved_scheduler()
     opt = _optimizer(model.parameters(), oc.name, oc.lr, oc.betas, oc.weight_decay)
-    d_opt = _optimizer(disc.parameters(), oc.name, oc.d_lr or oc.lr, oc.betas, oc.weight_decay) if disc is not None else None
+    d_opt = None
+    if disc is not None:
+        d_opt = _optimizer(disc.parameters(), oc.name, oc.d_lr or oc.lr, oc.betas, oc.weight_decay)
     if sc.kind == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=cfg.monitor_mode, factor=sc.factor, patience=sc.patience, min_lr=sc.min_lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=cfg.monitor_mode, factor=sc.factor,
+                                                           patience=sc.patience, min_lr=sc.min_lr)
     elif sc.kind == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=sc.min_lr)
     else:
@@ -287,9 +193,11 @@ def _restore(parts: Parts, out: Path, cfg: TrainConfig) -> LoopState:
     state = safe_load(path, "training state")
     need = ("model", "optimizer", "rng", "loop", "resolved")
     if not isinstance(state, dict) or any(k not in state for k in need):
-        raise CheckpointError(f"{path} lacks {[k for k in need if k not in (state or {})]}; it was not written by `cloudfree train`")
+        missing = [k for k in need if k not in (state or {})]
+        raise CheckpointError(f"{path} lacks {missing}; it was not written by `cloudfree train`")
     if state["resolved"] != parts.resolved:
-        raise CheckpointError(f"{path}: the run was trained with model parameters {state['resolved']}, not {parts.resolved}; resume with the same --config or use a new --out")
+        raise CheckpointError(f"{path}: the run was trained with model parameters {state['resolved']}, not "
+                              f"{parts.resolved}; resume with the same --config or use a new --out")
     load_weights(parts.model, state["model"], path, cfg.model)
     try:
         parts.optimizer.load_state_dict(state["optimizer"])
@@ -300,10 +208,12 @@ def _restore(parts: Parts, out: Path, cfg: TrainConfig) -> LoopState:
             load_weights(parts.disc, state["disc"], path, f"{cfg.model} discriminator")
             parts.d_optimizer.load_state_dict(state["d_optimizer"])
     except (KeyError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: optimiser/scheduler state does not fit this run ({exc}); resume with the same settings or use a new --out") from None
+        raise CheckpointError(f"{path}: optimiser/scheduler state does not fit this run ({exc}); "
+                              "resume with the same settings or use a new --out") from None
     set_rng_state(state["rng"])
     lp = state["loop"]
-    return LoopState(lp["epoch"], lp["step"], lp["best_value"], lp["best_epoch"], lp["bad_epochs"], list(lp["history"]), lp.get("elapsed_s", 0.0))
+    return LoopState(lp["epoch"], lp["step"], lp["best_value"], lp["best_epoch"], lp["bad_epochs"], list(lp["history"]),
+                     lp.get("elapsed_s", 0.0))
 
 
 # --------------------------------------------------------------------------- steps
@@ -320,7 +230,8 @@ def _raise_nonfinite(what: str, loss: torch.Tensor, batch: Mapping[str, Any], st
     finite_here = bool(torch.isfinite(loss.detach()).all())
     where = f"rank {rt.rank}: " if rt.distributed else ""
     if finite_here:
-        raise TrainingError(f"{where}training stopped at epoch {st.epoch + 1}, step {st.step}: another rank had a non-finite {what}")
+        raise TrainingError(f"{where}training stopped at epoch {st.epoch + 1}, step {st.step}: "
+                            f"another rank had a non-finite {what}")
     ids = list(batch.get("sample_id", []))
     raise TrainingError(
         f"{where}non-finite {what} ({loss.detach().float().item()}) at epoch {st.epoch + 1}, step {st.step}; "
@@ -354,7 +265,8 @@ def _fp32(out: ModelOutput) -> ModelOutput:
                        extras={k: v.float() if torch.is_floating_point(v) else v for k, v in out.extras.items()})
 
 
-def train_step(parts: Parts, batch: Mapping[str, Any], cfg: TrainConfig, rt: Runtime, st: LoopState) -> dict[str, float]:
+def train_step(parts: Parts, batch: Mapping[str, Any], cfg: TrainConfig, rt: Runtime,
+               st: LoopState) -> dict[str, float]:
     """One optimiser step (plus ``d_steps`` discriminator steps for GANs); returns detached loss parts."""
     inputs = rt.to_device(model_inputs(batch))
     logs: dict[str, torch.Tensor] = {}
@@ -419,7 +331,8 @@ class TrainResult:
 def _check_out(out: Path, resume: bool) -> None:
     has_run = (out / STATE_FILE).exists() or (out / META_FILE).exists()
     if has_run and not resume:
-        raise CheckpointError(f"{out} already holds a training run; pass --resume to continue it or choose a new --out folder")
+        raise CheckpointError(
+            f"{out} already holds a training run; pass --resume to continue it or choose a new --out folder")
     if resume and not (out / STATE_FILE).exists():
         raise CheckpointError(f"--resume: {out / STATE_FILE} not found; start a new run without --resume")
 
@@ -450,6 +363,28 @@ def _broadcast_value(value: float, rt: Runtime) -> float:
     return float(t.item())
 
 
+@dataclass
+class _Run:
+    """One training run in progress: what its steps share (built by ``_setup``)."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    out: Path
+    parts: Parts
+    st: LoopState
+    train_ds: AssembledDataset
+    sampler: DistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    writer: Any  # TensorBoard SummaryWriter on rank 0, None elsewhere
+    manifest_sha: str | None
+    progress: bool
+    start_epoch: int
+    t_start: float  # perf_counter of a straight run's start: a resumed run counts its earlier time
+    samples_seen: int = 0
+    t_train: float = 0.0
+
+
 def train(
     cfg: TrainConfig,
     data_dir: Path | None,
@@ -464,115 +399,153 @@ def train(
     out = Path(out)
     rt = setup_runtime(cfg)
     try:
-        _check_out(out, resume)
-        if resume and (out / META_FILE).exists():
-            check_spec_matches(read_meta(out), cfg.model, _spec_of(cfg), out / META_FILE)
-        raw_train = train_data if train_data is not None else open_split(data_dir, cfg.train_split)
-        raw_val = val_data if val_data is not None else open_split(data_dir, cfg.val_split)
-        batch = cfg.resolved_batch_size()
-        if batch % rt.world:
-            raise TrainConfigError(f"batch_size {batch} is the global batch and must divide evenly over {rt.world} ranks")
-        per_rank = batch // rt.world
-        # the spec decides the assembly; build the model first (seeded, so every rank agrees)
-        parts = build_parts(cfg, rt, steps_per_epoch=1)
-        train_ds = AssembledDataset(raw_train, parts.spec, train=True, seed=cfg.seed, augment=cfg.augment)
-        val_ds = AssembledDataset(raw_val, parts.spec, train=False, seed=cfg.seed, augment=cfg.augment)
-        train_loader, sampler = _loader(train_ds, per_rank, rt, cfg, shuffle=True, sharded=True)
-        val_loader, _ = _loader(val_ds, per_rank, rt, cfg, shuffle=False, sharded=False)
-        st = _restore(parts, out, cfg) if resume else LoopState()
-        writer = _writer(out, rt)
-        manifest_sha = dataset_fingerprint(data_dir)
-        t_start = time.perf_counter() - st.elapsed_s
-        samples_seen, t_train = 0, 0.0
-        stopped_early = False
-        start_epoch = st.epoch
+        run = _setup(cfg, rt, data_dir, out, resume, train_data, val_data, progress)
         try:
-            for epoch in range(start_epoch, cfg.epochs):
-                sampler.set_epoch(epoch)
-                train_ds.set_epoch(epoch)
-                parts.model.train()
-                if parts.disc is not None:
-                    parts.disc.train()
-                t0 = time.perf_counter()
-                sums: dict[str, float] = {}
-                n_steps = 0
-                for i, b in enumerate(_limited(train_loader, cfg.max_steps_per_epoch)):
-                    logs = train_step(parts, b, cfg, rt, st)
-                    st.step += 1
-                    n_steps += 1
-                    samples_seen += len(b["sample_id"]) * rt.world
-                    for k, v in logs.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    if writer is not None and st.step % cfg.log_every == 0:
-                        for k, v in logs.items():
-                            writer.add_scalar(f"train/{k}", v, st.step)
-                        writer.add_scalar("train/lr", parts.optimizer.param_groups[0]["lr"], st.step)
-                t_train += time.perf_counter() - t0
-                if n_steps == 0:
-                    raise DataError(f"split {cfg.train_split!r} yielded no batches; the dataset is empty")
-                epoch_logs = {f"train_{k}": v / n_steps for k, v in sums.items()}
-                out_of_time = cfg.time_limit_s is not None and time.perf_counter() - t_start >= cfg.time_limit_s
-                out_of_time = bool(_broadcast_value(float(out_of_time), rt))  # rank 0's clock decides for all ranks
-                last = out_of_time or epoch + 1 == cfg.epochs
-                st.epoch = epoch + 1
-                validated = last or (epoch + 1) % cfg.val_every == 0
-                metrics: dict[str, float] = {}
-                improved = False
-                if validated:
-                    value, metrics = _validate_epoch(parts, val_loader, rt, cfg, writer, epoch, epoch_logs)
-                    if isinstance(parts.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                        worst = float("-inf") if cfg.monitor_mode == "max" else float("inf")
-                        parts.scheduler.step(value if not math.isnan(value) else worst)
-                    improved = _improved(value, st, cfg.monitor_mode)
-                    if improved:
-                        st.best_value, st.best_epoch, st.bad_epochs = value, epoch + 1, 0
-                    else:
-                        st.bad_epochs += 1
-                elif writer is not None:
-                    for k, v in epoch_logs.items():
-                        writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-                if parts.scheduler is not None and not isinstance(parts.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    parts.scheduler.step()
-                st.history.append({"epoch": epoch + 1, **epoch_logs, **metrics})
-                st.elapsed_s = time.perf_counter() - t_start
-                if rt.main:
-                    if improved:
-                        save_model(out, parts.bare, _meta(cfg, parts, st, metrics, manifest_sha))
-                    atomic_torch_save(_state_dict(parts, st, cfg), out / STATE_FILE)
-                    if validated:
-                        log.info("epoch %d/%d %s=%.4f (best %.4f @ %d)", epoch + 1, cfg.epochs, cfg.monitor, metrics[cfg.monitor],
-                                 st.best_value if st.best_value is not None else float("nan"), st.best_epoch or 0)
-                    if progress:
-                        _print_epoch(epoch + 1, cfg, epoch_logs, metrics)
-                if rt.distributed:
-                    dist.barrier()
-                if cfg.patience is not None and st.bad_epochs >= cfg.patience:
-                    stopped_early = True
-                    log.info("early stop: %s did not improve for %d validations", cfg.monitor, cfg.patience)
-                    break
-                if out_of_time:
-                    log.info("time limit %.0f s reached after epoch %d", cfg.time_limit_s, epoch + 1)
-                    break
+            stopped_early = _epoch_loop(run)
         finally:
-            if writer is not None:
-                writer.close()
-        return TrainResult(out, st.epoch - start_epoch, st.best_epoch, st.best_value, cfg.monitor, st.history,
-                           stopped_early, time.perf_counter() - t_start, samples_seen / t_train if t_train else 0.0)
+            if run.writer is not None:
+                run.writer.close()
+        return _result(run, stopped_early)
     finally:
         teardown_runtime(rt)
+
+
+def _setup(cfg: TrainConfig, rt: Runtime, data_dir: Path | None, out: Path, resume: bool, train_data: Dataset | None,
+           val_data: Dataset | None, progress: bool) -> _Run:
+    """Check the run folder, open the splits, build model and loaders, restore a resumed run's state."""
+    _check_out(out, resume)
+    if resume and (out / META_FILE).exists():
+        check_spec_matches(read_meta(out), cfg.model, _spec_of(cfg), out / META_FILE)
+    raw_train = train_data if train_data is not None else open_split(data_dir, cfg.train_split)
+    raw_val = val_data if val_data is not None else open_split(data_dir, cfg.val_split)
+    batch = cfg.resolved_batch_size()
+    if batch % rt.world:
+        raise TrainConfigError(f"batch_size {batch} is the global batch and must divide evenly over {rt.world} ranks")
+    per_rank = batch // rt.world
+    # the spec decides the assembly; build the model first (seeded, so every rank agrees)
+    parts = build_parts(cfg, rt, steps_per_epoch=1)
+    train_ds = AssembledDataset(raw_train, parts.spec, train=True, seed=cfg.seed, augment=cfg.augment)
+    val_ds = AssembledDataset(raw_val, parts.spec, train=False, seed=cfg.seed, augment=cfg.augment)
+    train_loader, sampler = _loader(train_ds, per_rank, rt, cfg, shuffle=True, sharded=True)
+    assert sampler is not None  # sharded loaders always have one
+    val_loader, _ = _loader(val_ds, per_rank, rt, cfg, shuffle=False, sharded=False)
+    st = _restore(parts, out, cfg) if resume else LoopState()
+    manifest_sha = dataset_fingerprint(data_dir)
+    writer = _writer(out, rt)  # last: nothing between here and train()'s try may leave it open
+    return _Run(cfg, rt, out, parts, st, train_ds, sampler, train_loader, val_loader, writer, manifest_sha, progress,
+                start_epoch=st.epoch, t_start=time.perf_counter() - st.elapsed_s)
+
+
+def _epoch_loop(run: _Run) -> bool:
+    """Epochs from the first not yet run up to ``cfg.epochs``; True when early stopping ended them."""
+    cfg, st = run.cfg, run.st
+    for epoch in range(run.start_epoch, cfg.epochs):
+        epoch_logs = _train_epoch(run, epoch)
+        out_of_time = cfg.time_limit_s is not None and time.perf_counter() - run.t_start >= cfg.time_limit_s
+        out_of_time = bool(_broadcast_value(float(out_of_time), run.rt))  # rank 0's clock decides for all ranks
+        st.epoch = epoch + 1
+        validated = out_of_time or st.epoch == cfg.epochs or st.epoch % cfg.val_every == 0
+        metrics, improved = _end_epoch(run, epoch, epoch_logs, validated)
+        st.history.append({"epoch": st.epoch, **epoch_logs, **metrics})
+        st.elapsed_s = time.perf_counter() - run.t_start
+        _checkpoint(run, epoch_logs, metrics, improved=improved, validated=validated)
+        if cfg.patience is not None and st.bad_epochs >= cfg.patience:
+            log.info("early stop: %s did not improve for %d validations", cfg.monitor, cfg.patience)
+            return True
+        if out_of_time:
+            log.info("time limit %.0f s reached after epoch %d", cfg.time_limit_s, st.epoch)
+            return False
+    return False
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
+    """One pass over the training split; returns the mean loss parts as ``train_<part>``."""
+    parts, cfg, rt, st, writer = run.parts, run.cfg, run.rt, run.st, run.writer
+    run.sampler.set_epoch(epoch)
+    run.train_ds.set_epoch(epoch)
+    parts.model.train()
+    if parts.disc is not None:
+        parts.disc.train()
+    t0 = time.perf_counter()
+    sums: dict[str, float] = {}
+    n_steps = 0
+    for b in _limited(run.train_loader, cfg.max_steps_per_epoch):
+        logs = train_step(parts, b, cfg, rt, st)
+        st.step += 1
+        n_steps += 1
+        run.samples_seen += len(b["sample_id"]) * rt.world
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if writer is not None and st.step % cfg.log_every == 0:
+            for k, v in logs.items():
+                writer.add_scalar(f"train/{k}", v, st.step)
+            writer.add_scalar("train/lr", parts.optimizer.param_groups[0]["lr"], st.step)
+    run.t_train += time.perf_counter() - t0
+    if n_steps == 0:
+        raise DataError(f"split {cfg.train_split!r} yielded no batches; the dataset is empty")
+    return {f"train_{k}": v / n_steps for k, v in sums.items()}
+
+
+def _end_epoch(run: _Run, epoch: int, epoch_logs: dict[str, float], validated: bool) -> tuple[dict[str, float], bool]:
+    """Validation (when due), early-stopping bookkeeping and the scheduler step; returns (metrics, improved)."""
+    parts, cfg, st = run.parts, run.cfg, run.st
+    plateau = isinstance(parts.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    metrics: dict[str, float] = {}
+    improved = False
+    if validated:
+        value, metrics = _validate_epoch(parts, run.val_loader, run.rt, cfg, run.writer, epoch, epoch_logs)
+        if plateau:
+            worst = float("-inf") if cfg.monitor_mode == "max" else float("inf")
+            parts.scheduler.step(value if not math.isnan(value) else worst)
+        improved = _improved(value, st, cfg.monitor_mode)
+        if improved:
+            st.best_value, st.best_epoch, st.bad_epochs = value, epoch + 1, 0
+        else:
+            st.bad_epochs += 1
+    elif run.writer is not None:
+        for k, v in epoch_logs.items():
+            run.writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+    if parts.scheduler is not None and not plateau:
+        parts.scheduler.step()
+    return metrics, improved
+
+
+def _checkpoint(run: _Run, epoch_logs: dict[str, float], metrics: dict[str, float], *, improved: bool,
+                validated: bool) -> None:
+    """Rank 0 writes the best model and the exact-resume state after every epoch; all ranks wait for it."""
+    cfg, st = run.cfg, run.st
+    if run.rt.main:
+        if improved:
+            save_model(run.out, run.parts.bare, _meta(cfg, run.parts, st, metrics, run.manifest_sha))
+        atomic_torch_save(_state_dict(run.parts, st, cfg), run.out / STATE_FILE)
+        if validated:
+            best = st.best_value if st.best_value is not None else float("nan")
+            log.info("epoch %d/%d %s=%.4f (best %.4f @ %d)", st.epoch, cfg.epochs, cfg.monitor, metrics[cfg.monitor],
+                     best, st.best_epoch or 0)
+        if run.progress:
+            _print_epoch(st.epoch, cfg, epoch_logs, metrics)
+    if run.rt.distributed:
+        dist.barrier()
+
+
+def _result(run: _Run, stopped_early: bool) -> TrainResult:
+    st = run.st
+    return TrainResult(run.out, st.epoch - run.start_epoch, st.best_epoch, st.best_value, run.cfg.monitor, st.history,
+                       stopped_early, time.perf_counter() - run.t_start,
+                       run.samples_seen / run.t_train if run.t_train else 0.0)
 
 
 def _validate_epoch(parts: Parts, loader: DataLoader, rt: Runtime, cfg: TrainConfig, writer: Any, epoch: int,
                     epoch_logs: dict[str, float]) -> tuple[float, dict[str, float]]:
     """Validation on rank 0 (TensorBoard scalars + image grid); every rank gets the monitored value."""
-    from pipeline.train.evaluate import validate
-
     metrics: dict[str, float] = {}
     value = float("nan")
     if rt.main:
-        metrics, images = validate(parts.bare, loader, rt, want_images=writer is not None and (epoch + 1) % cfg.image_every == 0)
+        want_images = writer is not None and (epoch + 1) % cfg.image_every == 0
+        metrics, images = validate(parts.bare, loader, rt, want_images=want_images)
         if cfg.monitor not in metrics:
-            raise TrainConfigError(f"monitor {cfg.monitor!r} is not a validation metric; choose one of {sorted(metrics)}")
+            raise TrainConfigError(
+                f"monitor {cfg.monitor!r} is not a validation metric; choose one of {sorted(metrics)}")
         value = metrics[cfg.monitor]
         if writer is not None:
             for k, v in {**epoch_logs, **metrics}.items():
@@ -599,7 +572,8 @@ def _writer(out: Path, rt: Runtime):
     return SummaryWriter(log_dir=str(out / "tb"))
 
 
-def _meta(cfg: TrainConfig, parts: Parts, st: LoopState, metrics: dict[str, float], manifest_sha: str | None) -> dict[str, Any]:
+def _meta(cfg: TrainConfig, parts: Parts, st: LoopState, metrics: dict[str, float],
+          manifest_sha: str | None) -> dict[str, Any]:
     return {
         "model": cfg.model,
         "config": parts.resolved,

@@ -13,7 +13,8 @@ float32 [0, 1], ``valid`` (D, H, W) bool, ``sample_id``. ``assemble_sample`` tur
   training clear input dates may additionally get synthetic clouds (``input_cloud_prob``).
 
 Invalid pixels (``~valid`` or non-finite) are zero in ``optical`` and 1 in ``optical_mask``; a non-finite SAR
-value is a ``DataError`` naming the sample, never a silent zero. Random choices come from a generator seeded
+value is a ``DataError`` naming the sample, never a silent zero. That rule is ``model_arrays``, which inference
+(``pipeline.reconstruct.mosaic``) calls too. Random choices come from a generator seeded
 by ``(seed, epoch, index)``, so a sample looks the same whatever worker, rank or resume produced it, and
 evaluation (``train=False``) is reproducible across models: every model and the composite baseline are scored
 on the very same synthetic clouds.
@@ -22,39 +23,21 @@ on the very same synthetic clouds.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from models.spec import InputSpec
 from pipeline.errors import DataError
 from pipeline.masking.codes import MaskClass
 from pipeline.sensors import S1_BANDS, S2_BANDS, SENSORS
+from pipeline.train.config import AugmentConfig  # defined there so the config stays torch-free
 
 # Band names of each raw optical family when the sample does not carry ``<family>_bands``.
 _DEFAULT_BANDS = {"s2": S2_BANDS, "landsat": SENSORS["landsat8_l2"].reflectance_bands}
 _MARK_ALPHA = 0.05  # blend weight above which a pasted cloud pixel counts as contaminated in optical_mask
-
-
-class AugmentConfig(BaseModel):
-    """How training samples are perturbed; evaluation uses the same cloud model with a fixed seed, no flips."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    flips: bool = Field(True, description="random horizontal/vertical flips (training only)")
-    rot90: bool = Field(True, description="random 90-degree rotations (training only; 180 only for non-square patches)")
-    cloud_source: Literal["mixed", "real", "simulated"] = Field(
-        "mixed", description="where pasted cloud masks come from: other dates of the sample, a random field, or either")
-    cover_min: float = Field(0.15, ge=0.0, le=1.0, description="smallest simulated cloud cover fraction")
-    cover_max: float = Field(0.7, ge=0.0, le=1.0, description="largest simulated cloud cover fraction")
-    thin_prob: float = Field(0.25, ge=0.0, le=1.0, description="chance that a pasted cloud is thin (max opacity < 1)")
-    shadow: bool = Field(True, description="add a darkened, displaced cloud shadow")
-    crop: int | None = Field(None, ge=8, description="random square crop of this side (training only; validation sees whole patches)")
-    input_cloud_prob: float = Field(
-        0.0, ge=0.0, le=1.0, description="chance per clear input date to get synthetic clouds (models without the target date; training only)")
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -92,7 +75,8 @@ def simulated_cloud(rng: np.random.Generator, h: int, w: int, cover: float) -> n
     """Cloud opacity in [0, 1]: a smooth multi-octave random field thresholded at the requested cover."""
     field = np.zeros((h, w), dtype=np.float32)
     for octave, amp in ((max(h, w) / 6.0, 1.0), (max(h, w) / 16.0, 0.5), (max(h, w) / 40.0, 0.25)):
-        field += amp * ndimage.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), sigma=octave, mode="wrap")
+        noise = rng.standard_normal((h, w)).astype(np.float32)
+        field += amp * ndimage.gaussian_filter(noise, sigma=octave, mode="wrap")
     thr = np.quantile(field, 1.0 - cover)
     soft = max(float(field.std()) * 0.25, 1e-6)  # soft edges: opacity ramps up over a fraction of a std
     return np.clip((field - thr) / soft, 0.0, 1.0)
@@ -130,7 +114,8 @@ def paste_clouds(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cloudy copy of ``clear`` (C, H, W) and its contamination mask (H, W) bool."""
     c, h, w = clear.shape
-    alpha = shadow = None
+    alpha: np.ndarray | None = None
+    shadow: np.ndarray | None = None
     if cfg.cloud_source != "simulated" and other_masks is not None and other_masks.size:
         use_real = cfg.cloud_source == "real" or rng.random() < 0.5
         real = _real_cloud(rng, other_masks) if use_real else None
@@ -138,6 +123,7 @@ def paste_clouds(
             alpha, shadow = real
     if alpha is None:
         alpha = simulated_cloud(rng, h, w, float(rng.uniform(cfg.cover_min, max(cfg.cover_min, cfg.cover_max))))
+    if shadow is None:
         shadow = np.zeros((h, w), dtype=bool)
     if rng.random() < cfg.thin_prob:
         alpha = alpha * rng.uniform(0.3, 0.7)
@@ -168,6 +154,59 @@ def _wavelengths(family: str, bands: tuple[str, ...]) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
+def model_arrays(
+    optical: Sequence[np.ndarray],
+    codes: Sequence[np.ndarray],
+    sar: Sequence[np.ndarray] = (),
+    *,
+    contaminated: Sequence[np.ndarray | None] | None = None,
+    where: str = "input",
+    sar_labels: Sequence[str] = (),
+    sar_fix: str = "",
+) -> dict[str, np.ndarray]:
+    """Per-date inputs in the cube's units -> the model arrays ``optical``, ``optical_mask``, ``sar`` (no batch axis).
+
+    The one statement of the input rule that training (``assemble_sample``) and inference
+    (``pipeline.reconstruct.mosaic.MosaicLoader``) share, so the model sees at inference what it saw in training:
+
+    - ``optical[t]`` (C, H, W): reflectance in [0, 1] of input date ``t``; ``codes[t]`` (H, W) its cube mask codes.
+      A pixel is invalid where its code is NODATA or one of its values is not finite; it is 0 in ``optical``.
+      ``optical_mask`` (T, 1, H, W) is 1 wherever the date does not show clear ground: invalid, any code but
+      CLEAR, or ``contaminated[t]`` (synthetic clouds pasted by training). Cloudy values are kept, only flagged.
+    - ``sar[k]`` (S, H, W): S1 in [0, 1] of SAR slot ``k`` (the same array may fill several slots). A non-finite
+      value is a ``DataError`` naming ``where``, the slot's ``sar_labels[k]`` and ``sar_fix``; SAR is never
+      zero-filled, since a zero is a valid (very dark) backscatter.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    if len(optical):
+        opt = np.empty((len(optical),) + optical[0].shape, dtype=np.float32)
+        mask = np.empty((len(optical), 1) + optical[0].shape[1:], dtype=np.float32)
+        for t, (x, code) in enumerate(zip(optical, codes)):
+            valid = (code != MaskClass.NODATA) & np.isfinite(x).all(axis=0)
+            opt[t] = x
+            opt[t][:, ~valid] = 0.0
+            bad = ~valid | (code != MaskClass.CLEAR)
+            if contaminated is not None and contaminated[t] is not None:
+                bad |= contaminated[t]
+            mask[t, 0] = bad
+        arrays["optical"], arrays["optical_mask"] = opt, mask
+    if len(sar):
+        gaps, checked = [], set()
+        for k, s in enumerate(sar):
+            if id(s) in checked:
+                continue
+            checked.add(id(s))
+            missing = ~np.isfinite(s).all(axis=0)
+            if missing.any():
+                label = sar_labels[k] if k < len(sar_labels) else f"slot {k}"
+                gaps.append(f"{label} ({missing.mean():.1%} of the pixels)")
+        if gaps:
+            fix = f"; {sar_fix}" if sar_fix else ""
+            raise DataError(f"{where}: SAR has NaN/inf (no data) in {', '.join(gaps)}{fix}")
+        arrays["sar"] = np.stack(sar).astype(np.float32, copy=False)
+    return arrays
+
+
 def assemble_sample(
     raw: Mapping[str, Any],
     spec: InputSpec,
@@ -183,7 +222,9 @@ def assemble_sample(
     family = spec.optical_sensor
     sample_id = str(raw.get("sample_id", f"#{index}"))
     if family not in raw:
-        raise DataError(f"sample {sample_id} has no {family!r} array (keys: {sorted(raw)}); the model needs {family} optical input")
+        raise DataError(
+            f"sample {sample_id} has no {family!r} array (keys: {sorted(raw)}); the model needs {family} optical input"
+        )
     rng = np.random.default_rng(sample_seed(seed, epoch if train else -1, index))
 
     opt = np.asarray(raw[family], dtype=np.float32)
@@ -197,47 +238,39 @@ def assemble_sample(
     wl = _wavelengths(family, spec.optical_bands)
     earlier_masks = masks[:ref]
 
-    optical, optical_mask = [], []
+    # Synthetic clouds go on the reflectance as observed; model_arrays then zeroes invalid pixels and flags both.
+    optical, contaminated = [], []
     for d in dates:
-        img = np.where(valid[d][None], np.nan_to_num(opt[d][in_idx]), 0.0).astype(np.float32)
-        bad = ~valid[d] | (masks[d] != MaskClass.CLEAR)
+        img, cont = opt[d][in_idx], None
         if d == ref and spec.includes_target_date:
-            img, cont = paste_clouds(rng, img, wl, earlier_masks, cfg)
-            bad = bad | cont
+            img, cont = paste_clouds(rng, np.nan_to_num(img), wl, earlier_masks, cfg)
         elif train and cfg.input_cloud_prob > 0 and masks[d].mean() < 0.05 and rng.random() < cfg.input_cloud_prob:
-            img, cont = paste_clouds(rng, img, wl, earlier_masks, cfg)
-            bad = bad | cont
-        img[:, ~valid[d]] = 0.0
+            img, cont = paste_clouds(rng, np.nan_to_num(img), wl, earlier_masks, cfg)
         optical.append(img)
-        optical_mask.append(bad[None])
-    optical_a = np.stack(optical)
-    optical_mask_a = np.stack(optical_mask).astype(np.float32)
-
-    target = np.where(valid[ref][None], np.nan_to_num(opt[ref][out_idx]), 0.0).astype(np.float32)
-    target_valid = (valid[ref] & (masks[ref] == MaskClass.CLEAR))[None].astype(np.float32)
-
-    arrays: dict[str, np.ndarray] = {
-        "optical": optical_a,
-        "optical_mask": optical_mask_a,
-        "target": target,
-        "target_valid": target_valid,
-    }
+        contaminated.append(cont)
+    sar: list[np.ndarray] = []
+    sar_dates = dates + [ref]
     if spec.sar_bands:
         if "s1" not in raw:
-            raise DataError(f"sample {sample_id} has no 's1' array but the model needs SAR bands {list(spec.sar_bands)}; rebuild the dataset with s1 in the region's sensors")
+            raise DataError(
+                f"sample {sample_id} has no 's1' array but the model needs SAR bands {list(spec.sar_bands)}; "
+                "rebuild the dataset with s1 in the region's sensors")
         s1 = np.asarray(raw["s1"], dtype=np.float32)
         names = tuple(raw.get("s1_bands") or S1_BANDS)
         missing = [b for b in spec.sar_bands if b not in names]
         if missing:
-            raise DataError(f"sample {sample_id}: the model needs SAR band(s) {missing} but the cube holds {list(names)}")
-        sar_dates = dates + [ref]
-        sar = s1[sar_dates][:, [names.index(b) for b in spec.sar_bands]]
-        if not np.isfinite(sar).all():
-            bad_dates = sorted({int(sar_dates[i]) for i in np.argwhere(~np.isfinite(sar))[:, 0]})
             raise DataError(
-                f"sample {sample_id}: SAR has NaN/inf at date index(es) {bad_dates}; the cube builder must mask or "
-                "drop samples without S1 coverage (cloudfree build-dataset), training never zero-fills them")
-        arrays["sar"] = sar.astype(np.float32)
+                f"sample {sample_id}: the model needs SAR band(s) {missing} but the cube holds {list(names)}")
+        sar_idx = [names.index(b) for b in spec.sar_bands]
+        sar = [s1[d][sar_idx] for d in sar_dates]
+    codes = [np.where(valid[d], masks[d], np.uint8(MaskClass.NODATA)) for d in dates]
+    arrays = model_arrays(
+        optical, codes, sar, contaminated=contaminated, where=f"sample {sample_id}",
+        sar_labels=[f"date index {d}" for d in sar_dates],
+        sar_fix="the cube builder must mask or drop samples without S1 coverage (cloudfree build-dataset), "
+                "training never zero-fills them")
+    arrays["target"] = np.where(valid[ref][None], np.nan_to_num(opt[ref][out_idx]), 0.0).astype(np.float32)
+    arrays["target_valid"] = (valid[ref] & (masks[ref] == MaskClass.CLEAR))[None].astype(np.float32)
 
     if train:
         arrays = _crop(rng, arrays, cfg.crop)

@@ -76,7 +76,14 @@ def test_regions_validate_ok_and_error(tmp_path):
 def fall_region(tmp_path):
     path = tmp_path / "jiangsu-sample.yaml"
     path.write_text(
-        yaml.safe_dump({"name": "jiangsu-sample", "bbox": [119.1, 33.4, 119.4, 33.6], "window": {"start": "2021-07-01", "end": "2021-08-31"}, "sensors": ["s1", "s2"]})
+        yaml.safe_dump(
+            {
+                "name": "jiangsu-sample",
+                "bbox": [119.1, 33.4, 119.4, 33.6],
+                "window": {"start": "2021-07-01", "end": "2021-08-31"},
+                "sensors": ["s1", "s2"],
+            }
+        )
     )
     return path
 
@@ -95,11 +102,23 @@ def test_scenes_local_real_sen12mscr(fall_region, real_data):
 
 def test_scenes_local_landsat_dates_and_cloud(tmp_path, real_data):
     path = tmp_path / "colombia.yaml"
-    path.write_text(yaml.safe_dump({"name": "colombia", "bbox": [-75.5, 1.0, -75.0, 1.5], "window": {"start": "2019-01-01", "end": "2019-12-31"}, "sensors": ["landsat"], "resolution": 30}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "colombia",
+                "bbox": [-75.5, 1.0, -75.0, 1.5],
+                "window": {"start": "2019-01-01", "end": "2019-12-31"},
+                "sensors": ["landsat"],
+                "resolution": 30,
+            }
+        )
+    )
     root = str(real_data / "landsat-c2-l2")
     r = _run("scenes", str(path), "--source", "local", "--root", root)
     assert r.exit_code == 0, r.output
-    assert "LC08_L2SP_008059_20191201_20200825_02_T1" in r.output and "2019-12-01 15:13" in r.output and "81.0" in r.output
+    assert (
+        "LC08_L2SP_008059_20191201_20200825_02_T1" in r.output and "2019-12-01 15:13" in r.output and "81.0" in r.output
+    )
     r = _run("scenes", str(path), "--source", "local", "--root", root, "--start", "2019-01-01", "--end", "2019-11-30")
     assert r.exit_code == 0 and "0 scene(s)" in r.output and "LC08" not in r.output
 
@@ -109,7 +128,9 @@ def test_scenes_argument_errors(fall_region, monkeypatch, capsys, tmp_path):
     assert code == 2 and "--source local needs --root DIR" in err
     code, _, err = _main(monkeypatch, capsys, "scenes", str(fall_region), "--source", "local", "--root", str(tmp_path))
     assert code == 2 and "no scenes indexed" in err and "Layouts tried" in err
-    code, _, err = _main(monkeypatch, capsys, "scenes", str(fall_region), "--start", "2021-08-31", "--end", "2021-07-01")
+    code, _, err = _main(
+        monkeypatch, capsys, "scenes", str(fall_region), "--start", "2021-08-31", "--end", "2021-07-01"
+    )
     assert code == 2 and "before --start" in err
     r = _run("scenes", str(fall_region), "--source", "dropbox")
     assert r.exit_code != 0 and "dropbox" in r.output
@@ -127,6 +148,17 @@ def test_scenes_synthetic_demo_lists_all_sensors_over_window():
     assert dates[0] >= "2021-07-01" and dates[-1] <= "2021-08-31"
     assert len(rows) >= 20
 
-    r = _run("scenes", "zhengzhou-demo", "--source", "synthetic", "--sensor", "landsat", "--start", "2021-08-01", "--end", "2021-08-31")
+    r = _run(
+        "scenes",
+        "zhengzhou-demo",
+        "--source",
+        "synthetic",
+        "--sensor",
+        "landsat",
+        "--start",
+        "2021-08-01",
+        "--end",
+        "2021-08-31",
+    )
     rows = [line for line in r.output.splitlines() if "│" in line and "2021-" in line]
     assert rows and all("landsat" in line and "2021-08-" in line for line in rows)

@@ -12,11 +12,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline import geotiff
 from pipeline.dataset import patches as ex
-from pipeline.dataset.cubes import CubeDataset, cube_path
 from pipeline.dataset.build import build_dataset
-from pipeline.errors import DataError, SourceError
+from pipeline.dataset.cubes import CubeDataset, cube_path
 from pipeline.dataset.selection import SelectionError
+from pipeline.errors import DataError, SourceError
+from pipeline.files import TMP_SUFFIX, sha256_file
 
 TINY = {
     "name": "tiny",
@@ -40,7 +42,7 @@ def write_region(folder: Path, **changes) -> Path:
 
 
 def tmp_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith(ex.TMP_SUFFIX)]
+    return [p for p in root.rglob("*") if p.name.endswith(TMP_SUFFIX)]
 
 
 def mtimes(root: Path) -> dict[Path, int]:
@@ -64,10 +66,10 @@ def test_build_writes_manifest_patches_cubes_and_report(built):
     assert set(m["role"]) == {"input_1", "target", "sar_input_1", "sar_target"}
     assert m["simulated"].all()
     for _, r in m.drop_duplicates("path").iterrows():
-        assert ex.sha256_file(out / r["path"]) == r["sha256"]
+        assert sha256_file(out / r["path"]) == r["sha256"]
     # every reference date is <= 5 % cloud+shadow by the mask stored in its own patch file
     for _, r in m[m["role"] == "target"].drop_duplicates("path").iterrows():
-        mask = ex.read_geotiff(out / r["path"]).data[-1]
+        mask = geotiff.read_geotiff(out / r["path"]).data[-1]
         assert np.isin(mask, [1, 2, 4]).mean() <= 0.05 + 1e-9
         assert r["cloud_fraction"] + r["shadow_fraction"] <= 0.05 + 1e-9
     # a patch lives in one split, and no two patches of different splits share a pixel
@@ -88,7 +90,7 @@ def test_build_writes_manifest_patches_cubes_and_report(built):
         s = ds[len(ds) - 1]
         assert s["s2"].shape[:2] == (2, 13) and s["s1"].shape[:2] == (2, 2)
     info = (out / "dataset.json").read_text()
-    assert ex.sha256_file(out / ex.MANIFEST_NAME) in info and '"simulated": true' in info
+    assert sha256_file(out / ex.MANIFEST_NAME) in info and '"simulated": true' in info
     md = (out / "report.md").read_text()
     assert "Patches rejected, by reason" in md and "█" in md and "SIMULATED" in md
     assert sorted(p.name for p in (out / "masks").iterdir()) and tmp_files(out) == []
@@ -137,7 +139,7 @@ def test_rerun_repairs_truncated_patch_and_mask(built, tmp_path):
     mask = sorted((out / "masks").iterdir())[0]
     mask.write_bytes(mask.read_bytes()[:500])
     with pytest.raises(DataError, match="truncated"):
-        ex.read_geotiff(patch)
+        geotiff.read_geotiff(patch)
     r = build_dataset(built["region"], "synthetic", out, workers=2, progress=False)
     assert r.files_repaired == 1 and r.files_written == 1 and r.masks_computed == 1
     assert (out / ex.MANIFEST_NAME).read_bytes() == (built["out"] / ex.MANIFEST_NAME).read_bytes()
@@ -196,9 +198,9 @@ def test_unwritable_output_folder(tmp_path):
 
 
 def test_cli_prints_summary_and_errors_cleanly(built, tmp_path, monkeypatch, capsys):
-    import pipeline.cli.dataset  # noqa: F401  (registers build-dataset until the lead adds it to pipeline.cli)
     from typer.testing import CliRunner
 
+    import pipeline.cli.dataset  # noqa: F401  (registers build-dataset until the lead adds it to pipeline.cli)
     from pipeline.cli import app, main
 
     out = tmp_path / "ds"

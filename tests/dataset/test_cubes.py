@@ -12,6 +12,7 @@ import torch
 import xarray as xr
 from affine import Affine
 
+from pipeline import geotiff
 from pipeline.dataset import patches as ex
 from pipeline.dataset.cubes import CubeDataset, build_cubes, cube_path, open_cube
 from pipeline.errors import DataError
@@ -45,13 +46,13 @@ def _write_dataset(root: Path, family: str = "s2", sar: bool = True, n_patches: 
                 mask[8, :] = MaskClass.NODATA
                 dn[:, 8, :] = 0
             rel = f"patches/{pid}/{sensor}_{day.replace('-', '')}.tif"
-            sha = ex.write_geotiff(root / rel, np.concatenate([dn, mask[None]]), g, list(bands) + [ex.MASK_BAND])
+            sha = geotiff.write_geotiff(root / rel, np.concatenate([dn, mask[None]]), g, list(bands) + [geotiff.MASK_BAND])
             rows.append((f"{pid}_20210706", pid, split, role, sensor, f"{sensor}-{day}", day, rel, sha, g))
         if sar:
             for role, day in zip(["sar_input_1", "sar_target"], ["2021-07-02", "2021-07-05"]):
                 db = np.stack([rng.uniform(-30, 2, (P, P)), rng.uniform(-40, 2, (P, P))]).astype(np.float32)
                 rel = f"patches/{pid}/s1_grd_{day.replace('-', '')}.tif"
-                sha = ex.write_geotiff(root / rel, db, g, ["VV", "VH"], nodata=float("nan"))
+                sha = geotiff.write_geotiff(root / rel, db, g, ["VV", "VH"], nodata=float("nan"))
                 rows.append((f"{pid}_20210706", pid, split, role, "s1_grd", f"s1-{day}", day, rel, sha, g))
     df = pd.DataFrame(
         {
@@ -93,7 +94,7 @@ def test_cube_layout_chunks_and_attrs(tmp_path):
     assert ds["crs"].values[1] == "EPSG:32649"
     assert tuple(ds["transform"].values[1]) == tuple(GRID.window(0, P, P, P).transform)[:6]
     # values as exported: target = the last date; mask folded into cube codes
-    tif = ex.read_geotiff(tmp_path / df[(df.sample_id == "r00000c00016_20210706") & (df.role == "input_1")].path.iloc[0])
+    tif = geotiff.read_geotiff(tmp_path / df[(df.sample_id == "r00000c00016_20210706") & (df.role == "input_1")].path.iloc[0])
     np.testing.assert_array_equal(ds["s2"].values[1, 0], tif.data[:-1])
     np.testing.assert_array_equal(ds["target"].values[1], ds["s2"].values[1, -1])
     m = ds["cloud_mask"].values[1, 0]

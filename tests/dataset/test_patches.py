@@ -11,15 +11,18 @@ import pytest
 import rasterio
 from affine import Affine
 
+from pipeline import files as pfiles
+from pipeline import geotiff
 from pipeline.dataset import patches as ex
 from pipeline.errors import DataError
+from pipeline.files import TMP_SUFFIX, remove_stale_temps, temp_path
 from pipeline.grid import Grid
 
 GRID = Grid("EPSG:32649", Affine(10.0, 0.0, 700000.0, 0.0, -10.0, 3850000.0), 96, 96)
 
 
 def _tmp_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith(ex.TMP_SUFFIX)]
+    return [p for p in root.rglob("*") if p.name.endswith(TMP_SUFFIX)]
 
 
 def _scene(seed: int, sar: bool = False) -> ex.SceneArrays:
@@ -45,39 +48,39 @@ def _files() -> list[ex.PatchFile]:
 
 def test_geotiff_has_bands_crs_transform_deflate_and_is_deterministic(tmp_path):
     data = np.arange(2 * 96 * 96, dtype=np.uint16).reshape(2, 96, 96)
-    sha = ex.write_geotiff(tmp_path / "a.tif", data, GRID, ["B4", "cloud_mask"], tags={"scene_id": "x"}, scales=[1e-4, 1], offsets=[0, 0])
-    assert sha == ex.sha256_file(tmp_path / "a.tif")
+    sha = geotiff.write_geotiff(tmp_path / "a.tif", data, GRID, ["B4", "cloud_mask"], tags={"scene_id": "x"}, scales=[1e-4, 1], offsets=[0, 0])
+    assert sha == pfiles.sha256_file(tmp_path / "a.tif")
     with rasterio.open(tmp_path / "a.tif") as src:
         assert src.descriptions == ("B4", "cloud_mask")
         assert src.crs.to_epsg() == 32649 and src.transform == GRID.transform
         assert src.compression.name.lower() == "deflate"
         assert src.tags()["scene_id"] == "x" and src.scales == (1e-4, 1.0)
         np.testing.assert_array_equal(src.read(), data)
-    assert ex.write_geotiff(tmp_path / "b.tif", data, GRID, ["B4", "cloud_mask"], tags={"scene_id": "x"}, scales=[1e-4, 1], offsets=[0, 0]) == sha
+    assert geotiff.write_geotiff(tmp_path / "b.tif", data, GRID, ["B4", "cloud_mask"], tags={"scene_id": "x"}, scales=[1e-4, 1], offsets=[0, 0]) == sha
     assert _tmp_files(tmp_path) == []
     with pytest.raises(ValueError, match="does not fit"):
-        ex.write_geotiff(tmp_path / "c.tif", data[0], GRID, ["B4"])
+        geotiff.write_geotiff(tmp_path / "c.tif", data[0], GRID, ["B4"])
 
 
 def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "x.bin"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with ex.atomic_output(target) as tmp:
+        with pfiles.atomic_output(target) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("disk full")
     assert target.read_bytes() == b"old" and _tmp_files(tmp_path) == []
-    assert ex.write_bytes_atomic(target, b"new") and not ex.write_bytes_atomic(target, b"new")
+    assert pfiles.write_bytes_atomic(target, b"new") and not pfiles.write_bytes_atomic(target, b"new")
 
 
 def test_truncated_geotiff_is_a_clear_error(tmp_path):
     p = tmp_path / "t.tif"
-    ex.write_geotiff(p, np.ones((3, 96, 96), np.uint16) * np.arange(96, dtype=np.uint16), GRID, ["a", "b", "c"])
+    geotiff.write_geotiff(p, np.ones((3, 96, 96), np.uint16) * np.arange(96, dtype=np.uint16), GRID, ["a", "b", "c"])
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     with pytest.raises(DataError, match=r"t\.tif: unreadable or truncated GeoTIFF"):
-        ex.read_geotiff(p)
+        geotiff.read_geotiff(p)
     with pytest.raises(DataError, match="file not found"):
-        ex.read_geotiff(tmp_path / "missing.tif")
+        geotiff.read_geotiff(tmp_path / "missing.tif")
 
 
 def test_export_writes_skips_and_repairs(tmp_path):
@@ -92,13 +95,13 @@ def test_export_writes_skips_and_repairs(tmp_path):
     assert (r1.written, r1.skipped, r1.repaired) == (9, 0, 0)
     assert sorted(reads) == ["a", "b", "c"]  # each scene read once
     for f in files:
-        assert ex.sha256_file(tmp_path / f.rel_path) == r1.sha256[f.rel_path]
-    opt = ex.read_geotiff(tmp_path / "patches/r00000c00032/a.tif")
+        assert pfiles.sha256_file(tmp_path / f.rel_path) == r1.sha256[f.rel_path]
+    opt = geotiff.read_geotiff(tmp_path / "patches/r00000c00032/a.tif")
     assert opt.bands == ("B2", "B3", "B4", "cloud_mask")
     np.testing.assert_array_equal(opt.data[:3], SCENES["a"].data[:, 0:64, 32:96])
     np.testing.assert_array_equal(opt.data[3], SCENES["a"].mask[0:64, 32:96])
     assert opt.grid == GRID.window(0, 32, 64, 64)
-    sar = ex.read_geotiff(tmp_path / "patches/r00032c00032/c.tif")
+    sar = geotiff.read_geotiff(tmp_path / "patches/r00032c00032/c.tif")
     assert sar.bands == ("VV", "VH") and sar.data.dtype == np.float32
 
     mtimes = {f.rel_path: (tmp_path / f.rel_path).stat().st_mtime_ns for f in files}
@@ -160,7 +163,7 @@ def test_stale_temp_files_are_removed(tmp_path):
     (tmp_path / "patches" / "p").mkdir(parents=True)
     (tmp_path / "patches" / "p" / ".x.tif.123-4.tmp").write_bytes(b"partial")
     (tmp_path / "patches" / "p" / "keep.tif").write_bytes(b"x")
-    assert ex.remove_stale_temps(tmp_path) == 1
+    assert remove_stale_temps(tmp_path) == 1
     assert [p.name for p in (tmp_path / "patches" / "p").iterdir()] == ["keep.tif"]
 
 
@@ -208,5 +211,5 @@ def test_manifest_errors_name_the_file(tmp_path):
 
 
 def test_temp_names_are_hidden_and_unique_per_thread(tmp_path):
-    p = ex.temp_path(tmp_path / "a.tif")
-    assert p.name.startswith(".a.tif.") and p.name.endswith(ex.TMP_SUFFIX) and str(os.getpid()) in p.name
+    p = temp_path(tmp_path / "a.tif")
+    assert p.name.startswith(".a.tif.") and p.name.endswith(TMP_SUFFIX) and str(os.getpid()) in p.name

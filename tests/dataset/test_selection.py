@@ -6,8 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.masking.scene import mask_fractions
-from pipeline.regions import parse_region
 from pipeline.dataset.selection import (
     FRACTION_COLUMNS,
     PatchOffset,
@@ -18,6 +16,8 @@ from pipeline.dataset.selection import (
     patch_offsets,
     select_samples,
 )
+from pipeline.masking.scene import mask_fractions
+from pipeline.regions import parse_region
 
 
 def region(selection: dict, sensors=("s1", "s2"), patch=None, splits=None):

@@ -108,12 +108,21 @@ def test_bad_parameters_are_validation_errors_with_the_fix(tmp_path):
         TrainParams(data=str(tmp_path), model="resnet")
     with pytest.raises(ValidationError, match="no cubes/ folder"):
         TrainParams(data=str(tmp_path), model="unet")
-    with pytest.raises(ValidationError, match="unknown mask_method"):
+    with pytest.raises(ValidationError, match="unknown mask method 'magic'; use one of: cheapest, auto"):
         BuildDatasetParams(region="zhengzhou-demo", mask_method="magic")
+    with pytest.raises(ValidationError, match="max_patches=0: Input should be greater than or equal to 1"):
+        BuildDatasetParams(region="zhengzhou-demo", max_patches=0)
     with pytest.raises(ValidationError, match="score_truth needs the synthetic source"):
         ReconstructParams(region="zhengzhou-demo", date=DATE, source="earthengine", score_truth=True)
+    with pytest.raises(ValidationError, match=r"overlap 300: must be in \[32, tile=256\)"):
+        ReconstructParams(region="zhengzhou-demo", date=DATE, overlap=300)
+    with pytest.raises(ValidationError, match="mask_method 'magic': unknown mask method"):
+        ReconstructParams(region="zhengzhou-demo", date=DATE, mask_method="magic")
     ok = ReconstructParams(region=TINY, date=DATE)
     assert ok.resolved_region().name == "tiny-aoi"
+    cfg = ReconstructParams(region=TINY, date=DATE, tile=128, aux_dates="latest", source_options={"seed": 3}).config()
+    assert (cfg.tile, cfg.overlap, cfg.aux_dates) == (128, 64, "latest")
+    assert cfg.source.name == "synthetic" and cfg.source.options == {"seed": 3}
 
 
 def test_scheduled_build_targets_active_regions_without_a_dataset(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import xarray as xr
 
 from pipeline.errors import DataError
-from pipeline.masking.config import MaskConfig
 from pipeline.masking.codes import MaskClass
+from pipeline.masking.config import MaskConfig
 from pipeline.masking.scene import mask_fractions, mask_scene
 from pipeline.sensors import S2_BANDS
 
@@ -33,7 +33,9 @@ def _raster(bands: dict[str, np.ndarray], **attrs) -> xr.DataArray:
     )
 
 
-def _paint(shape: tuple[int, int], regions: list[tuple[tuple[slice, slice], list[float]]], base: list[float] = VEG) -> dict[str, np.ndarray]:
+def _paint(
+    shape: tuple[int, int], regions: list[tuple[tuple[slice, slice], list[float]]], base: list[float] = VEG
+) -> dict[str, np.ndarray]:
     img = np.empty((6, *shape), dtype=np.float32)
     img[:] = np.asarray(base, dtype=np.float32)[:, None, None]
     for where, spectrum in regions:
@@ -45,7 +47,9 @@ def test_spectral_cloud_shadow_and_snow_classes() -> None:
     cloud = (slice(40, 60), slice(40, 60))
     shadow = (slice(40, 60), slice(20, 38))  # west of the cloud: sun in the east
     snow = (slice(80, 95), slice(80, 95))
-    r = _raster(_paint((100, 100), [(cloud, CLOUD), (shadow, SHADE), (snow, SNOW)]), sun_azimuth=90.0, sun_elevation=45.0)
+    r = _raster(
+        _paint((100, 100), [(cloud, CLOUD), (shadow, SHADE), (snow, SNOW)]), sun_azimuth=90.0, sun_elevation=45.0
+    )
     m = mask_scene(r, method="spectral")
     assert m.dtype == np.uint8 and m.dims == ("y", "x")
     np.testing.assert_array_equal(m["x"], r["x"])
@@ -80,7 +84,11 @@ def test_nan_pixels_are_nodata_and_fractions() -> None:
     f = mask_fractions(m)
     assert f["valid_fraction"] == pytest.approx(45 / 50)
     assert f["cloud_fraction"] == pytest.approx(np.isin(m.values, [1, 4]).mean())
-    assert mask_fractions(np.array([[0, 1], [4, 3]], dtype=np.uint8)) == {"cloud_fraction": 0.5, "shadow_fraction": 0.0, "valid_fraction": 0.75}
+    assert mask_fractions(np.array([[0, 1], [4, 3]], dtype=np.uint8)) == {
+        "cloud_fraction": 0.5,
+        "shadow_fraction": 0.0,
+        "valid_fraction": 0.75,
+    }
 
 
 def test_qa60_bits_and_gap() -> None:
@@ -114,7 +122,14 @@ def test_scl_classes() -> None:
 
 def test_qa_pixel_priorities() -> None:
     bits = lambda *b: sum(1 << i for i in b)  # noqa: E731
-    qa = np.array([[bits(0), bits(1), bits(2), bits(3, 8, 9)], [bits(4), bits(5), bits(6), bits(7, 6)], [bits(3, 5), bits(4, 5), bits(2, 4), 0]], dtype=np.float32)
+    qa = np.array(
+        [
+            [bits(0), bits(1), bits(2), bits(3, 8, 9)],
+            [bits(4), bits(5), bits(6), bits(7, 6)],
+            [bits(3, 5), bits(4, 5), bits(2, 4), 0],
+        ],
+        dtype=np.float32,
+    )
     v = mask_scene(_raster({"QA_PIXEL": qa}, sensor="landsat8_l2")).values
     assert v.tolist() == [[3, 1, 4, 1], [2, 5, 0, 0], [1, 2, 4, 0]]
 
@@ -143,7 +158,10 @@ def test_s2cloudless_bands_and_precomputed_probability() -> None:
     rng = np.random.default_rng(0)
     h = w = 32
     veg = [0.08, 0.06, 0.08, 0.04, 0.10, 0.30, 0.35, 0.35, 0.37, 0.12, 0.002, 0.18, 0.08]
-    img = {b: np.full((h, w), v, np.float32) + rng.normal(0, 0.003, (h, w)).astype(np.float32) for b, v in zip(S2_BANDS, veg)}
+    img = {
+        b: np.full((h, w), v, np.float32) + rng.normal(0, 0.003, (h, w)).astype(np.float32)
+        for b, v in zip(S2_BANDS, veg)
+    }
     for b in S2_BANDS:
         img[b][:, :16] = 0.6 if b != "B10" else 0.05  # a bright white block on the left half
     m = mask_scene(_raster(img, sensor="s2_l1c"), config=MaskConfig(shadow=False))

@@ -33,8 +33,12 @@ def _npz_raster(path: Path) -> tuple[xr.DataArray, np.ndarray]:
 
 
 # One threshold set for all three; measured: cloud 0.854 / 0.756 / 0.801, shadow 0.784 / 0.688 / 0.779.
-@pytest.mark.parametrize("name,min_cloud,min_shadow", [("sentinel2", 0.84, 0.70), ("landsat7", 0.72, 0.60), ("landsat5", 0.75, 0.65)])
-def test_spectral_rule_kappa_on_reference_labels(real_data: Path, name: str, min_cloud: float, min_shadow: float) -> None:
+@pytest.mark.parametrize(
+    "name,min_cloud,min_shadow", [("sentinel2", 0.84, 0.70), ("landsat7", 0.72, 0.60), ("landsat5", 0.75, 0.65)]
+)
+def test_spectral_rule_kappa_on_reference_labels(
+    real_data: Path, name: str, min_cloud: float, min_shadow: float
+) -> None:
     raster, ref = _npz_raster(real_data / "cloudmask-reference" / f"{name}.npz")
     mask = mask_scene(raster, method="spectral").values  # sun unknown: dark pixels near clouds are shadow
     assert kappa(np.isin(mask, [MaskClass.CLOUD, MaskClass.THIN_CLOUD]), ref == 4) >= min_cloud
@@ -60,13 +64,24 @@ def _landsat(folder: Path) -> tuple[xr.DataArray, np.ndarray, dict]:
         if "=" in line:
             k, v = (s.strip() for s in line.split("=", 1))
             mtl[k] = v
-    attrs = {"sensor": "landsat8_l2", "transform": transform, "crs": crs, "datetime": mtl["DATE_ACQUIRED"] + "T00:00:00+00:00",
-             "sun_azimuth": float(mtl["SUN_AZIMUTH"]), "sun_elevation": float(mtl["SUN_ELEVATION"])}
+    attrs = {
+        "sensor": "landsat8_l2",
+        "transform": transform,
+        "crs": crs,
+        "datetime": mtl["DATE_ACQUIRED"] + "T00:00:00+00:00",
+        "sun_azimuth": float(mtl["SUN_AZIMUTH"]),
+        "sun_elevation": float(mtl["SUN_ELEVATION"]),
+    }
     return xr.DataArray(np.stack(arrays), dims=("band", "y", "x"), coords={"band": names}, attrs=attrs), qa, mtl
 
 
-@pytest.mark.parametrize("scene,cloud,shadow,snow", [("LC08_L2SP_008059_20191201", 0.81, 0.06, 0.0), ("LC08_L2SP_005009_20150710", 0.55, None, 0.40)])
-def test_qa_pixel_matches_hand_decoded_bits(real_data: Path, scene: str, cloud: float, shadow: float | None, snow: float) -> None:
+@pytest.mark.parametrize(
+    "scene,cloud,shadow,snow",
+    [("LC08_L2SP_008059_20191201", 0.81, 0.06, 0.0), ("LC08_L2SP_005009_20150710", 0.55, None, 0.40)],
+)
+def test_qa_pixel_matches_hand_decoded_bits(
+    real_data: Path, scene: str, cloud: float, shadow: float | None, snow: float
+) -> None:
     raster, qa, _ = _landsat(real_data / "landsat-c2-l2" / scene)
     mask = mask_scene(raster).values
     assert mask_scene(raster).attrs["mask_method"] == "qa_pixel"
@@ -83,7 +98,9 @@ def test_qa_pixel_matches_hand_decoded_bits(real_data: Path, scene: str, cloud: 
     if shadow is not None:
         assert bit(4)[valid].mean() == pytest.approx(shadow, abs=0.01)
     # QA snow is never called cloud where QA says snow and no cloud bit
-    assert not np.isin(mask[valid & bit(5) & ~bit(3) & ~bit(1) & ~bit(2)], [MaskClass.CLOUD, MaskClass.THIN_CLOUD]).any()
+    assert not np.isin(
+        mask[valid & bit(5) & ~bit(3) & ~bit(1) & ~bit(2)], [MaskClass.CLOUD, MaskClass.THIN_CLOUD]
+    ).any()
 
 
 def test_spectral_rule_does_not_call_greenland_snow_cloud(real_data: Path) -> None:

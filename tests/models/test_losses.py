@@ -23,8 +23,20 @@ def _img(seed: int, size: int = 64, c: int = 4) -> torch.Tensor:
     return torch.rand(2, c, size, size, generator=g)
 
 
-@pytest.mark.parametrize("fn", [L.l1_loss, L.l2_loss, L.cosine_loss, L.gradient_loss, L.fft_loss, L.ssim_loss, L.ms_ssim_loss,
-                                L.pearson_loss, L.structure_loss])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        L.l1_loss,
+        L.l2_loss,
+        L.cosine_loss,
+        L.gradient_loss,
+        L.fft_loss,
+        L.ssim_loss,
+        L.ms_ssim_loss,
+        L.pearson_loss,
+        L.structure_loss,
+    ],
+)
 @pytest.mark.parametrize("size", [64, 256])
 def test_zero_for_identical_positive_otherwise(fn, size):
     a, b = _img(0, size), _img(1, size)

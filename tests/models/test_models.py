@@ -13,8 +13,16 @@ from models.bands import LANDSAT_SR_BANDS, S1_BANDS, S2_BANDS
 from models.crgennet import FusionAttention
 from models.errors import ModelConfigError, ModelInputError
 from models.layers import SwinBlock, _shift_pad_mask
-from models.registry import (MODELS, adversarial_loss, build_model, list_models, model_info, model_loss, model_spec,
-                             resolve_config)
+from models.registry import (
+    MODELS,
+    adversarial_loss,
+    build_model,
+    list_models,
+    model_info,
+    model_loss,
+    model_spec,
+    resolve_config,
+)
 from models.spec import InputSpec, ModelOutput
 from tests.models.helpers import OVERFIT_LR, make_batch, one_thread, write_random_vgg  # noqa: F401 (fixture)
 
@@ -158,7 +166,11 @@ def test_gradients_reach_every_parameter(name):
             loss = loss + (v - b["target"]).abs().mean() if v.shape == b["target"].shape else loss
         loss.backward()
         opt.step()
-    dead = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    dead = [
+        n
+        for n, p in m.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
+    ]
     assert not dead, f"{name}: no gradient reaches {dead}"
 
 

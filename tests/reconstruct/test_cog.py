@@ -9,8 +9,8 @@ import rasterio.shutil
 from affine import Affine
 
 from pipeline.errors import DataError
-from pipeline.reconstruct.cog import BlockWriter, RasterSpec, build_vrt, validate_cog, write_cog
 from pipeline.grid import Grid
+from pipeline.reconstruct.cog import BlockWriter, RasterSpec, build_vrt, validate_cog, write_cog
 
 GRID = Grid("EPSG:32649", Affine(10.0, 0.0, 750_000.0, 0.0, -10.0, 3_850_000.0), 1100, 900)
 

@@ -57,7 +57,8 @@ def test_save_png_atomic_and_side_by_side(tmp_path):
 
 def test_preview_command_writes_a_true_colour_png(tmp_path):
     out = tmp_path / "clear.png"
-    res = CliRunner().invoke(app, ["preview", "zhengzhou-demo", "--date", "2021-07-08", "--source", "synthetic", "-o", str(out)])
+    res = CliRunner().invoke(app, ["preview", "zhengzhou-demo", "--date", "2021-07-08", "--source", "synthetic",
+                                   "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "T49SGU" in res.output
     img = np.asarray(Image.open(out))
@@ -65,10 +66,13 @@ def test_preview_command_writes_a_true_colour_png(tmp_path):
 
 
 def test_preview_sar_and_no_scene_error(tmp_path):
-    res = CliRunner().invoke(app, ["preview", "zhengzhou-demo", "--date", "2021-07-08", "--sensor", "s1", "-o", str(tmp_path / "s1.png")])
+    res = CliRunner().invoke(app, ["preview", "zhengzhou-demo", "--date", "2021-07-08", "--sensor", "s1",
+                                   "-o", str(tmp_path / "s1.png")])
     assert res.exit_code == 0, res.output
     # Landsat 8 alone every 16 days in July 2021 (06-27, 07-13, ...): nothing within 3 days of 07-09
-    res = CliRunner().invoke(app, ["preview", "zhengzhou-demo", "--date", "2021-07-09", "--sensor", "landsat", "-o", str(tmp_path / "none.png")])
+    res = CliRunner().invoke(app, ["preview", "zhengzhou-demo", "--date", "2021-07-09", "--sensor", "landsat",
+                                   "-o", str(tmp_path / "none.png")])
     assert res.exit_code != 0
-    assert "nearest dates" in str(res.exception) and "2021-06-27" in str(res.exception) and "2021-07-13" in str(res.exception)
+    msg = str(res.exception)
+    assert "nearest dates" in msg and "2021-06-27" in msg and "2021-07-13" in msg
     assert not (tmp_path / "none.png").exists()

@@ -12,28 +12,36 @@ import pytest
 import rasterio
 import torch
 
-from pipeline.files import sha256_file
-from pipeline.train.checkpoint import save_model
 from pipeline.errors import CheckpointError, DataError, SourceError
-from pipeline.reconstruct.cog import validate_cog
-from pipeline.reconstruct.run import MosaicLoader, load_model, plan_inputs, reconstruct
-from pipeline.masking.scene import mask_scene
+from pipeline.files import sha256_file
 from pipeline.masking.codes import MaskClass, to_cube_codes
+from pipeline.masking.scene import mask_scene
 from pipeline.normalize import optical_to_unit
+from pipeline.reconstruct.cog import validate_cog
+from pipeline.reconstruct.config import ReconstructConfig, ReconstructConfigError
+from pipeline.reconstruct.mosaic import MosaicLoader
+from pipeline.reconstruct.plan import plan_inputs
+from pipeline.reconstruct.run import load_model, reconstruct
+from pipeline.reconstruct.stac import validate_item
 from pipeline.regions import parse_region
 from pipeline.sources.synthetic.source import SyntheticSource
-from pipeline.reconstruct.stac import validate_item
+from pipeline.train.checkpoint import save_model
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT.parent / "shared" / "data" / "real"
 DATE = dt.date(2021, 7, 22)  # a partly cloudy synthetic S2 date over Zhengzhou (clear dates 07-07, 07-12 before it)
-FAST = {"mask_method": "cloudscore"}  # s2cloudless takes ~20 s per 512^2 on this machine; masking is tested elsewhere
+
+
+def fast(**options) -> ReconstructConfig:
+    """s2cloudless takes ~20 s per 512^2 on this machine; masking is tested elsewhere."""
+    return ReconstructConfig(mask_method="cloudscore", **options)
 
 
 def _region(name: str, east: float, north: float):
     return parse_region({
         "name": name, "bbox": [113.60, 34.71, east, north], "crs": "auto", "resolution": 10,
-        "event_date": "2021-07-20", "window": {"start": "2021-07-01", "end": "2021-08-31"}, "sensors": ["s1", "s2", "landsat"],
+        "event_date": "2021-07-20", "window": {"start": "2021-07-01", "end": "2021-08-31"},
+        "sensors": ["s1", "s2", "landsat"],
     })
 
 
@@ -44,7 +52,7 @@ WIDE = _region("strip", 113.6775, 34.7185)  # ~715 x 95 px: two output blocks of
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
-    return reconstruct(SMALL, DATE, "composite", "synthetic", out, keep_clear=True, block=512, **FAST)
+    return reconstruct(SMALL, DATE, "composite", out, fast(keep_clear=True, block=512))
 
 
 def test_outputs_on_region_grid_valid_cogs_with_metadata(tiny_run):
@@ -61,7 +69,8 @@ def test_outputs_on_region_grid_valid_cogs_with_metadata(tiny_run):
         assert np.isnan(ds.nodata)
         tags = ds.tags()
     assert tags["model"] == "composite" and tags["target_date"] == "2021-07-22" and tags["simulated"] == "true"
-    assert tags["optical_dates"] == "2021-07-07,2021-07-12,2021-07-22"  # the two clearest within 30 days (07-17 is cloudy), then D
+    # the two clearest within 30 days (07-17 is cloudy), then D
+    assert tags["optical_dates"] == "2021-07-07,2021-07-12,2021-07-22"
     assert all(s.id in tags["source_scene_ids"] for group in tiny_run.plan.optical_scenes for s in group)
     assert tags["cloudfree_version"] and tags["checkpoint_sha256"]
     assert tiny_run.uncertainty is None  # the composite has no variance
@@ -114,10 +123,11 @@ def test_quicklook_is_input_beside_output(tiny_run):
 def test_stitched_mosaic_equals_untiled_model_no_seams(tmp_path):
     """The composite returns its input on clear pixels and works pixel by pixel: tiled + blended output must
     equal one forward over the whole AOI, so any seam at a tile border would show up as a difference."""
-    res = reconstruct(SMALL, DATE, "composite", "synthetic", tmp_path, tile=64, overlap=32, block=512, **FAST)
+    res = reconstruct(SMALL, DATE, "composite", tmp_path, fast(tile=64, overlap=32, block=512))
     lm = load_model("composite")
     grid = SMALL.grid()
-    inputs = MosaicLoader(SyntheticSource(), grid, res.plan, lm.spec, mask_method="cloudscore")(0, grid.height, 0, grid.width)
+    loader = MosaicLoader(SyntheticSource(), grid, res.plan, lm.spec, mask_method="cloudscore")
+    inputs = loader(0, grid.height, 0, grid.width)
     with torch.no_grad():
         whole = lm.model({k: torch.from_numpy(v[None]) for k, v in inputs.arrays.items()}).mean[0].numpy()
     with rasterio.open(res.cog) as ds:
@@ -153,7 +163,8 @@ def test_checkpoint_the_source_cannot_satisfy():
 
 def test_date_without_scenes_lists_nearest_dates():
     spec = load_model("composite").spec
-    with pytest.raises(SourceError, match=r"no s2 scene on 2021-07-20 .*nearest dates with scenes: .*2021-07-17.*2021-07-22"):
+    needle = r"no s2 scene on 2021-07-20 .*nearest dates with scenes: .*2021-07-17.*2021-07-22"
+    with pytest.raises(SourceError, match=needle):
         plan_inputs(SMALL, dt.date(2021, 7, 20), spec, SyntheticSource(), "composite")
 
 
@@ -169,19 +180,19 @@ def test_auxiliary_dates_are_the_clearest_within_the_gap_or_the_latest():
     (aux,) = clearest.optical_dates[:-1]
     assert clearest.optical_dates[-1] == DATE and cover[aux] == best
     assert aux == max(d for d in earlier if cover[d] == best)  # ties go to the more recent date
-    latest = plan_inputs(SMALL, DATE, spec, src, "unet", aux_dates="latest")
+    latest = plan_inputs(SMALL, DATE, spec, src, "unet", ReconstructConfig(aux_dates="latest"))
     assert latest.optical_dates == [earlier[-1], DATE]
     assert cover[earlier[-1]] > best  # on this date the two choices differ: the day before is cloudier
-    with pytest.raises(DataError, match="aux_dates='newest': use one of clearest, latest"):
-        plan_inputs(SMALL, DATE, spec, src, "unet", aux_dates="newest")
+    with pytest.raises(ReconstructConfigError, match="aux_dates 'newest': Input should be 'clearest' or 'latest'"):
+        ReconstructConfig.parse({"aux_dates": "newest"})
 
 
 def test_aoi_outside_local_source_coverage():
     root = REAL / "landsat-c2-l2"
     if not root.exists():
         pytest.skip(f"real samples not found at {root}")
-    from pipeline.sources.local.source import LocalSource
     from models.registry import model_spec
+    from pipeline.sources.local.source import LocalSource
 
     with pytest.raises(SourceError, match="outside the local source's coverage"):
         plan_inputs(SMALL, DATE, model_spec("cmsn"), LocalSource(root), "cmsn")
@@ -191,14 +202,15 @@ def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
     with pytest.raises(DataError, match="cannot be written"):
-        reconstruct(SMALL, DATE, "composite", "synthetic", blocker / "out", **FAST)
+        reconstruct(SMALL, DATE, "composite", blocker / "out", fast())
 
 
 def test_cli_prints_one_line_error_and_exit_code_2(tmp_path, monkeypatch, capsys):
     import pipeline.cli.reconstruct  # noqa: F401  (registers the command)
     from pipeline.cli import main
 
-    monkeypatch.setattr(sys, "argv", ["cloudfree", "reconstruct", "zhengzhou-demo", "--date", "2021-07-20", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["cloudfree", "reconstruct", "zhengzhou-demo", "--date", "2021-07-20",
+                                      "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2
@@ -218,8 +230,9 @@ def test_cli_two_dates_write_cogs_and_a_date_vrt(tmp_path, monkeypatch):
         "name": "mini", "bbox": [113.60, 34.71, 113.611, 34.7192], "crs": "auto", "resolution": 10,
         "window": {"start": "2021-07-01", "end": "2021-08-31"}, "sensors": ["s1", "s2"]}))
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["cloudfree", "reconstruct", str(region), "--date", "2021-07-17", "--date", "2021-07-22",
-                                      "--out", str(out), "--mask-method", "cloudscore", "--dtype", "uint16", "--compress", "zstd"])
+    monkeypatch.setattr(sys, "argv", ["cloudfree", "reconstruct", str(region), "--date", "2021-07-17",
+                                      "--date", "2021-07-22", "--out", str(out), "--mask-method", "cloudscore",
+                                      "--dtype", "uint16", "--compress", "zstd"])
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code == 0
@@ -234,7 +247,7 @@ def test_cli_two_dates_write_cogs_and_a_date_vrt(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def wide_single(tmp_path_factory):
-    return reconstruct(WIDE, DATE, "composite", "synthetic", tmp_path_factory.mktemp("single"), block=512, **FAST)
+    return reconstruct(WIDE, DATE, "composite", tmp_path_factory.mktemp("single"), fast(block=512))
 
 
 @pytest.mark.slow
@@ -245,10 +258,13 @@ def test_dask_cluster_gives_the_same_file(tmp_path, wide_single):
     assert wide_single.blocks_total == 2
     # The nanny pins workers' BLAS to 1 thread by default; the synthetic renderer's matmul then differs from a
     # 2-thread client by 1 ulp. Same BLAS threads on both sides isolates what this test is about: the pipeline.
-    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if not k.endswith("_NUM_THREADS")}
+    pre_spawn = dask.config.get("distributed.nanny.pre-spawn-environ")
+    environ = {k: v for k, v in pre_spawn.items() if not k.endswith("_NUM_THREADS")}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
-            multi = reconstruct(WIDE, DATE, "composite", "synthetic", tmp_path, block=512, dask_address=cluster.scheduler_address, **FAST)
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None) as cluster:
+            multi = reconstruct(WIDE, DATE, "composite", tmp_path,
+                                fast(block=512, dask_address=cluster.scheduler_address))
     with rasterio.open(wide_single.provenance) as a, rasterio.open(multi.provenance) as b:
         assert np.array_equal(a.read(), b.read()) and a.tags() == b.tags()
     with rasterio.open(wide_single.cog) as a, rasterio.open(multi.cog) as b:
@@ -275,12 +291,12 @@ def test_interrupted_run_leaves_no_cog_and_resumes_by_blocks(tmp_path, wide_sing
 
     monkeypatch.setattr(stitch, "compute_block", dies_on_second_block)
     with pytest.raises(KeyboardInterrupt):
-        reconstruct(WIDE, DATE, "composite", "synthetic", tmp_path, block=512, **FAST)
+        reconstruct(WIDE, DATE, "composite", tmp_path, fast(block=512))
     names = {p.name for p in tmp_path.iterdir()}
     assert wide_single.cog.name not in names and wide_single.provenance.name not in names
     assert any(n.endswith(".progress.json") for n in names)
     monkeypatch.setattr(stitch, "compute_block", real)
-    again = reconstruct(WIDE, DATE, "composite", "synthetic", tmp_path, block=512, **FAST)
+    again = reconstruct(WIDE, DATE, "composite", tmp_path, fast(block=512))
     assert again.resumed and again.blocks_computed == 1
     with rasterio.open(wide_single.cog) as a, rasterio.open(again.cog) as b:
         assert np.array_equal(a.read(), b.read(), equal_nan=True)
@@ -296,7 +312,7 @@ def test_variance_model_writes_uncertainty(tmp_path):
     model = build_model("uncrtaints", cfg)
     run = tmp_path / "run"
     save_model(run, model, {"model": "uncrtaints", "config": cfg, "spec": model.spec.to_dict()})
-    res = reconstruct(SMALL, DATE, run, "synthetic", tmp_path / "out", tile=128, overlap=32, **FAST)
+    res = reconstruct(SMALL, DATE, run, tmp_path / "out", fast(tile=128, overlap=32))
     assert res.uncertainty is not None and validate_cog(res.uncertainty).ok
     assert len(res.plan.sar_scenes) == res.plan.optical_dates.__len__() + 1
     with rasterio.open(res.uncertainty) as ds:

@@ -10,17 +10,19 @@ import pytest
 from affine import Affine
 
 from pipeline.grid import Grid
-from pipeline.regions import load_region
 from pipeline.reconstruct.stac import SCHEMA_DIR_ENV, StacAssets, build_item, validate_item, write_item
+from pipeline.regions import load_region
 
 PROJ = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
 
 
 def _item(tmp_path, grid=None):
     grid = grid or load_region("zhengzhou-demo").grid()
-    assets = StacAssets(tmp_path / "r.tif", tmp_path / "r_provenance.tif", tmp_path / "r_uncertainty.tif", tmp_path / "r.png")
+    assets = StacAssets(tmp_path / "r.tif", tmp_path / "r_provenance.tif", tmp_path / "r_uncertainty.tif",
+                        tmp_path / "r.png")
     return grid, build_item("r", grid, dt.date(2021, 7, 20), assets, ["B2", "B3", "B4", "B8A", "QA"], sensor="s2_l1c",
-                            input_dates=[dt.date(2021, 7, 10)], properties={"cloudfree:model": "composite"}, simulated=True)
+                            input_dates=[dt.date(2021, 7, 10)], properties={"cloudfree:model": "composite"},
+                            simulated=True)
 
 
 def test_item_validates_and_matches_grid(tmp_path):
@@ -43,7 +45,7 @@ def test_item_validates_and_matches_grid(tmp_path):
     assert d["assets"]["data"]["eo:bands"][0]["common_name"] == "blue"
     assert set(d["assets"]) == {"data", "provenance", "uncertainty", "overview"}
     # extension schemas need the network; they are reported as unchecked, never as valid
-    for uri, state in res.extensions.items():
+    for state in res.extensions.values():
         assert state == "valid" or state.startswith("not checked")
 
 
@@ -62,8 +64,10 @@ def test_extension_schemas_from_local_folder(tmp_path, monkeypatch):
         "$id": PROJ,
         "type": "object",
         "required": ["properties"],
-        "properties": {"properties": {"type": "object", "required": ["proj:shape"],
-                                      "properties": {"proj:shape": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}}}},
+        "properties": {"properties": {
+            "type": "object", "required": ["proj:shape"],
+            "properties": {"proj:shape": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}},
+        }},
     }
     (tmp_path / "schemas").mkdir()
     (tmp_path / "schemas" / "projection.json").write_text(json.dumps(schema))

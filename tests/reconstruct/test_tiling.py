@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import rasterio
+import torch
 from affine import Affine
 
-from pipeline.reconstruct.cog import BlockWriter, RasterSpec
 from pipeline.grid import Grid
+from pipeline.reconstruct.cog import BlockWriter, RasterSpec
+from pipeline.reconstruct.config import ReconstructConfig
 from pipeline.reconstruct.tiling import (
-    BlockInputs, Outputs, Progress, StitchConfig, compute_block, hann_weights, keep_clear_blend, lattice, plan_blocks,
+    BlockInputs,
+    Outputs,
+    Progress,
+    compute_block,
+    hann_weights,
+    keep_clear_blend,
+    lattice,
+    plan_blocks,
     run_blocks,
 )
 
@@ -22,7 +30,8 @@ def _scene(h: int = H, w: int = W) -> np.ndarray:
     """A smooth field plus texture, like reflectance."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     rng = np.random.default_rng(3)
-    return (0.3 + 0.1 * np.sin(x / 37.0)[None] * np.cos(y / 53.0)[None] + 0.02 * rng.standard_normal((3, h, w))).astype(np.float32)
+    noise = rng.standard_normal((3, h, w))
+    return (0.3 + 0.1 * np.sin(x / 37.0)[None] * np.cos(y / 53.0)[None] + 0.02 * noise).astype(np.float32)
 
 
 IMG = _scene()
@@ -57,7 +66,8 @@ def stitch(pred, cfg, h=H, w=W, load=loader):
 
 def test_weights_and_lattice():
     w = hann_weights(256, 1e-3)
-    assert w.shape == (256, 256) and w.min() == pytest.approx(1e-6) and w.max() <= 1.0 and w[0, 128] == pytest.approx(1e-3, rel=1e-3)
+    assert w.shape == (256, 256) and w.min() == pytest.approx(1e-6) and w.max() <= 1.0
+    assert w[0, 128] == pytest.approx(1e-3, rel=1e-3)
     np.testing.assert_allclose(w, w[::-1, ::-1])
     starts = lattice(1000, 256, 64)
     assert starts[0] == -64 and np.all(np.diff(starts) == 192) and starts[-1] + 256 >= 1000 + 64
@@ -65,7 +75,7 @@ def test_weights_and_lattice():
 
 
 def test_identity_model_has_no_seams():
-    out = stitch(identity, StitchConfig())
+    out = stitch(identity, ReconstructConfig())
     np.testing.assert_allclose(out, IMG, atol=1e-6)
     # across tile borders (every stride from -overlap) the step equals the input's own step
     borders = [c for c in lattice(W, 256, 64) if 0 < c < W]
@@ -75,15 +85,15 @@ def test_identity_model_has_no_seams():
 
 
 def test_result_does_not_depend_on_block_size():
-    a = stitch(contextual, StitchConfig(block=512))
-    b = stitch(contextual, StitchConfig(block=1024))
+    a = stitch(contextual, ReconstructConfig(block=512))
+    b = stitch(contextual, ReconstructConfig(block=1024))
     np.testing.assert_array_equal(a, b)
 
 
 def test_tile_and_overlap_change_result_only_within_tolerance():
-    ref = stitch(local_conv, StitchConfig(tile=256, overlap=64))
+    ref = stitch(local_conv, ReconstructConfig(tile=256, overlap=64))
     for tile, overlap in ((256, 32), (128, 32), (192, 96)):
-        other = stitch(local_conv, StitchConfig(tile=tile, overlap=overlap))
+        other = stitch(local_conv, ReconstructConfig(tile=tile, overlap=overlap))
         assert np.abs(other - ref).max() < 5e-3, (tile, overlap)  # 0.5 % reflectance
     # without blending, the tile edges would be off by up to half the signal
     raw = local_conv({"optical": torch.from_numpy(IMG[None, None, :, :256, :256])})[0][0]
@@ -97,7 +107,7 @@ def test_small_aoi_and_reflect_edges():
     def small(r0, r1, c0, c1):
         return BlockInputs({"optical": img[None, :, r0:r1, c0:c1]}, np.zeros((r1 - r0, c1 - c0), bool))
 
-    out = stitch(identity, StitchConfig(), h, w, small)
+    out = stitch(identity, ReconstructConfig(), h, w, small)
     np.testing.assert_allclose(out, img, atol=1e-6)
 
 
@@ -110,16 +120,18 @@ def test_keep_clear_is_bit_exact_and_feathers_reconstructed_side():
     nodata[:, -3:] = True
 
     def load(r0, r1, c0, c1):  # the model sees the ground (as if it reconstructed it) but adds a bias
-        return BlockInputs({"optical": observed[None, :, r0:r1, c0:c1]}, nodata[r0:r1, c0:c1], observed[:, r0:r1, c0:c1], clear[r0:r1, c0:c1])
+        return BlockInputs({"optical": observed[None, :, r0:r1, c0:c1]}, nodata[r0:r1, c0:c1],
+                           observed[:, r0:r1, c0:c1], clear[r0:r1, c0:c1])
 
     def biased(batch):
         return batch["optical"][:, -1].numpy() + 0.05, None
 
-    cfg = StitchConfig(keep_clear=True, feather=8)
+    cfg = ReconstructConfig(keep_clear=True, feather=8)
     res = compute_block(plan_blocks(h, w, 1024)[0], h, w, load, biased, cfg)
     keep = clear & ~nodata
     assert np.array_equal(res.mean[:, keep].view(np.uint32), observed[:, keep].view(np.uint32))
-    assert (res.provenance[keep] == 0).all() and (res.provenance[~clear] == 1).all() and (res.provenance[nodata] == 255).all()
+    assert (res.provenance[keep] == 0).all() and (res.provenance[~clear] == 1).all()
+    assert (res.provenance[nodata] == 255).all()
     assert np.isnan(res.mean[:, nodata]).all()
     err = res.mean - observed
     # next to the cloud edge the +0.05 bias is removed almost fully, fading out over the feather width
@@ -142,7 +154,7 @@ def _outputs(tmp_path, grid, resume=False):
 
 def test_interrupted_run_leaves_no_cog_and_resumes_by_blocks(tmp_path):
     grid = Grid("EPSG:32649", Affine(10, 0, 500_000, 0, -10, 3_800_000), W, H)
-    cfg = StitchConfig(block=512)
+    cfg = ReconstructConfig(block=512)
     n_blocks = len(plan_blocks(H, W, 512))
     calls = []
 

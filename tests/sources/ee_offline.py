@@ -5,7 +5,7 @@ recorded ``listAlgorithms`` answer), with the discovery fetch and the data-catal
 so expressions build and serialize exactly as they would against the server. ``mock_http`` helpers
 route ``computePixels`` through googleapiclient with a scripted ``httplib2`` transport.
 
-Import the fixtures into a test module with ``from tests.sources.ee_offline import ee_offline  # noqa: F401``.
+``tests/conftest.py`` registers this module as a plugin: a test asks for ``ee_offline`` by argument name.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ import pytest
 def _fake_map_id(params: dict) -> dict:
     import ee
 
-    return {"mapid": "fakeMapId", "token": "fakeToken", "tile_fetcher": ee.data.TileFetcher("https://offline.invalid/{z}/{x}/{y}", map_name="fakeMapId")}
+    return {
+        "mapid": "fakeMapId",
+        "token": "fakeToken",
+        "tile_fetcher": ee.data.TileFetcher("https://offline.invalid/{z}/{x}/{y}", map_name="fakeMapId"),
+    }
 
 
 def init_offline(patch=None) -> None:
@@ -128,7 +132,9 @@ class SyntheticEarthEngine:
     def _sensor(self, consts: list) -> str:
         found = [self.COLLECTIONS[c] for c in consts if isinstance(c, str) and c in self.COLLECTIONS]
         if not found:
-            raise AssertionError(f"request names no emulated collection: {[c for c in consts if isinstance(c, str)][:8]}")
+            raise AssertionError(
+                f"request names no emulated collection: {[c for c in consts if isinstance(c, str)][:8]}"
+            )
         return found[0]
 
     def compute_value(self, expr) -> dict:
@@ -146,9 +152,17 @@ class SyntheticEarthEngine:
             p = sc.properties
             props = {"index": sc.id, "time_start": int(sc.datetime.timestamp() * 1000)}
             if sensor.startswith("s2"):
-                props.update(CLOUDY_PIXEL_PERCENTAGE=100 * (sc.cloud_cover or 0), MEAN_SOLAR_AZIMUTH_ANGLE=p["sun_azimuth"], MEAN_SOLAR_ZENITH_ANGLE=90 - p["sun_elevation"])
+                props.update(
+                    CLOUDY_PIXEL_PERCENTAGE=100 * (sc.cloud_cover or 0),
+                    MEAN_SOLAR_AZIMUTH_ANGLE=p["sun_azimuth"],
+                    MEAN_SOLAR_ZENITH_ANGLE=90 - p["sun_elevation"],
+                )
             elif sensor.startswith("landsat"):
-                props.update(CLOUD_COVER=100 * (sc.cloud_cover or 0), SUN_AZIMUTH=p["sun_azimuth"], SUN_ELEVATION=p["sun_elevation"])
+                props.update(
+                    CLOUD_COVER=100 * (sc.cloud_cover or 0),
+                    SUN_AZIMUTH=p["sun_azimuth"],
+                    SUN_ELEVATION=p["sun_elevation"],
+                )
             feats.append({"type": "Feature", "geometry": sc.footprint, "properties": props})
         return {"type": "FeatureCollection", "features": feats}
 
@@ -162,7 +176,12 @@ class SyntheticEarthEngine:
         consts = self._constants(req["expression"])
         scene = next(self.scenes[c] for c in consts if isinstance(c, str) and c in self.scenes)
         g, t = req["grid"], req["grid"]["affineTransform"]
-        grid = Grid(g["crsCode"], Affine(t["scaleX"], t["shearX"], t["translateX"], t["shearY"], t["scaleY"], t["translateY"]), g["dimensions"]["width"], g["dimensions"]["height"])
+        grid = Grid(
+            g["crsCode"],
+            Affine(t["scaleX"], t["shearX"], t["translateX"], t["shearY"], t["scaleY"], t["translateY"]),
+            g["dimensions"]["width"],
+            g["dimensions"]["height"],
+        )
         names = [b for b in req["bandIds"] if b != "_valid_bits"]
         raster = self.synthetic.read(scene, grid, names).values.astype(np.float64)
         sensor = get_sensor(scene.sensor)

@@ -21,7 +21,6 @@ from pipeline.errors import SourceError
 from pipeline.masking.config import MaskConfig
 from pipeline.regions import load_region
 from pipeline.sources.base import Scene
-from tests.sources.ee_offline import ee_offline  # noqa: F401  (fixture)
 
 GOLDEN = Path(__file__).parents[1] / "data" / "ee_graphs"
 START, END = dt.date(2021, 7, 15), dt.date(2021, 7, 25)
@@ -29,7 +28,9 @@ S2_INDEX = "20210720T030549_20210720T031406_T49SGU"
 
 
 def _scene(sensor: str, index: str = S2_INDEX, **props: Any) -> Scene:
-    return Scene(index, sensor, dt.datetime(2021, 7, 20, 3, 5, tzinfo=dt.timezone.utc), {}, 0.1, {"ee_index": index, **props})
+    return Scene(
+        index, sensor, dt.datetime(2021, 7, 20, 3, 5, tzinfo=dt.timezone.utc), {}, 0.1, {"ee_index": index, **props}
+    )
 
 
 def _encode(obj: Any, compound: bool = True) -> dict:
@@ -72,7 +73,9 @@ def _check_golden(name: str, graph: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     assert path.exists(), f"missing golden graph {path}; run with CLOUDFREE_UPDATE_EE_GRAPHS=1 and review it"
-    assert json.loads(path.read_text()) == graph, f"graph {name} changed; if intended, regenerate with CLOUDFREE_UPDATE_EE_GRAPHS=1"
+    assert json.loads(path.read_text()) == graph, (
+        f"graph {name} changed; if intended, regenerate with CLOUDFREE_UPDATE_EE_GRAPHS=1"
+    )
 
 
 @pytest.fixture
@@ -101,7 +104,14 @@ def test_s2_graph_is_the_official_join_and_link(ee_offline, demo, source):
     names = [n for n, _ in _invocations(graph)]
     consts = _constants(graph)
     assert "Join.saveFirst" in names and "Image.linkCollection" in names
-    assert all(c in consts for c in ("COPERNICUS/S2_HARMONIZED", "COPERNICUS/S2_CLOUD_PROBABILITY", "GOOGLE/CLOUD_SCORE_PLUS/V1/S2_HARMONIZED"))
+    assert all(
+        c in consts
+        for c in (
+            "COPERNICUS/S2_HARMONIZED",
+            "COPERNICUS/S2_CLOUD_PROBABILITY",
+            "GOOGLE/CLOUD_SCORE_PLUS/V1/S2_HARMONIZED",
+        )
+    )
     assert ["cs_cdf"] in consts and ["CLOUD_PROB"] in consts
     # Inclusive window: the end date's scenes are kept (filterDate end is exclusive).
     assert "2021-07-26" in consts and "2021-07-15" in consts
@@ -127,7 +137,13 @@ def test_s1_filters_and_speckle_options(ee_offline, demo):
     assert "Image.focalMean" in [n for n, _ in _invocations(box)]
 
 
-MASKS = [("s2_l1c", "s2cloudless"), ("s2_l1c", "cloudscore"), ("s2_l1c", "qa60"), ("s2_l2a", "scl"), ("landsat8_l2", "auto")]
+MASKS = [
+    ("s2_l1c", "s2cloudless"),
+    ("s2_l1c", "cloudscore"),
+    ("s2_l1c", "qa60"),
+    ("s2_l2a", "scl"),
+    ("landsat8_l2", "auto"),
+]
 
 
 @pytest.mark.parametrize("sensor,method", MASKS)
@@ -226,7 +242,10 @@ def test_patch_fractions_server_side(ee_offline, demo, source, monkeypatch):
         sent.append(expr)
         return {
             "type": "FeatureCollection",
-            "features": [{"properties": {"patch_id": pid, "cloud": 0.25 * i, "shadow": 0.05, "valid": 1.0}} for i, (pid, _) in enumerate(patches)],
+            "features": [
+                {"properties": {"patch_id": pid, "cloud": 0.25 * i, "shadow": 0.05, "valid": 1.0}}
+                for i, (pid, _) in enumerate(patches)
+            ],
         }
 
     monkeypatch.setattr(ee.data, "computeValue", compute_value)

@@ -14,13 +14,12 @@ import rasterio
 from affine import Affine
 
 from pipeline.errors import DataError, SourceError
-from pipeline.dataset.patches import MASK_BAND, read_geotiff
+from pipeline.geotiff import MASK_BAND, read_geotiff
 from pipeline.grid import Grid
 from pipeline.regions import load_region
-from pipeline.sources.earthengine import batch as ee_export
 from pipeline.sources.base import Scene
+from pipeline.sources.earthengine import batch as ee_export
 from pipeline.sources.earthengine.batch import Destination, ExportJob
-from tests.sources.ee_offline import ee_offline  # noqa: F401
 
 WHEN = dt.datetime(2021, 7, 20, 3, 5, tzinfo=dt.timezone.utc)
 GRID = Grid("EPSG:32649", Affine(10, 0, 737850.0, 0, -10, 3854220.0), 16, 16)
@@ -70,7 +69,13 @@ def test_export_request_pins_the_patch_grid(ee_offline):
 class FakeTasks:
     """A batch system whose tasks take ``runs`` polls; scripted failures per description."""
 
-    def __init__(self, fail_first: set[str] = frozenset(), always_fail: set[str] = frozenset(), runs: int = 2, server: dict | None = None):
+    def __init__(
+        self,
+        fail_first: set[str] = frozenset(),
+        always_fail: set[str] = frozenset(),
+        runs: int = 2,
+        server: dict | None = None,
+    ):
         self.fail_first, self.always_fail, self.runs = set(fail_first), set(always_fail), runs
         self.started: list[str] = []
         self.polls: dict[str, int] = {}
@@ -112,7 +117,9 @@ def test_tasks_capped_polled_retried_and_resumed(tmp_path):
     def sleep(_s):
         inflight.append(sum(1 for t in json.loads(ledger.read_text()).values() if t["state"] in ee_export.ACTIVE))
 
-    out = ee_export.run_exports(jobs, Destination("gcs", "b"), ledger, backend=fake, tag="t", max_in_flight=3, sleep=sleep)
+    out = ee_export.run_exports(
+        jobs, Destination("gcs", "b"), ledger, backend=fake, tag="t", max_in_flight=3, sleep=sleep
+    )
     assert all(t["state"] == "COMPLETED" for t in out.values()) and len(out) == 7
     assert max(inflight) == 3  # never more than the cap queued
     assert fake.started.count(jobs[2].description("t")) == 2  # the failed one was resubmitted once
@@ -124,7 +131,9 @@ def test_tasks_capped_polled_retried_and_resumed(tmp_path):
     # Ledger lost: the server's task list still prevents resubmitting finished tasks.
     ledger.unlink()
     third = FakeTasks(server=fake.server)
-    ee_export.run_exports(jobs + [_job(9)], Destination("gcs", "b"), ledger, backend=third, tag="t", sleep=lambda s: None)
+    ee_export.run_exports(
+        jobs + [_job(9)], Destination("gcs", "b"), ledger, backend=third, tag="t", sleep=lambda s: None
+    )
     assert third.started == [_job(9).description("t")]
 
 
@@ -132,13 +141,29 @@ def test_task_that_keeps_failing_is_reported(tmp_path):
     jobs = [_job(0), _job(1)]
     fake = FakeTasks(always_fail={jobs[1].description("t")}, runs=1)
     with pytest.raises(SourceError, match=r"1 export task\(s\) failed after 2 attempts .*r00000c00001.*Internal error"):
-        ee_export.run_exports(jobs, Destination("gcs", "b"), tmp_path / "l.json", backend=fake, tag="t", max_attempts=2, sleep=lambda s: None)
+        ee_export.run_exports(
+            jobs,
+            Destination("gcs", "b"),
+            tmp_path / "l.json",
+            backend=fake,
+            tag="t",
+            max_attempts=2,
+            sleep=lambda s: None,
+        )
     assert json.loads((tmp_path / "l.json").read_text())[jobs[0].description("t")]["state"] == "COMPLETED"
 
 
 def _write_export(path: Path, grid: Grid, data: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    prof = dict(driver="GTiff", width=grid.width, height=grid.height, count=data.shape[0], dtype=data.dtype.name, crs=grid.crs, transform=grid.transform)
+    prof = dict(
+        driver="GTiff",
+        width=grid.width,
+        height=grid.height,
+        count=data.shape[0],
+        dtype=data.dtype.name,
+        crs=grid.crs,
+        transform=grid.transform,
+    )
     with rasterio.open(path, "w", **prof) as dst:
         dst.write(data)
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from pipeline.regions import load_region
-from tests.sources.ee_offline import ee_offline  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "explore_aoi.ipynb"
@@ -32,8 +31,8 @@ def test_patch_grid_geojson_follows_the_utm_patches():
 
 
 def test_cog_overlay_is_a_png_with_lonlat_bounds(tmp_path):
-    from pipeline.sources.earthengine import maps as gh
     from pipeline.reconstruct.cog import RasterSpec, write_cog
+    from pipeline.sources.earthengine import maps as gh
 
     region = load_region("zhengzhou-demo")
     grid = region.grid().window(0, 0, 64, 64)
@@ -84,7 +83,9 @@ def test_explore_aoi_notebook_runs_headless():
     env_before = os.environ.get("CLOUDFREE_EE_OFFLINE")
     os.environ["CLOUDFREE_EE_OFFLINE"] = "1"  # the kernel inherits the environment
     try:
-        client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+        client = nbclient.NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        )
         client.execute()
     finally:
         if env_before is None:
@@ -92,7 +93,9 @@ def test_explore_aoi_notebook_runs_headless():
         else:
             os.environ["CLOUDFREE_EE_OFFLINE"] = env_before
     outputs = {i: c.get("outputs", []) for i, c in enumerate(nb.cells) if c.cell_type == "code"}
-    text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for outs in outputs.values() for o in outs)
+    text = "\n".join(
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for outs in outputs.values() for o in outs
+    )
     assert "zhengzhou-demo EPSG:32649" in text
     assert "patch grid" in text and "s2_l1c clear median" in text
     assert not any(o.get("output_type") == "error" for outs in outputs.values() for o in outs)

@@ -18,12 +18,19 @@ from affine import Affine
 
 from pipeline.errors import SourceError
 from pipeline.grid import Grid
-from pipeline.sources.earthengine import pixels as ee_pixels
 from pipeline.sources.base import Scene
-from tests.sources.ee_offline import ee_offline, http_error, http_ok, npy_response, scripted_http  # noqa: F401
+from pipeline.sources.earthengine import pixels as ee_pixels
+from tests.sources.ee_offline import http_error, http_ok, npy_response, scripted_http
 
 MiB = 1024 * 1024
-SCENE = Scene("20210720T030549_20210720T031406_T49SGU", "s2_l1c", dt.datetime(2021, 7, 20, 3, 5, tzinfo=dt.timezone.utc), {}, 0.1, {})
+SCENE = Scene(
+    "20210720T030549_20210720T031406_T49SGU",
+    "s2_l1c",
+    dt.datetime(2021, 7, 20, 3, 5, tzinfo=dt.timezone.utc),
+    {},
+    0.1,
+    {},
+)
 
 
 def _grid(w: int, h: int, res: float = 10.0) -> Grid:
@@ -32,7 +39,13 @@ def _grid(w: int, h: int, res: float = 10.0) -> Grid:
 
 @pytest.mark.parametrize(
     "w,h,bpp,limit",
-    [(20000, 15000, 4 * 17, 48 * MiB), (1035, 1026, 4 * 17, 1 * MiB), (100_000, 3, 4, 48 * MiB), (5000, 70000, 2, 48 * MiB), (777, 333, 52, 200_000)],
+    [
+        (20000, 15000, 4 * 17, 48 * MiB),
+        (1035, 1026, 4 * 17, 1 * MiB),
+        (100_000, 3, 4, 48 * MiB),
+        (5000, 70000, 2, 48 * MiB),
+        (777, 333, 52, 200_000),
+    ],
 )
 def test_request_blocks_tile_exactly_under_limits(w, h, bpp, limit):
     grid = _grid(w, h)
@@ -61,7 +74,13 @@ def test_block_shape_refuses_impossible_pixel():
         ee_pixels.block_shape(10, 10, bytes_per_pixel=100, max_bytes=50)
 
 
-def _coded_responder(calls: list, lock: threading.Lock, invalid_band: int | None = None, delay: float = 0.0, in_flight: list | None = None):
+def _coded_responder(
+    calls: list,
+    lock: threading.Lock,
+    invalid_band: int | None = None,
+    delay: float = 0.0,
+    in_flight: list | None = None,
+):
     """Answer computePixels with values that encode each pixel's global column/row on the base grid."""
 
     def respond(uri, method="GET", body=None, headers=None, **kw):
@@ -115,7 +134,9 @@ def test_read_assembles_blocks_on_the_exact_grid(ee_offline):
     assert len(calls) == len(da.chunks[1]) * len(da.chunks[2])
     for req in calls:
         g = req["grid"]
-        assert set(g) == {"crsCode", "affineTransform", "dimensions"} and g["crsCode"] == "EPSG:32649"  # never scale alone
+        assert (
+            set(g) == {"crsCode", "affineTransform", "dimensions"} and g["crsCode"] == "EPSG:32649"
+        )  # never scale alone
         assert g["affineTransform"]["scaleX"] == 10.0 and g["affineTransform"]["scaleY"] == -10.0
         assert req["fileFormat"] == "NPY"
         assert g["dimensions"]["width"] * g["dimensions"]["height"] * 17 < 20_000
@@ -160,7 +181,13 @@ def test_429_then_5xx_then_success_retries_with_growing_delays(ee_offline):
     from pipeline.sources.earthengine.source import EarthEngineSource
 
     sleeps: list[float] = []
-    http = scripted_http([http_error(429, "Too many concurrent aggregations."), http_error(503, "Service unavailable"), http_ok(_npy_one())])
+    http = scripted_http(
+        [
+            http_error(429, "Too many concurrent aggregations."),
+            http_error(503, "Service unavailable"),
+            http_ok(_npy_one()),
+        ]
+    )
     src = EarthEngineSource(retry=ee_pixels.RetryPolicy(base_delay_s=1.0, sleep=sleeps.append))
     with apitestcase.UsingCloudApi(mock_http=http):
         values = src.read(SCENE, _grid(3, 2), ["B2"]).values
@@ -185,7 +212,11 @@ def test_timeouts_are_retried(ee_offline):
 
 @pytest.mark.parametrize(
     "message",
-    ["User memory limit exceeded.", "Total request size (52428800 bytes) must be less than or equal to 50331648 bytes.", "Image.select: Pattern 'B99' did not match any bands."],
+    [
+        "User memory limit exceeded.",
+        "Total request size (52428800 bytes) must be less than or equal to 50331648 bytes.",
+        "Image.select: Pattern 'B99' did not match any bands.",
+    ],
 )
 def test_deterministic_errors_fail_at_once_naming_the_request(ee_offline, message):
     from ee import apitestcase

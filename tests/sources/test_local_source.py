@@ -20,9 +20,9 @@ from pipeline.grid import Grid
 from pipeline.regions import load_region, parse_region
 from pipeline.sensors import S2_BANDS
 from pipeline.sources.base import Source
-from pipeline.sources.registry import get_source
 from pipeline.sources.local.layouts import LAYOUTS
 from pipeline.sources.local.source import LocalSource
+from pipeline.sources.registry import get_source
 
 FALL, WINTER = "ROIs1970_fall_139_p839", "ROIs2017_winter_112_p797"
 L8_TROPICS = "LC08_L2SP_008059_20191201_20200825_02_T1"
@@ -36,7 +36,15 @@ def _file_grid(path: Path) -> tuple[np.ndarray, Grid]:
 
 def _write(path: Path, data: np.ndarray, crs: str, transform: Affine, nodata: float | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype, crs=crs, transform=transform)
+    profile = dict(
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs=crs,
+        transform=transform,
+    )
     if nodata is not None:
         profile["nodata"] = nodata
     with rasterio.open(path, "w", **profile) as dst:
@@ -45,7 +53,9 @@ def _write(path: Path, data: np.ndarray, crs: str, transform: Affine, nodata: fl
 
 
 def _region(bbox, name="test-aoi", sensors=("s1", "s2", "landsat"), window=("2021-07-01", "2021-08-31")):
-    return parse_region({"name": name, "bbox": list(bbox), "sensors": list(sensors), "window": {"start": window[0], "end": window[1]}})
+    return parse_region(
+        {"name": name, "bbox": list(bbox), "sensors": list(sensors), "window": {"start": window[0], "end": window[1]}}
+    )
 
 
 # -- real SEN12MS-CR ---------------------------------------------------------------------------------
@@ -172,7 +182,9 @@ def test_landsat_scenes_from_file_names_and_mtl(landsat):
     assert s.sensor == "landsat8_l2" and s.family == "landsat"
     assert s.datetime == dt.datetime(2019, 12, 1, 15, 13, 51, 861099, tzinfo=dt.timezone.utc)
     assert s.cloud_cover == pytest.approx(0.8102)  # MTL CLOUD_COVER 81.02 %
-    assert s.properties["sun_azimuth"] == pytest.approx(136.31696044) and s.properties["sun_elevation"] == pytest.approx(57.08727307)
+    assert s.properties["sun_azimuth"] == pytest.approx(136.31696044) and s.properties[
+        "sun_elevation"
+    ] == pytest.approx(57.08727307)
     assert (s.properties["wrs_path"], s.properties["wrs_row"]) == (8, 59) and s.properties["date_known"] is True
     assert s.properties["bands"] == ("SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7", "QA_PIXEL")
     assert scenes[L8_GREENLAND].cloud_cover == pytest.approx(0.5465)
@@ -180,7 +192,9 @@ def test_landsat_scenes_from_file_names_and_mtl(landsat):
 
 def test_landsat_search_uses_dates_and_footprint(landsat):
     greenland = _region((-40.0, 71.5, -38.0, 72.5), sensors=("landsat",))
-    assert [s.id for s in landsat.search(greenland, dt.date(2015, 7, 1), dt.date(2015, 7, 31), "landsat")] == [L8_GREENLAND]
+    assert [s.id for s in landsat.search(greenland, dt.date(2015, 7, 1), dt.date(2015, 7, 31), "landsat")] == [
+        L8_GREENLAND
+    ]
     assert landsat.search(greenland, dt.date(2015, 8, 1), dt.date(2015, 8, 31), "landsat") == []
     assert landsat.search(greenland, dt.date(2015, 7, 1), dt.date(2015, 7, 31), "s2") == []
     assert [s.id for s in landsat.search(None, None, None, "landsat8_l2")] == [L8_GREENLAND, L8_TROPICS]
@@ -195,14 +209,18 @@ def test_landsat_reads_reflectance_and_integer_qa(landsat, real_data):
     assert tuple(r.band.values) == scene.properties["bands"]
     red = r.sel(band="SR_B4").values
     valid = red_dn[0] != 0  # SR nodata is DN 0
-    np.testing.assert_allclose(red[valid], red_dn[0][valid].astype(np.float32) * np.float32(2.75e-5) - np.float32(0.2), atol=1e-6)
+    np.testing.assert_allclose(
+        red[valid], red_dn[0][valid].astype(np.float32) * np.float32(2.75e-5) - np.float32(0.2), atol=1e-6
+    )
     assert np.isnan(red[~valid]).all()
     qa = r.sel(band="QA_PIXEL").values
     np.testing.assert_array_equal(qa, qa_dn[0].astype(np.float32))  # codes stay exact integers
     assert np.array_equal(qa, np.round(qa))
 
     # a shifted, coarser grid: SR is resampled, QA takes nearest codes only (never an average of bits)
-    coarse = Grid(g.crs, Affine(g.transform.a * 3, 0, g.transform.c + 1000, 0, g.transform.e * 3, g.transform.f - 1000), 100, 100)
+    coarse = Grid(
+        g.crs, Affine(g.transform.a * 3, 0, g.transform.c + 1000, 0, g.transform.e * 3, g.transform.f - 1000), 100, 100
+    )
     c = landsat.read(scene, coarse, ["QA_PIXEL", "SR_B5"]).values
     assert set(np.unique(c[0])) <= set(np.unique(qa_dn).astype(np.float32))
     assert np.nanmin(c[1]) >= -0.2 and np.nanmax(c[1]) <= 1.7
@@ -228,17 +246,28 @@ def test_sen12mscr_ts_layout(tmp_path):
     for t in range(3):
         for patch in (0, 1):
             tr = t0 @ Affine.translation(32 * patch, 0)
-            for kind, data in (("S1", rng.normal(-12, 3, (2, 32, 32)).astype(np.float32)), ("S2", rng.integers(1, 5000, (13, 32, 32), dtype=np.uint16))):
+            for kind, data in (
+                ("S1", rng.normal(-12, 3, (2, 32, 32)).astype(np.float32)),
+                ("S2", rng.integers(1, 5000, (13, 32, 32), dtype=np.uint16)),
+            ):
                 name = f"{kind.lower()}_ROIs1158_106_ImgNo_{t}_{dates[kind][t]}_patch_{patch}.tif"
                 _write(tmp_path / "ROIs1158" / "106" / kind / str(t) / name, data, crs, tr)
     src = LocalSource(tmp_path)
     scenes = src.scenes()
     assert len(scenes) == 12 and {s.properties["layout"] for s in scenes} == {"sen12mscr_ts"}
     s2 = src.scenes("s2")
-    assert [s.date for s in s2 if s.properties["patch"] == 0] == [dt.date(2018, 1, 2), dt.date(2018, 1, 17), dt.date(2018, 1, 27)]
+    assert [s.date for s in s2 if s.properties["patch"] == 0] == [
+        dt.date(2018, 1, 2),
+        dt.date(2018, 1, 17),
+        dt.date(2018, 1, 27),
+    ]
     first = s2[0]
     assert first.id == "s2_ROIs1158_106_ImgNo_0_2018-01-02_patch_0"
-    assert first.properties["time_index"] == 0 and first.properties["roi"] == "ROIs1158/106" and first.properties["date_known"]
+    assert (
+        first.properties["time_index"] == 0
+        and first.properties["roi"] == "ROIs1158/106"
+        and first.properties["date_known"]
+    )
     # dated layout: the window applies (and no "ignored" warning)
     w, s, e, n = Grid(crs, t0, 64, 32).bounds_lonlat()
     aoi = _region((w, s, e, n))
@@ -258,10 +287,16 @@ def test_region_t_layout_and_wuhan_region(tmp_path, caplog):
     for patch in (0, 1):
         for t in (1, 2, 3):
             data = rng.uniform(0.0, 0.4, (4, 16, 16)).astype(np.float32)
-            _write(tmp_path / "wuhan" / f"Wuhan_T{t}_Patch{patch}.tif", data, crs, tr @ Affine.translation(16 * patch, 0))
+            _write(
+                tmp_path / "wuhan" / f"Wuhan_T{t}_Patch{patch}.tif", data, crs, tr @ Affine.translation(16 * patch, 0)
+            )
     src = LocalSource(tmp_path, layout="region_t")
     scenes = src.scenes()
-    assert [s.id for s in scenes if s.properties["patch"] == 0] == ["Wuhan_T1_Patch0", "Wuhan_T2_Patch0", "Wuhan_T3_Patch0"]
+    assert [s.id for s in scenes if s.properties["patch"] == 0] == [
+        "Wuhan_T1_Patch0",
+        "Wuhan_T2_Patch0",
+        "Wuhan_T3_Patch0",
+    ]
     assert all(s.sensor == "landsat8_toa" and s.properties["bands"] == ("B2", "B3", "B4", "B5") for s in scenes)
     assert [s.properties["role"] for s in scenes[::2]] == ["cloudy", "cloudy", "cloudfree"]
     with caplog.at_level(logging.WARNING, logger="pipeline.sources.local.source"):
@@ -283,7 +318,11 @@ def test_sen12mscr_nested_layout_matches_flat_ids(tmp_path):
         _write(tmp_path / f"ROIs1158_spring_{kind}" / f"{kind}_1" / f"ROIs1158_spring_{kind}_1_p407.tif", data, crs, tr)
     src = LocalSource(tmp_path)
     by_id = {s.id: s for s in src.scenes()}
-    assert set(by_id) == {"ROIs1158_spring_1_p407_s1", "ROIs1158_spring_1_p407_s2_cloudfree", "ROIs1158_spring_1_p407_s2_cloudy"}
+    assert set(by_id) == {
+        "ROIs1158_spring_1_p407_s1",
+        "ROIs1158_spring_1_p407_s2_cloudfree",
+        "ROIs1158_spring_1_p407_s2_cloudy",
+    }
     assert {s.properties["layout"] for s in by_id.values()} == {"sen12mscr"}
     assert by_id["ROIs1158_spring_1_p407_s2_cloudfree"].properties["role"] == "cloudfree"
     assert by_id["ROIs1158_spring_1_p407_s2_cloudy"].date == dt.date(2017, 4, 15)
@@ -317,11 +356,21 @@ def test_truncated_geotiff_names_the_file(tmp_path, real_data):
 
 
 def test_wrong_band_count_names_file_and_expectation(tmp_path):
-    path = _write(tmp_path / "s2_cloudfree" / f"{FALL}.tif", np.ones((3, 8, 8), np.uint16), "EPSG:32650", Affine(10, 0, 700000, 0, -10, 3700000))
+    path = _write(
+        tmp_path / "s2_cloudfree" / f"{FALL}.tif",
+        np.ones((3, 8, 8), np.uint16),
+        "EPSG:32650",
+        Affine(10, 0, 700000, 0, -10, 3700000),
+    )
     with pytest.raises(DataError) as info:
         LocalSource(tmp_path)
     msg = str(info.value)
-    assert str(path) in msg and "has 3 band(s)" in msg and "sen12mscr_flat expects 13 bands (B1, B2" in msg and "B8A" in msg
+    assert (
+        str(path) in msg
+        and "has 3 band(s)" in msg
+        and "sen12mscr_flat expects 13 bands (B1, B2" in msg
+        and "B8A" in msg
+    )
 
 
 def test_empty_folder_lists_layouts_tried(tmp_path):
@@ -342,7 +391,9 @@ def test_empty_folder_lists_layouts_tried(tmp_path):
 def test_bad_root_and_layout(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         LocalSource(tmp_path / "missing")
-    with pytest.raises(SourceError, match="unknown local layout 'sen12'; use 'auto' or one of: sen12mscr, sen12mscr_flat"):
+    with pytest.raises(
+        SourceError, match="unknown local layout 'sen12'; use 'auto' or one of: sen12mscr, sen12mscr_flat"
+    ):
         LocalSource(tmp_path, layout="sen12")
 
 

@@ -16,9 +16,9 @@ from pipeline.regions import load_region
 from pipeline.sensors import S2_BANDS, QAPixel, get_sensor
 from pipeline.sources.base import Source
 from pipeline.sources.registry import get_source
-from pipeline.sources.synthetic.world import CROP, FLOODED, FOREST, WATER
 from pipeline.sources.synthetic import source as synmod
 from pipeline.sources.synthetic.source import MISSIONS, SyntheticSource, mgrs_tile, operating, wrs2_path_row
+from pipeline.sources.synthetic.world import CROP, FLOODED, FOREST, WATER
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,11 @@ def _by_regime(scenes, regime):
 def _partly_cloudy(scenes, src, grid, lo=0.1, hi=0.6):
     """A scene whose truth over ``grid`` has some thick cloud and some clear ground (no haze/cirrus day)."""
     for sc in scenes:
-        if sc.properties["synth_haze"] or sc.properties["synth_cirrus"] or sc.properties["synth_regime"] in ("clear", "overcast"):
+        if (
+            sc.properties["synth_haze"]
+            or sc.properties["synth_cirrus"]
+            or sc.properties["synth_regime"] in ("clear", "overcast")
+        ):
             continue
         m = src.truth(sc, grid)["mask"].values
         if lo <= np.mean(m == MaskClass.CLOUD) <= hi and np.mean(m == MaskClass.CLEAR) > 0.2:
@@ -137,7 +141,10 @@ def test_s2_mission_dates(region, src):
     # S2C takes over S2A's slot (2025-01-21): still a 5-day revisit, never three satellites on one cycle
     recent = src.search(region, dt.date(2025, 1, 1), dt.date(2025, 3, 31), "s2")
     assert _gaps(recent) == {5}
-    assert {p for s, p in zip(recent, _platforms(recent)) if s.date > dt.date(2025, 1, 21)} == {"SENTINEL-2B", "SENTINEL-2C"}
+    assert {p for s, p in zip(recent, _platforms(recent)) if s.date > dt.date(2025, 1, 21)} == {
+        "SENTINEL-2B",
+        "SENTINEL-2C",
+    }
     # L1C and L2A fly the same platforms on the same dates
     assert [s.id for s in src.search(region, dt.date(2016, 7, 1), dt.date(2016, 7, 31), "s2_l2a")] == \
         [s.id for s in alone if s.date.month == 7]
@@ -187,7 +194,9 @@ def test_every_scene_was_acquired_while_its_platform_operated(region, src):
 def test_unknown_sensor_is_a_clear_error(region, src):
     with pytest.raises(SourceError, match="landsat7_l2"):
         src.search(region, region.window.start, region.window.end, "landsat7_l2")
-    foreign = dict(id="x", sensor="s2_l1c", datetime=dt.datetime(2021, 7, 1, tzinfo=dt.timezone.utc), footprint={}, cloud_cover=0.0)
+    foreign = dict(
+        id="x", sensor="s2_l1c", datetime=dt.datetime(2021, 7, 1, tzinfo=dt.timezone.utc), footprint={}, cloud_cover=0.0
+    )
     from pipeline.sources.base import Scene
 
     with pytest.raises(SourceError, match="synthetic source"):
@@ -204,7 +213,9 @@ def test_cloud_cover_is_the_true_cloud_fraction(region, src, s2):
 
 
 # -- raster contract ------------------------------------------------------------------------------
-@pytest.mark.parametrize("family,key", [("s2", "s2_l1c"), ("s2", "s2_l2a"), ("landsat", "landsat8_l2"), ("s1", "s1_grd")])
+@pytest.mark.parametrize(
+    "family,key", [("s2", "s2_l1c"), ("s2", "s2_l2a"), ("landsat", "landsat8_l2"), ("s1", "s1_grd")]
+)
 def test_read_follows_the_raster_contract(region, src, patch, family, key):
     sc = src.search(region, dt.date(2021, 7, 1), dt.date(2021, 7, 31), key)[0]
     da = src.read(sc, patch)
@@ -245,7 +256,9 @@ def test_patch_read_equals_window_of_full_grid(region, src, s2):
     for key, b in (("landsat8_l2", ["SR_B4", "QA_PIXEL"]), ("s1_grd", ["VV"])):
         other = src.search(region, dt.date(2021, 7, 1), dt.date(2021, 7, 31), key)[0]
         w = full_grid.window(301, 407, 100, 90)
-        np.testing.assert_array_equal(src.read(other, w, b).values, src.read(other, full_grid, b).values[:, 301:401, 407:497])
+        np.testing.assert_array_equal(
+            src.read(other, w, b).values, src.read(other, full_grid, b).values[:, 301:401, 407:497]
+        )
 
 
 def test_determinism_same_seed_identical_other_scene_other_clouds(region, s2, patch):
@@ -256,7 +269,9 @@ def test_determinism_same_seed_identical_other_scene_other_clouds(region, s2, pa
     ma, mo = a.truth(sc, patch)["mask"].values, a.truth(other, patch)["mask"].values
     assert np.mean(ma != mo) > 0.1
     seeded = SyntheticSource(seed=1).search(region, region.window.start, region.window.end, "s2")
-    assert [s.id for s in seeded] != [s.id for s in s2] or [s.cloud_cover for s in seeded] != [s.cloud_cover for s in s2]
+    assert [s.id for s in seeded] != [s.id for s in s2] or [s.cloud_cover for s in seeded] != [
+        s.cloud_cover for s in s2
+    ]
 
 
 # -- physics sanity -------------------------------------------------------------------------------

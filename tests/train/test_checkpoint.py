@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from models.registry import build_model, resolve_config
+from pipeline.errors import CheckpointError
 from pipeline.train.checkpoint import (
     META_FILE,
     MODEL_FILE,
@@ -19,7 +20,6 @@ from pipeline.train.checkpoint import (
     save_model,
     set_rng_state,
 )
-from pipeline.errors import CheckpointError
 
 
 def _save_unet(run, config="small"):

@@ -11,11 +11,11 @@ import yaml
 
 import pipeline.cli.train  # noqa: F401  (registers train / evaluate / export-model on the app)
 from models.registry import build_model, resolve_config
-from pipeline.train.checkpoint import MODEL_FILE, save_model
 from pipeline.cli.app import main
 from pipeline.errors import DataError
-from pipeline.train.evaluate import band_groups, evaluate, markdown_table
+from pipeline.train.checkpoint import MODEL_FILE, save_model
 from pipeline.train.config import TrainConfig
+from pipeline.train.evaluate import band_groups, evaluate, markdown_table
 from pipeline.train.loop import train
 
 TINY = {

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from models.registry import build_model, resolve_config
-from pipeline.train.checkpoint import load_checkpoint, save_model
 from pipeline.errors import CheckpointError
+from pipeline.train.checkpoint import load_checkpoint, save_model
 from pipeline.train.export import example_inputs, export_model
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from pipeline.train.checkpoint import MODEL_FILE, STATE_FILE, load_checkpoint
 from pipeline.errors import CheckpointError, DataError
+from pipeline.train.checkpoint import STATE_FILE, load_checkpoint
 from pipeline.train.config import TrainConfig, TrainConfigError, load_train_config
 from pipeline.train.loop import TrainingError, train
 from tests.train.test_samples import toy_raw_samples

@@ -39,15 +39,22 @@ def _service_account_credentials(value: str) -> tuple[Any, str | None]:
             info = json.loads(text)
         except json.JSONDecodeError as exc:
             # The value is a secret: name the variable and the position, never echo it.
-            raise SourceError(f"{KEY_ENV} holds invalid JSON (at character {exc.pos}); set it to the key file path or its full JSON") from None
+            raise SourceError(
+                f"{KEY_ENV} holds invalid JSON (at character {exc.pos}); set it to the key file path or its full JSON"
+            ) from None
         return ee.ServiceAccountCredentials(info.get("client_email"), key_data=text), info.get("project_id")
     path = Path(text).expanduser()
     if not path.is_file():
-        raise SourceError(f"{KEY_ENV} points to {path}, which does not exist; set it to the service-account JSON key file")
+        raise SourceError(
+            f"{KEY_ENV} points to {path}, which does not exist; set it to the service-account JSON key file"
+        )
     try:
         info = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{KEY_ENV}: cannot read {path} as a JSON key ({type(exc).__name__}); download a JSON key for the service account") from None
+        raise SourceError(
+            f"{KEY_ENV}: cannot read {path} as a JSON key ({type(exc).__name__}); download a JSON key for the service "
+            "account"
+        ) from None
     return ee.ServiceAccountCredentials(info.get("client_email"), key_file=str(path)), info.get("project_id")
 
 
@@ -93,6 +100,9 @@ def initialize(env: dict[str, str] | None = None, high_volume: bool | None = Non
     try:
         ee.Initialize(credentials=credentials, project=project, url=url)
     except ee.EEException as exc:
-        raise SourceError(f"Earth Engine refused project {project!r}: {str(exc).splitlines()[0]}; check {PROJECT_ENV} and that the Earth Engine API is enabled for it") from None
+        raise SourceError(
+            f"Earth Engine refused project {project!r}: {str(exc).splitlines()[0]}; check {PROJECT_ENV} and that the "
+            "Earth Engine API is enabled for it"
+        ) from None
     ee.data.setMaxRetries(0)
     ee.data.setDeadline(int(deadline_s * 1000))

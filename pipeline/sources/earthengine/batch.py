@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
 import numpy as np
 
 from pipeline.errors import DataError, SourceError
-from pipeline.dataset.patches import MASK_BAND, read_geotiff, write_bytes_atomic, write_geotiff
+from pipeline.files import write_bytes_atomic
+from pipeline.geotiff import MASK_BAND, read_geotiff, write_geotiff
 from pipeline.grid import Grid
 from pipeline.sensors import get_sensor
 
@@ -183,7 +184,9 @@ def run_exports(
     ledger = Ledger(ledger_path)
     by_desc = {j.description(tag): j for j in jobs}
     if len(by_desc) != len(jobs):
-        raise SourceError("two export jobs share a patch, sensor and date; deduplicate dates first (selection.dedupe_dates)")
+        raise SourceError(
+            "two export jobs share a patch, sensor and date; deduplicate dates first (selection.dedupe_dates)"
+        )
     server = backend.existing()
     for desc in by_desc:
         known = ledger.tasks.get(desc)
@@ -222,7 +225,9 @@ def run_exports(
         ledger.save()
     if failed:
         first = "; ".join(f"{d}: {e}" for d, e in list(failed.items())[:3])
-        raise SourceError(f"{len(failed)} export task(s) failed after {max_attempts} attempts ({first}); see {ledger_path}")
+        raise SourceError(
+            f"{len(failed)} export task(s) failed after {max_attempts} attempts ({first}); see {ledger_path}"
+        )
     return ledger.tasks
 
 
@@ -242,12 +247,23 @@ def gather(
         tif = read_geotiff(src)
         g, want = tif.grid, job.grid
         same_grid = (
-            g.width == want.width and g.height == want.height and np.allclose(list(g.transform)[:6], list(want.transform)[:6], atol=1e-6)
+            g.width == want.width
+            and g.height == want.height
+            and np.allclose(list(g.transform)[:6], list(want.transform)[:6], atol=1e-6)
         )
         if not same_grid or _epsg(g.crs) != _epsg(want.crs):
-            raise DataError(f"{src}: exported grid {g.crs} {tuple(g.transform)[:6]} {g.width}x{g.height} is not the patch grid {want.to_dict()}; re-export it")
+            raise DataError(
+                f"{src}: exported grid {g.crs} {tuple(g.transform)[:6]} {g.width}x{g.height} is not the patch grid "
+                f"{want.to_dict()}; re-export it"
+            )
         s = get_sensor(job.sensor)
-        tags = {"scene_id": job.scene_id, "sensor": job.sensor, "datetime": job.datetime.isoformat(), "source": "earthengine", "simulated": "False"}
+        tags = {
+            "scene_id": job.scene_id,
+            "sensor": job.sensor,
+            "datetime": job.datetime.isoformat(),
+            "source": "earthengine",
+            "simulated": "False",
+        }
         if s.family == "s1":
             data = tif.data[:2].astype(np.float32)
             data[:, tif.data[2] == 0] = np.nan
@@ -255,10 +271,14 @@ def gather(
         else:
             bands = tuple(s.reflectance_bands) + (MASK_BAND,)
             if tif.data.shape[0] != len(bands):
-                raise DataError(f"{src}: {tif.data.shape[0]} bands, expected {len(bands)} ({', '.join(bands)}); re-export it")
+                raise DataError(
+                    f"{src}: {tif.data.shape[0]} bands, expected {len(bands)} ({', '.join(bands)}); re-export it"
+                )
             scales = [s.band(b).scale for b in bands[:-1]] + [1.0]
             offsets = [s.band(b).offset for b in bands[:-1]] + [0.0]
-            sha = write_geotiff(dataset_dir / job.rel_path, tif.data, want, bands, tags=tags, scales=scales, offsets=offsets)
+            sha = write_geotiff(
+                dataset_dir / job.rel_path, tif.data, want, bands, tags=tags, scales=scales, offsets=offsets
+            )
         out[job.rel_path] = sha
     return out
 

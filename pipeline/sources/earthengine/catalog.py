@@ -82,12 +82,19 @@ def s2_collection(sensor: str, geometry: Any | None, start: dt.date, end: dt.dat
             primary=s2, secondary=prob, condition=ee.Filter.equals(leftField="system:index", rightField="system:index")
         )
     )
-    with_prob = joined.map(lambda img: img.addBands(ee.Image(img.get("s2cloudless")).select(["probability"], ["CLOUD_PROB"])))
+    with_prob = joined.map(
+        lambda img: img.addBands(ee.Image(img.get("s2cloudless")).select(["probability"], ["CLOUD_PROB"]))
+    )
     return ee.ImageCollection(with_prob).linkCollection(ee.ImageCollection(CLOUD_SCORE_PLUS), ["cs_cdf"])
 
 
 def landsat_collection(
-    sensor: str, geometry: Any | None, start: dt.date, end: dt.date, wrs: tuple[int, int] | None = None, index: str | None = None
+    sensor: str,
+    geometry: Any | None,
+    start: dt.date,
+    end: dt.date,
+    wrs: tuple[int, int] | None = None,
+    index: str | None = None,
 ) -> Any:
     import ee
 
@@ -126,7 +133,9 @@ def refined_lee(band: Any) -> Any:
     gradmask = grads.eq(grads.reduce(ee.Reducer.max()))
     gradmask = gradmask.addBands(gradmask)
     c = smean.select(4)
-    dirs = ee.Image.cat([smean.select(a).subtract(c).gt(c.subtract(smean.select(b))).multiply(i + 1) for i, (a, b) in enumerate(pairs)])
+    dirs = ee.Image.cat(
+        [smean.select(a).subtract(c).gt(c.subtract(smean.select(b))).multiply(i + 1) for i, (a, b) in enumerate(pairs)]
+    )
     dirs = dirs.addBands(ee.Image.cat([dirs.select(i).Not().multiply(i + 5) for i in range(4)]))
     dirs = dirs.updateMask(gradmask).reduce(ee.Reducer.sum())
     stats = svar.divide(smean.multiply(smean))
@@ -150,7 +159,9 @@ def refined_lee(band: Any) -> Any:
     return out.arrayProject([0]).arrayFlatten([["sum"]]).float().rename([name])
 
 
-def s1_collection(geometry: Any | None, start: dt.date, end: dt.date, options: S1Options | None = None, index: str | None = None) -> Any:
+def s1_collection(
+    geometry: Any | None, start: dt.date, end: dt.date, options: S1Options | None = None, index: str | None = None
+) -> Any:
     import ee
 
     o = options or S1Options()
@@ -183,7 +194,14 @@ def s1_collection(geometry: Any | None, start: dt.date, end: dt.date, options: S
 
 
 def collection(
-    sensor: str, geometry: Any | None, start: dt.date, end: dt.date, *, wrs: tuple[int, int] | None = None, s1: S1Options | None = None, index: str | None = None
+    sensor: str,
+    geometry: Any | None,
+    start: dt.date,
+    end: dt.date,
+    *,
+    wrs: tuple[int, int] | None = None,
+    s1: S1Options | None = None,
+    index: str | None = None,
 ) -> Any:
     """The server-side collection of ``sensor`` (a sensors key) over ``geometry`` and the inclusive date window.
 

@@ -62,20 +62,44 @@ def _ring_lonlat(grid: Grid) -> list[list[float]]:
 def aoi_geojson(region: Region) -> dict:
     w, s, e, n = region.lonlat_bounds()
     ring = [[w, s], [e, s], [e, n], [w, n], [w, s]]
-    return {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"name": region.name}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}
+    return {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"name": region.name},
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+            }
+        ],
+    }
 
 
 def patch_grid_geojson(region: Region, patches: Sequence[tuple[str, Grid]] | None = None) -> dict:
     """The region's patches as lon/lat polygons (their UTM squares reprojected corner by corner)."""
     patches = patches if patches is not None else region.patches()
-    feats = [{"type": "Feature", "properties": {"patch_id": pid}, "geometry": {"type": "Polygon", "coordinates": [_ring_lonlat(g)]}} for pid, g in patches]
+    feats = [
+        {
+            "type": "Feature",
+            "properties": {"patch_id": pid},
+            "geometry": {"type": "Polygon", "coordinates": [_ring_lonlat(g)]},
+        }
+        for pid, g in patches
+    ]
     return {"type": "FeatureCollection", "features": feats}
 
 
 def add_aoi(m: Any, region: Region, patches: bool = True) -> Any:
-    m.add_geojson(aoi_geojson(region), layer_name=f"AOI {region.name}", style={"color": "#ff7f00", "fillOpacity": 0.0, "weight": 3})
+    m.add_geojson(
+        aoi_geojson(region),
+        layer_name=f"AOI {region.name}",
+        style={"color": "#ff7f00", "fillOpacity": 0.0, "weight": 3},
+    )
     if patches:
-        m.add_geojson(patch_grid_geojson(region), layer_name="patch grid", style={"color": "#377eb8", "fillOpacity": 0.0, "weight": 1})
+        m.add_geojson(
+            patch_grid_geojson(region),
+            layer_name="patch grid",
+            style={"color": "#377eb8", "fillOpacity": 0.0, "weight": 1},
+        )
     return m
 
 
@@ -108,11 +132,15 @@ def add_masked_collection(
     vis = {"bands": rgb, "min": 0, "max": 0.3 / scale if scale != 1 else 0.3}
     m.add_ee_layer(ee.ImageCollection(masked).median(), vis, f"{s.key} clear median")
     first_mask = ee_masks.mask_image(ee.Image(coll.first()), s.key, grid, config)
-    m.add_ee_layer(first_mask, {"min": 0, "max": 5, "palette": MASK_PALETTE}, f"{s.key} mask (first scene)", shown=False)
+    m.add_ee_layer(
+        first_mask, {"min": 0, "max": 5, "palette": MASK_PALETTE}, f"{s.key} mask (first scene)", shown=False
+    )
     return m
 
 
-def cog_overlay_png(path: str | Path, bands: Sequence[int] = (4, 3, 2), max_size: int = 1024, stretch: tuple[float, float] = (2, 98)) -> tuple[str, tuple[tuple[float, float], tuple[float, float]]]:
+def cog_overlay_png(
+    path: str | Path, bands: Sequence[int] = (4, 3, 2), max_size: int = 1024, stretch: tuple[float, float] = (2, 98)
+) -> tuple[str, tuple[tuple[float, float], tuple[float, float]]]:
     """(PNG data URL, ((south, west), (north, east))) of a GeoTIFF/COG, read from its overviews."""
     import rasterio
     from PIL import Image

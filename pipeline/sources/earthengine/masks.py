@@ -24,9 +24,9 @@ from typing import Any
 
 from pipeline.errors import SourceError
 from pipeline.grid import Grid
+from pipeline.masking.codes import MaskClass
 from pipeline.masking.config import MaskConfig
 from pipeline.masking.qa import QA60_GAP, qa60_in_gap
-from pipeline.masking.codes import MaskClass
 from pipeline.sensors import QAPixel, get_sensor
 
 METHODS = ("auto", "s2cloudless", "cloudscore", "qa60", "scl", "qa_pixel")
@@ -118,7 +118,10 @@ def resolve_method(sensor: str, method: str) -> str:
     if method == "scl" and s.key != "s2_l2a":
         allowed = allowed - {"scl"}
     if method not in allowed:
-        raise SourceError(f"mask method {method!r} needs bands sensor {sensor} does not have; use one of {sorted(allowed) or ['none']}")
+        raise SourceError(
+            f"mask method {method!r} needs bands sensor {sensor} does not have; use one of "
+            f"{sorted(allowed) or ['none']}"
+        )
     return method
 
 
@@ -141,7 +144,12 @@ def _codes(valid: Any, layers: list[tuple[Any | None, MaskClass]]) -> Any:
 
 
 def mask_image(
-    image: Any, sensor: str, grid: Grid, config: MaskConfig | None = None, method: str = "auto", date: dt.date | None = None
+    image: Any,
+    sensor: str,
+    grid: Grid,
+    config: MaskConfig | None = None,
+    method: str = "auto",
+    date: dt.date | None = None,
 ) -> Any:
     """uint8 ``mask`` band of MaskClass codes for one scene image of ``sensor``, on ``grid``'s pixels.
 
@@ -167,7 +175,15 @@ def mask_image(
     if method == "scl":
         scl = image.select("SCL")
         valid = _present(image, ["SCL"]).And(scl.gt(1))  # 0 nodata, 1 saturated/defective
-        return _codes(valid, [(scl.eq(11), MaskClass.SNOW), (scl.eq(3), MaskClass.SHADOW), (scl.eq(10), MaskClass.THIN_CLOUD), (scl.eq(8).Or(scl.eq(9)), MaskClass.CLOUD)])
+        return _codes(
+            valid,
+            [
+                (scl.eq(11), MaskClass.SNOW),
+                (scl.eq(3), MaskClass.SHADOW),
+                (scl.eq(10), MaskClass.THIN_CLOUD),
+                (scl.eq(8).Or(scl.eq(9)), MaskClass.CLOUD),
+            ],
+        )
 
     def refl(common: str) -> Any:
         name = s.by_common(common)
@@ -191,7 +207,8 @@ def mask_image(
     else:  # qa60
         if qa60_in_gap(date):
             raise SourceError(
-                f"QA60 is not populated for scenes dated {QA60_GAP[0]}..{QA60_GAP[1]} (this scene: {date}); use method 's2cloudless', 'cloudscore' or 'scl'"
+                f"QA60 is not populated for scenes dated {QA60_GAP[0]}..{QA60_GAP[1]} (this scene: {date}); use method "
+                "'s2cloudless', 'cloudscore' or 'scl'"
             )
         used = ["QA60"]
         qa = image.select("QA60")
@@ -215,7 +232,10 @@ def mask_image(
         az, el = _sun(image, "s2", cfg)
         target = clear.Or(flagged.And(dark).And(source.Not()))
         shadow = projected_shadow(source, dark, az, el, grid, cfg).And(target)
-    return _codes(valid, [(snow, MaskClass.SNOW), (thin, MaskClass.THIN_CLOUD), (cloud, MaskClass.CLOUD), (shadow, MaskClass.SHADOW)])
+    return _codes(
+        valid,
+        [(snow, MaskClass.SNOW), (thin, MaskClass.THIN_CLOUD), (cloud, MaskClass.CLOUD), (shadow, MaskClass.SHADOW)],
+    )
 
 
 def fraction_image(mask: Any) -> Any:
@@ -223,7 +243,13 @@ def fraction_image(mask: Any) -> Any:
     import ee
 
     cloud = mask.eq(int(MaskClass.CLOUD)).Or(mask.eq(int(MaskClass.THIN_CLOUD)))
-    return ee.Image.cat([cloud.rename("cloud"), mask.eq(int(MaskClass.SHADOW)).rename("shadow"), mask.neq(int(MaskClass.NODATA)).rename("valid")])
+    return ee.Image.cat(
+        [
+            cloud.rename("cloud"),
+            mask.eq(int(MaskClass.SHADOW)).rename("shadow"),
+            mask.neq(int(MaskClass.NODATA)).rename("valid"),
+        ]
+    )
 
 
 def patch_features(patches: list[tuple[str, Grid]]) -> Any:

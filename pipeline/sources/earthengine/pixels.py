@@ -105,9 +105,18 @@ def with_retries(call: Callable[[], T], what: str, policy: RetryPolicy | None = 
                     hint = "; use smaller blocks (max_request_bytes) or fewer bands"
                 raise EarthEngineRequestError(f"Earth Engine rejected {what}: {first_line}{hint}") from exc
             if attempt == policy.max_attempts - 1:
-                raise EarthEngineRequestError(f"Earth Engine kept failing on {what} after {policy.max_attempts} attempts: {first_line}") from exc
+                raise EarthEngineRequestError(
+                    f"Earth Engine kept failing on {what} after {policy.max_attempts} attempts: {first_line}"
+                ) from exc
             delay = policy.delay(attempt)
-            log.warning("Earth Engine %s on %s; retry %d/%d in %.1f s", first_line, what, attempt + 1, policy.max_attempts - 1, delay)
+            log.warning(
+                "Earth Engine %s on %s; retry %d/%d in %.1f s",
+                first_line,
+                what,
+                attempt + 1,
+                policy.max_attempts - 1,
+                delay,
+            )
             policy.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -115,19 +124,25 @@ def with_retries(call: Callable[[], T], what: str, policy: RetryPolicy | None = 
 # -- request planning ------------------------------------------------------------------------------
 
 
-def block_shape(width: int, height: int, bytes_per_pixel: int, max_bytes: int = MAX_REQUEST_BYTES, max_side: int = MAX_SIDE) -> tuple[int, int]:
+def block_shape(
+    width: int, height: int, bytes_per_pixel: int, max_bytes: int = MAX_REQUEST_BYTES, max_side: int = MAX_SIDE
+) -> tuple[int, int]:
     """(block_height, block_width) whose request (band bytes + mask byte per pixel) stays under ``max_bytes``."""
     per_px = bytes_per_pixel + MASK_BYTES
     budget = (max_bytes - 1) // per_px  # strictly under the limit
     if budget < 1:
-        raise SourceError(f"{bytes_per_pixel} bytes per pixel cannot fit in a {max_bytes}-byte request; request fewer bands")
+        raise SourceError(
+            f"{bytes_per_pixel} bytes per pixel cannot fit in a {max_bytes}-byte request; request fewer bands"
+        )
     side = max(1, min(max_side, int(budget**0.5)))
     bw = min(width, max_side, side if width > side else width)
     bh = min(height, max_side, budget // bw)
     return bh, bw
 
 
-def plan_blocks(grid: Grid, bytes_per_pixel: int, max_bytes: int = MAX_REQUEST_BYTES, max_side: int = MAX_SIDE) -> tuple[list[int], list[int]]:
+def plan_blocks(
+    grid: Grid, bytes_per_pixel: int, max_bytes: int = MAX_REQUEST_BYTES, max_side: int = MAX_SIDE
+) -> tuple[list[int], list[int]]:
     """Row and column chunk sizes tiling ``grid`` exactly (dask ``chunks`` for y and x)."""
     bh, bw = block_shape(grid.width, grid.height, bytes_per_pixel, max_bytes, max_side)
     rows = [bh] * (grid.height // bh) + ([grid.height % bh] if grid.height % bh else [])
@@ -135,7 +150,9 @@ def plan_blocks(grid: Grid, bytes_per_pixel: int, max_bytes: int = MAX_REQUEST_B
     return rows, cols
 
 
-def request_grids(grid: Grid, bytes_per_pixel: int, max_bytes: int = MAX_REQUEST_BYTES, max_side: int = MAX_SIDE) -> list[tuple[int, int, Grid]]:
+def request_grids(
+    grid: Grid, bytes_per_pixel: int, max_bytes: int = MAX_REQUEST_BYTES, max_side: int = MAX_SIDE
+) -> list[tuple[int, int, Grid]]:
     """(row, col, sub-grid) of every request block, cut on pixel indices of ``grid``."""
     rows, cols = plan_blocks(grid, bytes_per_pixel, max_bytes, max_side)
     out = []
@@ -154,7 +171,14 @@ def grid_params(grid: Grid) -> dict[str, Any]:
     t = grid.transform
     return {
         "dimensions": {"width": int(grid.width), "height": int(grid.height)},
-        "affineTransform": {"scaleX": t.a, "shearX": t.b, "translateX": t.c, "shearY": t.d, "scaleY": t.e, "translateY": t.f},
+        "affineTransform": {
+            "scaleX": t.a,
+            "shearX": t.b,
+            "translateX": t.c,
+            "shearY": t.d,
+            "scaleY": t.e,
+            "translateY": t.f,
+        },
         "crsCode": grid.crs,
     }
 
@@ -189,7 +213,9 @@ def with_valid_bits(image: Any, bands: Sequence[str]) -> Any:
     return img.toFloat().unmask(0, False).addBands(bits.toFloat().rename(VALID_BAND))
 
 
-def fetch_block(image: Any, bands: Sequence[str], grid: Grid, what: str, policy: RetryPolicy | None = None, max_concurrent: int = 8) -> np.ndarray:
+def fetch_block(
+    image: Any, bands: Sequence[str], grid: Grid, what: str, policy: RetryPolicy | None = None, max_concurrent: int = 8
+) -> np.ndarray:
     """(band, y, x) float32 of one block, NaN where a band is masked. ``image`` from ``with_valid_bits``."""
     import ee
 
@@ -198,7 +224,9 @@ def fetch_block(image: Any, bands: Sequence[str], grid: Grid, what: str, policy:
         raw = with_retries(lambda: ee.data.computePixels(params), what, policy)
     arr = np.load(io.BytesIO(raw)) if isinstance(raw, (bytes, bytearray)) else raw
     if arr.shape != (grid.height, grid.width):
-        raise EarthEngineRequestError(f"Earth Engine returned {arr.shape} pixels for {what}, expected {(grid.height, grid.width)}")
+        raise EarthEngineRequestError(
+            f"Earth Engine returned {arr.shape} pixels for {what}, expected {(grid.height, grid.width)}"
+        )
     bits = arr[VALID_BAND].astype(np.uint32)
     out = np.empty((len(bands), grid.height, grid.width), dtype=np.float32)
     for i, b in enumerate(bands):
@@ -237,7 +265,9 @@ def lazy_pixels(
         for w in cols:
             sub = grid.window(r0, c0, h, w)
             what = f"{label} rows {r0}:{r0 + h} cols {c0}:{c0 + w}"
-            task = dask.delayed(fetch_block, pure=True)(packed, bands, sub, what, policy, max_concurrent, dask_key_name=f"ee-pixels-{token}-{r0}-{c0}")
+            task = dask.delayed(fetch_block, pure=True)(
+                packed, bands, sub, what, policy, max_concurrent, dask_key_name=f"ee-pixels-{token}-{r0}-{c0}"
+            )
             row_blocks.append(da.from_delayed(task, shape=(len(bands), h, w), dtype=np.float32))
             c0 += w
         blocks.append(row_blocks)

@@ -20,18 +20,25 @@ from pipeline.grid import Grid
 from pipeline.masking.config import MaskConfig
 from pipeline.regions import Region
 from pipeline.sensors import DEFAULT_SENSOR, get_sensor
+from pipeline.sources.base import Scene, raster_attrs
 from pipeline.sources.earthengine import auth as ee_auth
 from pipeline.sources.earthengine import batch as ee_export
 from pipeline.sources.earthengine import catalog as ee_collections
 from pipeline.sources.earthengine import masks as ee_masks
 from pipeline.sources.earthengine import pixels as ee_pixels
-from pipeline.sources.base import Scene, raster_attrs
 
 log = logging.getLogger(__name__)
 
 # Per-family metadata read in the one search request; missing properties are simply absent.
 _PROPS = {
-    "s2": ["CLOUDY_PIXEL_PERCENTAGE", "MEAN_SOLAR_AZIMUTH_ANGLE", "MEAN_SOLAR_ZENITH_ANGLE", "SPACECRAFT_NAME", "MGRS_TILE", "SENSING_ORBIT_NUMBER"],
+    "s2": [
+        "CLOUDY_PIXEL_PERCENTAGE",
+        "MEAN_SOLAR_AZIMUTH_ANGLE",
+        "MEAN_SOLAR_ZENITH_ANGLE",
+        "SPACECRAFT_NAME",
+        "MGRS_TILE",
+        "SENSING_ORBIT_NUMBER",
+    ],
     "landsat": ["CLOUD_COVER", "SUN_AZIMUTH", "SUN_ELEVATION", "SPACECRAFT_ID", "WRS_PATH", "WRS_ROW"],
     "s1": ["orbitProperties_pass", "relativeOrbitNumber_start", "platform_number", "instrumentMode"],
 }
@@ -90,7 +97,14 @@ def scene_from_feature(sensor: str, feature: dict[str, Any]) -> Scene:
         props["orbit_pass"] = p.get("orbitProperties_pass")
         props["relative_orbit"] = p.get("relativeOrbitNumber_start")
         props["platform"] = f"Sentinel-1{p['platform_number']}" if p.get("platform_number") else None
-    return Scene(id=index, sensor=s.key, datetime=when, footprint=feature.get("geometry") or {}, cloud_cover=cloud, properties=props)
+    return Scene(
+        id=index,
+        sensor=s.key,
+        datetime=when,
+        footprint=feature.get("geometry") or {},
+        cloud_cover=cloud,
+        properties=props,
+    )
 
 
 class EarthEngineSource:
@@ -141,7 +155,11 @@ class EarthEngineSource:
         props = _PROPS[get_sensor(sensor).family]
 
         def row(img: Any) -> Any:
-            info = img.toDictionary(props).set("index", img.get("system:index")).set("time_start", img.get("system:time_start"))
+            info = (
+                img.toDictionary(props)
+                .set("index", img.get("system:index"))
+                .set("time_start", img.get("system:time_start"))
+            )
             return ee.Feature(img.geometry(), info)
 
         return ee.FeatureCollection(collection.sort("system:time_start").limit(self.max_scenes).map(row))
@@ -154,14 +172,27 @@ class EarthEngineSource:
         return ee_masks.mask_image(self.image(scene), scene.sensor, grid, config, method, scene.date)
 
     def export_job(
-        self, scene: Scene, patch_id: str, patch_grid: Grid, region_grid: Grid | None = None, config: MaskConfig | None = None, method: str = "auto"
+        self,
+        scene: Scene,
+        patch_id: str,
+        patch_grid: Grid,
+        region_grid: Grid | None = None,
+        config: MaskConfig | None = None,
+        method: str = "auto",
     ) -> ee_export.ExportJob:
         """A batch-export job writing one patch file (mask computed on the region grid, as for selection)."""
         img = self.image(scene)
         mask = None
         if get_sensor(scene.sensor).family != "s1":
             mask = ee_masks.mask_image(img, scene.sensor, region_grid or patch_grid, config, method, scene.date)
-        return ee_export.ExportJob(patch_id, scene.sensor, scene.id, scene.datetime, patch_grid, ee_export.export_image(img, scene.sensor, mask))
+        return ee_export.ExportJob(
+            patch_id,
+            scene.sensor,
+            scene.id,
+            scene.datetime,
+            patch_grid,
+            ee_export.export_image(img, scene.sensor, mask),
+        )
 
     # -- Source protocol ----------------------------------------------------------------------------
     def search(self, region: Region, start: dt.date, end: dt.date, sensor: str) -> list[Scene]:
@@ -170,10 +201,17 @@ class EarthEngineSource:
         scenes: list[Scene] = []
         for key in keys:
             listing = self.listing(self.collection(region, start, end, key), key)
-            info = ee_pixels.with_retries(listing.getInfo, f"scene search {key} {start}..{end} over {region.name}", self.retry)
+            info = ee_pixels.with_retries(
+                listing.getInfo, f"scene search {key} {start}..{end} over {region.name}", self.retry
+            )
             found = [scene_from_feature(key, f) for f in info.get("features", [])]
             if len(found) >= self.max_scenes:
-                log.warning("Earth Engine search hit max_scenes=%d for %s %s; narrow the window or raise max_scenes", self.max_scenes, key, region.name)
+                log.warning(
+                    "Earth Engine search hit max_scenes=%d for %s %s; narrow the window or raise max_scenes",
+                    self.max_scenes,
+                    key,
+                    region.name,
+                )
             scenes += found
         return sorted(scenes, key=lambda s: (s.datetime, s.id))
 
@@ -204,7 +242,12 @@ class EarthEngineSource:
         )
 
     def patch_fractions(
-        self, region: Region, scene: Scene, patches: list[tuple[str, Grid]] | None = None, config: MaskConfig | None = None, method: str = "auto"
+        self,
+        region: Region,
+        scene: Scene,
+        patches: list[tuple[str, Grid]] | None = None,
+        config: MaskConfig | None = None,
+        method: str = "auto",
     ) -> pd.DataFrame:
         """Per-patch cloud/shadow/valid fractions computed on the server (rows as ``selection.FRACTION_COLUMNS``)."""
         grid = region.grid()
@@ -223,7 +266,14 @@ class EarthEngineSource:
         rows = []
         for f in info.get("features", []):
             p = f["properties"]
-            rows.append({"patch_id": p["patch_id"], "cloud_fraction": p.get("cloud"), "shadow_fraction": p.get("shadow"), "valid_fraction": p.get("valid")})
+            rows.append(
+                {
+                    "patch_id": p["patch_id"],
+                    "cloud_fraction": p.get("cloud"),
+                    "shadow_fraction": p.get("shadow"),
+                    "valid_fraction": p.get("valid"),
+                }
+            )
         df = pd.DataFrame(rows, columns=["patch_id", "cloud_fraction", "shadow_fraction", "valid_fraction"])
         df.insert(1, "family", s.family)
         df.insert(2, "sensor", s.key)

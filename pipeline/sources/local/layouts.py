@@ -78,7 +78,13 @@ def _sen12mscr_role(g: Groups) -> str:
 
 def _sen12mscr_props(g: Groups) -> dict[str, Any]:
     sample = f"{g['roi']}_{g['season']}_{g['scene']}_p{g['patch']}"
-    return {"roi": g["roi"], "season": g["season"], "scene": int(g["scene"]), "patch": int(g["patch"]), "sample": sample}
+    return {
+        "roi": g["roi"],
+        "season": g["season"],
+        "scene": int(g["scene"]),
+        "patch": int(g["patch"]),
+        "sample": sample,
+    }
 
 
 def _s1_or_s2(g: Groups) -> str:
@@ -107,7 +113,9 @@ SEN12MSCR = Layout(
 SEN12MSCR_FLAT = Layout(
     name="sen12mscr_flat",
     title="SEN12MS-CR triplets in three flat folders",
-    example="s1/ROIs1970_fall_139_p839.tif, s2_cloudy/ROIs1970_fall_139_p839.tif, s2_cloudfree/ROIs1970_fall_139_p839.tif",
+    example=(
+        "s1/ROIs1970_fall_139_p839.tif, s2_cloudy/ROIs1970_fall_139_p839.tif, s2_cloudfree/ROIs1970_fall_139_p839.tif"
+    ),
     filename_glob="**/ROIs*_*_*_p*.tif",
     filename_regex=(
         r"(?:^|/)(?P<kind>s1|s2_cloudy|s2_cloudfree)/(?P<roi>ROIs\d{4})_(?P<season>spring|summer|fall|winter)"
@@ -160,11 +168,22 @@ REGION_T = Layout(
     bands={"landsat8_toa": ("B2", "B3", "B4", "B5")},
     pseudo_datetime=lambda g: _REGION_T_EPOCH + dt.timedelta(days=16 * (int(g["t"]) - 1)),
     role_of=lambda g: "cloudfree" if g["t"] == "3" else "cloudy",
-    properties_of=lambda g: {"region": g["region"], "t": int(g["t"]), "patch": int(g["patch"]), "sample": f"{g['region']}_Patch{g['patch']}"},
+    properties_of=lambda g: {
+        "region": g["region"],
+        "t": int(g["t"]),
+        "patch": int(g["patch"]),
+        "sample": f"{g['region']}_Patch{g['patch']}",
+    },
 )
 
 # -- Landsat Collection 2 Level-2 scene folders as USGS delivers them: one band per file + MTL ---------
-_LANDSAT_SENSOR = {"LC08": "landsat8_l2", "LC09": "landsat9_l2", "LE07": "landsat7_l2", "LT05": "landsat5_l2", "LT04": "landsat5_l2"}
+_LANDSAT_SENSOR = {
+    "LC08": "landsat8_l2",
+    "LC09": "landsat9_l2",
+    "LE07": "landsat7_l2",
+    "LT05": "landsat5_l2",
+    "LT04": "landsat5_l2",
+}
 _OLI = ("SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7", "ST_B10", "QA_PIXEL")
 _TM = ("SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B7", "ST_B6", "QA_PIXEL")
 
@@ -195,7 +214,9 @@ def _landsat_metadata(first_file: Path, g: Groups) -> dict[str, Any]:
             out[name] = float(m[key])
     if "DATE_ACQUIRED" in m and "SCENE_CENTER_TIME" in m:
         clock = m["SCENE_CENTER_TIME"].rstrip("Z")[:15]  # microseconds: strptime takes 6 digits at most
-        out["datetime"] = dt.datetime.strptime(f"{m['DATE_ACQUIRED']}T{clock}", "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=dt.timezone.utc)
+        out["datetime"] = dt.datetime.strptime(f"{m['DATE_ACQUIRED']}T{clock}", "%Y-%m-%dT%H:%M:%S.%f").replace(
+            tzinfo=dt.timezone.utc
+        )
     if "SPACECRAFT_ID" in m:
         out["platform"] = m["SPACECRAFT_ID"].lower().replace("_", "-")
     return out
@@ -204,7 +225,10 @@ def _landsat_metadata(first_file: Path, g: Groups) -> dict[str, Any]:
 LANDSAT_C2_L2 = Layout(
     name="landsat_c2_l2",
     title="Landsat Collection 2 Level-2 scene folders, one band per file",
-    example="LC08_L2SP_008059_20191201_20200825_02_T1/LC08_L2SP_008059_20191201_20200825_02_T1_SR_B1.TIF ... _QA_PIXEL.TIF + _MTL.txt",
+    example=(
+        "LC08_L2SP_008059_20191201_20200825_02_T1/LC08_L2SP_008059_20191201_20200825_02_T1_SR_B1.TIF ... _QA_PIXEL.TIF "
+        "+ _MTL.txt"
+    ),
     filename_glob="**/L[CET]0[45789]_L2SP_*_*.TIF",
     filename_regex=(
         r"(?:^|/)(?P<product>(?P<platform>L[CET]0[45789])_L2SP_(?P<wrs_path>\d{3})(?P<wrs_row>\d{3})_(?P<date>\d{8})"
@@ -215,11 +239,18 @@ LANDSAT_C2_L2 = Layout(
     bands={"landsat8_l2": _OLI, "landsat9_l2": _OLI, "landsat7_l2": _TM, "landsat5_l2": _TM},
     band_per_file=True,
     date_format="%Y%m%d",
-    properties_of=lambda g: {"wrs_path": int(g["wrs_path"]), "wrs_row": int(g["wrs_row"]), "tier": g["tier"], "processed": g["processed"]},
+    properties_of=lambda g: {
+        "wrs_path": int(g["wrs_path"]),
+        "wrs_row": int(g["wrs_row"]),
+        "tier": g["tier"],
+        "processed": g["processed"],
+    },
     metadata_of=_landsat_metadata,
 )
 
-LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (SEN12MSCR, SEN12MSCR_FLAT, SEN12MSCR_TS, REGION_T, LANDSAT_C2_L2)}
+LAYOUTS: dict[str, Layout] = {
+    lay.name: lay for lay in (SEN12MSCR, SEN12MSCR_FLAT, SEN12MSCR_TS, REGION_T, LANDSAT_C2_L2)
+}
 
 
 def scene_groups(layout: Layout, groups: Groups) -> dict[str, str]:

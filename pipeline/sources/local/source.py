@@ -98,17 +98,30 @@ class LocalSource:
             for scene_id, files in groups_by_scene.items():
                 if scene_id in self._entries:
                     other = next(iter(self._entries[scene_id].bands.values())).path
-                    raise DataError(f"{files[0][0]}: scene {scene_id} is also at {other}; keep one copy under {self.root}")
+                    raise DataError(
+                        f"{files[0][0]}: scene {scene_id} is also at {other}; keep one copy under {self.root}"
+                    )
                 self._entries[scene_id] = self._make_entry(lay, scene_id, files)
         if not self._entries:
             self._raise_empty()
-        log.info("local source %s: %d scenes (%s)", self.root, len(self._entries), ", ".join(sorted({e.layout.name for e in self._entries.values()})))
+        log.info(
+            "local source %s: %d scenes (%s)",
+            self.root,
+            len(self._entries),
+            ", ".join(sorted({e.layout.name for e in self._entries.values()})),
+        )
 
     def _raise_empty(self) -> None:
         tifs = [p for p in self.root.rglob("*") if p.suffix.lower() in (".tif", ".tiff")]
-        found = f"found {len(tifs)} GeoTIFF(s) matching none, e.g. {tifs[0].relative_to(self.root)}" if tifs else "found no GeoTIFFs"
+        found = (
+            f"found {len(tifs)} GeoTIFF(s) matching none, e.g. {tifs[0].relative_to(self.root)}"
+            if tifs
+            else "found no GeoTIFFs"
+        )
         tried = "; ".join(lay.expects() for lay in self.layouts)
-        raise DataError(f"{self.root}: no scenes indexed ({found}). Layouts tried: {tried}. Arrange the files like one of these")
+        raise DataError(
+            f"{self.root}: no scenes indexed ({found}). Layouts tried: {tried}. Arrange the files like one of these"
+        )
 
     def _make_entry(self, lay: Layout, scene_id: str, files: list[tuple[Path, dict[str, str]]]) -> _Entry:
         g0 = files[0][1]
@@ -126,13 +139,17 @@ class LocalSource:
             with _open(path) as src:
                 expected = 1 if lay.band_per_file else len(declared)
                 if src.count != expected:
-                    what = f"one band ({g['band']})" if lay.band_per_file else f"{expected} bands ({', '.join(declared)})"
+                    what = (
+                        f"one band ({g['band']})" if lay.band_per_file else f"{expected} bands ({', '.join(declared)})"
+                    )
                     raise DataError(
                         f"{path}: has {src.count} band(s) but layout {lay.name} expects {what}; "
                         f"move the file out of {self.root} or pass the right layout"
                     )
                 if src.crs is None:
-                    raise DataError(f"{path}: GeoTIFF has no CRS; it cannot be placed on a grid - re-export it with its CRS")
+                    raise DataError(
+                        f"{path}: GeoTIFF has no CRS; it cannot be placed on a grid - re-export it with its CRS"
+                    )
                 if footprint is None:
                     footprint = transform_geom(src.crs, CRS.from_epsg(4326), mapping(box(*src.bounds)))
             if lay.band_per_file:
@@ -141,9 +158,14 @@ class LocalSource:
                 bands.update({b: _BandRef(path, i + 1) for i, b in enumerate(declared)})
         meta = lay.metadata_of(files[0][0], g0) if lay.metadata_of else {}
         if lay.dated:
-            when = meta.pop("datetime", None) or dt.datetime.strptime(g0["date"], lay.date_format).replace(tzinfo=dt.timezone.utc)
+            assert lay.date_format is not None  # that is what `dated` means
+            when = meta.pop("datetime", None) or dt.datetime.strptime(g0["date"], lay.date_format).replace(
+                tzinfo=dt.timezone.utc
+            )
         else:
-            assert lay.pseudo_datetime is not None, f"layout {lay.name} declares neither date_format nor pseudo_datetime"
+            assert lay.pseudo_datetime is not None, (
+                f"layout {lay.name} declares neither date_format nor pseudo_datetime"
+            )
             when = lay.pseudo_datetime(g0)
         cloud_cover = meta.pop("cloud_cover", None)
         ordered = tuple(b for b in declared if b in bands)
@@ -157,6 +179,7 @@ class LocalSource:
             **lay.properties_of(g0),
             **meta,
         }
+        assert footprint is not None  # set by the first of the (never empty) files
         scene = Scene(scene_id, sensor_key, when, footprint, cloud_cover, props)
         return _Entry(lay, scene, {b: bands[b] for b in ordered})
 
@@ -164,9 +187,13 @@ class LocalSource:
     def scenes(self, sensor: str | None = None) -> list[Scene]:
         """Every indexed scene (of ``sensor``, a family or a sensor key), sorted by time then id."""
         match = _sensor_matcher(sensor)
-        return sorted((e.scene for e in self._entries.values() if match(e.scene.sensor)), key=lambda s: (s.datetime, s.id))
+        return sorted(
+            (e.scene for e in self._entries.values() if match(e.scene.sensor)), key=lambda s: (s.datetime, s.id)
+        )
 
-    def search(self, region: Region | None, start: dt.date | None, end: dt.date | None, sensor: str | None) -> list[Scene]:
+    def search(
+        self, region: Region | None, start: dt.date | None, end: dt.date | None, sensor: str | None
+    ) -> list[Scene]:
         """Scenes over ``region`` (all when None) within [start, end]; undated layouts ignore the window."""
         out = self.scenes(sensor)
         if region is not None:
@@ -176,16 +203,22 @@ class LocalSource:
         if undated and (start or end):
             layouts = sorted({s.properties["layout"] for s in undated})
             log.warning(
-                "local layout(s) %s carry no acquisition dates in their file names: the window %s..%s is ignored for %d scene(s) "
+                "local layout(s) %s carry no acquisition dates in their file names: the window %s..%s is ignored for "
+                "%d scene(s) "
                 "(their dates are stable pseudo-dates)",
-                ", ".join(layouts), start, end, len(undated),
+                ", ".join(layouts),
+                start,
+                end,
+                len(undated),
             )
         return [s for s in out if not s.properties["date_known"] or _in_window(s.date, start, end)]
 
     def read(self, scene: Scene, grid: Grid, bands: Sequence[str] | None = None) -> xr.DataArray:
         entry = self._entries.get(scene.id)
         if entry is None:
-            raise SourceError(f"scene {scene.id!r} is not in the local index of {self.root}; search this source for it first")
+            raise SourceError(
+                f"scene {scene.id!r} is not in the local index of {self.root}; search this source for it first"
+            )
         sensor = get_sensor(entry.scene.sensor)
         names = tuple(entry.bands) if bands is None else tuple(bands)
         missing = [b for b in names if b not in entry.bands]
@@ -221,7 +254,15 @@ def _qa_fill(sensor: Sensor, band: str) -> float:
     return float("nan")
 
 
-def _warp(path: Path, indexes: list[int], grid: Grid, resampling: Resampling, sensor_key: str, names: tuple[str, ...], fill: list[float]) -> np.ndarray:
+def _warp(
+    path: Path,
+    indexes: list[int],
+    grid: Grid,
+    resampling: Resampling,
+    sensor_key: str,
+    names: tuple[str, ...],
+    fill: list[float],
+) -> np.ndarray:
     sensor = SENSORS[sensor_key]
     try:
         with rasterio.open(path) as src:
@@ -243,7 +284,9 @@ def _warp(path: Path, indexes: list[int], grid: Grid, resampling: Resampling, se
             ) as vrt:
                 dn = vrt.read(indexes)
     except RasterioError as exc:
-        raise DataError(f"{path}: cannot read pixels ({_describe(exc)}); the file is truncated or corrupt - re-download it") from None
+        raise DataError(
+            f"{path}: cannot read pixels ({_describe(exc)}); the file is truncated or corrupt - re-download it"
+        ) from None
     out = np.empty_like(dn, dtype=np.float32)
     for i, name in enumerate(names):
         out[i] = to_physical(sensor, name, dn[i])

@@ -69,17 +69,21 @@ def _bspline(u: np.ndarray, deriv: bool = False) -> tuple[sparse.csr_matrix, np.
         index, cols = np.unique(taps, return_inverse=True)
         cols = cols.reshape(taps.shape)
     n = len(u)
-    mat = sparse.csr_matrix((w.astype(np.float32).ravel(), cols.ravel(), np.arange(0, 4 * n + 1, 4)), shape=(n, len(index)))
+    mat = sparse.csr_matrix(
+        (w.astype(np.float32).ravel(), cols.ravel(), np.arange(0, 4 * n + 1, 4)), shape=(n, len(index))
+    )
     return mat, index
 
 
-def value_noise(xs: np.ndarray, ys: np.ndarray, cell: float | tuple[float, float], key: int, d: str | None = None) -> np.ndarray:
+def value_noise(
+    xs: np.ndarray, ys: np.ndarray, cell: float | tuple[float, float], key: int, d: str | None = None
+) -> np.ndarray:
     """Smooth noise (H, W) at world coordinates ``ys`` (H,) x ``xs`` (W,), unit std, lattice ``cell`` m.
 
     ``cell`` may be (cx, cy) for anisotropic (streaky) noise; ``d`` = "x" or "y" gives the derivative
     per metre instead, for distance-to-contour estimates.
     """
-    cx, cy = (cell, cell) if np.isscalar(cell) else cell
+    cx, cy = cell if isinstance(cell, tuple) else (cell, cell)
     wx, ix = _bspline(np.asarray(xs) / cx, deriv=d == "x")
     wy, iy = _bspline(np.asarray(ys) / cy, deriv=d == "y")
     lattice = hash_uniform(ix[None, :], iy[:, None], key) * 2 - 1
@@ -95,7 +99,14 @@ def value_noise(xs: np.ndarray, ys: np.ndarray, cell: float | tuple[float, float
     return out
 
 
-def fbm(xs: np.ndarray, ys: np.ndarray, cells: Sequence[float], key: int, persistence: float = 0.5, d: str | None = None) -> np.ndarray:
+def fbm(
+    xs: np.ndarray,
+    ys: np.ndarray,
+    cells: Sequence[float | tuple[float, float]],
+    key: int,
+    persistence: float = 0.5,
+    d: str | None = None,
+) -> np.ndarray:
     """Fractal sum of octaves (largest cell first), normalized to unit std."""
     total = np.zeros((len(ys), len(xs)), dtype=np.float32)
     norm = 0.0

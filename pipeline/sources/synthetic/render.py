@@ -13,15 +13,15 @@ never exact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipeline.masking.codes import MaskClass
-from dataclasses import dataclass
-
+from pipeline.sensors import S2_BANDS, QAPixel
 from pipeline.sources.synthetic.noise import pixel_gamma, pixel_normal, pixel_uniform, value_noise
 from pipeline.sources.synthetic.sky import Sky
 from pipeline.sources.synthetic.world import ENDMEMBERS, Ground
-from pipeline.sensors import QAPixel, S2_BANDS
 
 _B = {b: i for i, b in enumerate(S2_BANDS)}
 
@@ -69,13 +69,23 @@ SAR_DB = np.array([
     (-22.0, -29.0), (-21.0, -28.0), (-9.0, -15.0), (-7.5, -13.0), (-11.0, -18.0), (-12.5, -20.0), (-8.5, -16.5),
     (-6.0, -13.0), (-5.0, -12.0), (-4.5, -11.5), (-7.0, -15.0), (-15.0, -22.0), (-1.5, -10.5),
 ], dtype=np.float32)
-SAR_SLOPE = np.array([-0.30, -0.30, -0.12, -0.10, -0.13, -0.15, -0.15, -0.08, -0.08, -0.08, -0.10, -0.20, -0.05], dtype=np.float32)
+SAR_SLOPE = np.array(
+    [-0.30, -0.30, -0.12, -0.10, -0.13, -0.15, -0.15, -0.08, -0.08, -0.08, -0.10, -0.20, -0.05], dtype=np.float32
+)
 ENL = 4.4
 # cirrus reflectance above which the operational masks (QA60 bit 11, SCL 10, QA_PIXEL bit 2) flag cirrus
 CIRRUS_MIN_QA = 0.015
 
 # Landsat OLI SR bands taken from the nearest S2 band of the same surface.
-LANDSAT_FROM_S2 = {"SR_B1": "B1", "SR_B2": "B2", "SR_B3": "B3", "SR_B4": "B4", "SR_B5": "B8A", "SR_B6": "B11", "SR_B7": "B12"}
+LANDSAT_FROM_S2 = {
+    "SR_B1": "B1",
+    "SR_B2": "B2",
+    "SR_B3": "B3",
+    "SR_B4": "B4",
+    "SR_B5": "B8A",
+    "SR_B6": "B11",
+    "SR_B7": "B12",
+}
 SURFACE_TEMP_K = np.array([299, 300, 301, 300, 303, 312, 303, 313, 314, 312, 309, 315, 300], dtype=np.float32)
 
 
@@ -148,7 +158,9 @@ def sensor_noise(xs: np.ndarray, ys: np.ndarray, res: float, key: int, band_idx:
     x0, y0 = float(np.min(xs)), float(np.min(ys))
     ix = np.rint((np.asarray(xs) - x0) / res).astype(np.int64)  # 0.. along the grid's columns
     iy = np.rint((np.asarray(ys) - y0) / res).astype(np.int64) + 12  # row 0 of the field is 12 px south
-    z = pixel_normal(x0 + res * np.arange(int(ix.max()) + 13), y0 - 12 * res + res * np.arange(int(iy.max()) + 1), res, key)
+    z = pixel_normal(
+        x0 + res * np.arange(int(ix.max()) + 13), y0 - 12 * res + res * np.arange(int(iy.max()) + 1), res, key
+    )
     return [z[_run(iy - (2 * b) % 13), _run(ix + b)] for b in band_idx]
 
 
@@ -265,7 +277,9 @@ def surface_temperature(ground: Ground, sky: Sky) -> np.ndarray:
     return (st * (1.0 - sky.alpha) + cloud_top * sky.alpha).astype(np.float32)
 
 
-def sar(ground: Ground, angle: np.ndarray, xs: np.ndarray, ys: np.ndarray, res: float, key: int, speckle: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def sar(
+    ground: Ground, angle: np.ndarray, xs: np.ndarray, ys: np.ndarray, res: float, key: int, speckle: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """sigma0 VV, VH in dB: endmembers mixed in linear power, crop biomass, then gamma speckle (ENL 4.4)."""
     k, h, w = ground.abundance.shape
     ab = ground.abundance.reshape(k, -1)

@@ -44,7 +44,13 @@ def sun_position(when: dt.datetime, lat: float, lon: float) -> tuple[float, floa
     doy = when.timetuple().tm_yday
     hour = when.hour + when.minute / 60 + when.second / 3600
     g = 2 * math.pi / 365 * (doy - 1 + (hour - 12) / 24)
-    eqtime = 229.18 * (0.000075 + 0.001868 * math.cos(g) - 0.032077 * math.sin(g) - 0.014615 * math.cos(2 * g) - 0.040849 * math.sin(2 * g))
+    eqtime = 229.18 * (
+        0.000075
+        + 0.001868 * math.cos(g)
+        - 0.032077 * math.sin(g)
+        - 0.014615 * math.cos(2 * g)
+        - 0.040849 * math.sin(2 * g)
+    )
     decl = (0.006918 - 0.399912 * math.cos(g) + 0.070257 * math.sin(g) - 0.006758 * math.cos(2 * g)
             + 0.000907 * math.sin(2 * g) - 0.002697 * math.cos(3 * g) + 0.00148 * math.sin(3 * g))
     tst = hour * 60 + eqtime + 4 * lon
@@ -64,7 +70,9 @@ def draw_weather(seed: int, track: str, index: int, when: dt.date, event: dt.dat
     has clear references and fully cloudy dates. The days around a region's event are overcast.
     """
     block, pos = divmod(index, len(REGIMES))
-    order = np.argsort(hash_uniform(np.arange(len(REGIMES)), np.full(len(REGIMES), block), key_of("regime", seed, track)))
+    order = np.argsort(
+        hash_uniform(np.arange(len(REGIMES)), np.full(len(REGIMES), block), key_of("regime", seed, track))
+    )
     regime = REGIMES[int(order[pos])]
     if event is not None and -3 <= (when - event).days <= 1:
         regime = "overcast"
@@ -135,7 +143,9 @@ def _thick(xs: np.ndarray, ys: np.ndarray, p: dict[str, Any], key: int) -> tuple
     return (1.0 - np.exp(-tau)).astype(np.float32), tau
 
 
-def sky_on(xs: np.ndarray, ys: np.ndarray, props: dict[str, Any], seed: int, scene_key: str, with_shadow: bool = True) -> Sky:
+def sky_on(
+    xs: np.ndarray, ys: np.ndarray, props: dict[str, Any], seed: int, scene_key: str, with_shadow: bool = True
+) -> Sky:
     key = key_of("cloud", seed, scene_key)
     alpha, tau = _thick(xs, ys, props, key)
     shape = alpha.shape

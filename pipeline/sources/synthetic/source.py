@@ -160,7 +160,8 @@ class SyntheticSource:
         if sensor in SERVED:
             return (sensor,)
         raise SourceError(
-            f"the synthetic source does not simulate sensor {sensor!r}; use a family ({', '.join(FAMILIES)}) or one of {', '.join(SERVED)}"
+            f"the synthetic source does not simulate sensor {sensor!r}; use a family ({', '.join(FAMILIES)}) or one of "
+            f"{', '.join(SERVED)}"
         )
 
     def _days(self, start: dt.date, end: dt.date, phase: int, every: int) -> list[tuple[int, dt.date]]:
@@ -173,7 +174,12 @@ class SyntheticSource:
 
     def _common(self, region: Region, when: dt.datetime, lon: float, lat: float) -> dict[str, Any]:
         az, el = sun_position(when, lat, lon)
-        props: dict[str, Any] = {"sun_azimuth": round(az, 3), "sun_elevation": round(el, 3), "simulated": True, "world_seed": self.seed}
+        props: dict[str, Any] = {
+            "sun_azimuth": round(az, 3),
+            "sun_elevation": round(el, 3),
+            "simulated": True,
+            "world_seed": self.seed,
+        }
         if region.event_date is not None:
             props["event_date"] = region.event_date.isoformat()
         return props
@@ -195,14 +201,16 @@ class SyntheticSource:
             out.append(Scene(sid, key, t0, _box(lon, lat, 54.9, 54.9, region), None, props))
         return out
 
-    def _search_landsat(self, region: Region, lon: float, lat: float, start: dt.date, end: dt.date, key: str) -> list[Scene]:
+    def _search_landsat(
+        self, region: Region, lon: float, lat: float, start: dt.date, end: dt.date, key: str
+    ) -> list[Scene]:
         path, row = (region.wrs.path, region.wrs.row) if region.wrs else wrs2_path_row(lon, lat)
         l8_phase = int(_u(self.seed, "l8phase", path) * 16)
         phase = l8_phase if key == "landsat8_l2" else (l8_phase + 8) % 16
         platform = _LANDSAT_PLATFORM[key]
         prefix = "LC08" if key == "landsat8_l2" else "LC09"
         out = []
-        for index, day in self._days(start, end, phase, 16):
+        for _index, day in self._days(start, end, phase, 16):
             if not operating(platform, day):
                 continue
             when = _at(day, 10.4 - lon / 15.0)
@@ -240,7 +248,9 @@ class SyntheticSource:
                 relative = (track - 27) % 175 + 1
             datatake = int(_u(self.seed, "s1dt", cell, index) * 0xFFFFFF)
             uid = int(_u(self.seed, "s1uid", cell, index) * 0xFFFF)
-            sid = f"{mission}_IW_GRDH_1SDV_{t0:%Y%m%dT%H%M%S}_{t1:%Y%m%dT%H%M%S}_{absolute:06d}_{datatake:06X}_{uid:04X}"
+            sid = (
+                f"{mission}_IW_GRDH_1SDV_{t0:%Y%m%dT%H%M%S}_{t1:%Y%m%dT%H%M%S}_{absolute:06d}_{datatake:06X}_{uid:04X}"
+            )
             props = self._common(region, t0, lon, lat)
             props.update({
                 "platform": platform,
@@ -303,7 +313,17 @@ class SyntheticSource:
         if not self.cache:
             return _Render(self.seed, self.cache, scene, grid)
         props = json.dumps(scene.properties, sort_keys=True, default=str)
-        key = (self.seed, scene.id, scene.sensor, scene.datetime.isoformat(), props, str(grid.crs), tuple(grid.transform)[:6], grid.width, grid.height)
+        key = (
+            self.seed,
+            scene.id,
+            scene.sensor,
+            scene.datetime.isoformat(),
+            props,
+            str(grid.crs),
+            tuple(grid.transform)[:6],
+            grid.width,
+            grid.height,
+        )
         with _RENDERS_LOCK:
             r = _RENDERS.get(key)
             if r is not None:
@@ -317,9 +337,14 @@ class SyntheticSource:
 
     def _check_scene(self, scene: Scene) -> None:
         if not scene.properties.get("simulated") or "sun_azimuth" not in scene.properties:
-            raise SourceError(f"scene {scene.id!r} did not come from the synthetic source's search(); search it with SyntheticSource first")
+            raise SourceError(
+                f"scene {scene.id!r} did not come from the synthetic source's search(); search it with SyntheticSource "
+                "first"
+            )
         if scene.sensor not in SERVED:
-            raise SourceError(f"the synthetic source does not simulate sensor {scene.sensor!r}; it serves {', '.join(SERVED)}")
+            raise SourceError(
+                f"the synthetic source does not simulate sensor {scene.sensor!r}; it serves {', '.join(SERVED)}"
+            )
 
     @staticmethod
     def _native_frame(grid: Grid) -> bool:
@@ -332,7 +357,9 @@ class SyntheticSource:
 
         w, s, e, n = grid.bounds_lonlat()
         crs = utm_crs((w + e) / 2, (s + n) / 2)
-        left, bottom, right, top = transform_bounds(CRS.from_epsg(4326), CRS.from_user_input(crs), w, s, e, n, densify_pts=21)
+        left, bottom, right, top = transform_bounds(
+            CRS.from_epsg(4326), CRS.from_user_input(crs), w, s, e, n, densify_pts=21
+        )
         res = max(1.0, min(right - left, top - bottom) / max(grid.width, grid.height))
         res = min(res, 60.0) if res > 0 else 10.0
         src = Grid(crs, Affine(res, 0, math.floor(left / res) * res, 0, -res, math.ceil(top / res) * res),
@@ -343,16 +370,32 @@ class SyntheticSource:
             if a.dtype == bool:
                 return warp(a.astype(np.uint8), True).astype(bool)
             out = np.full(grid.shape, np.nan if a.dtype.kind == "f" else 0, dtype=a.dtype)
-            reproject(a, out, src_transform=src.transform, src_crs=src.crs, dst_transform=grid.transform, dst_crs=grid.crs,
-                      resampling=Resampling.nearest if categorical else Resampling.bilinear)
+            reproject(
+                a,
+                out,
+                src_transform=src.transform,
+                src_crs=src.crs,
+                dst_transform=grid.transform,
+                dst_crs=grid.crs,
+                resampling=Resampling.nearest if categorical else Resampling.bilinear,
+            )
             return out
 
         coords = grid.coords()
         if isinstance(obj, xr.DataArray):
             sensor = get_sensor(scene.sensor)
-            data = np.stack([warp(obj.sel(band=b).values, sensor.band(str(b)).units not in ("reflectance", "dB", "degrees", "kelvin"))
-                             for b in obj.band.values])
-            return xr.DataArray(data, dims=obj.dims, coords={"band": obj.band.values, **coords}, attrs=raster_attrs(scene, grid, True))
+            data = np.stack(
+                [
+                    warp(
+                        obj.sel(band=b).values,
+                        sensor.band(str(b)).units not in ("reflectance", "dB", "degrees", "kelvin"),
+                    )
+                    for b in obj.band.values
+                ]
+            )
+            return xr.DataArray(
+                data, dims=obj.dims, coords={"band": obj.band.values, **coords}, attrs=raster_attrs(scene, grid, True)
+            )
         ds = xr.Dataset(attrs={**obj.attrs, **raster_attrs(scene, grid, True)})
         for name, var in obj.data_vars.items():
             if "band" in var.dims:
@@ -361,7 +404,7 @@ class SyntheticSource:
             else:
                 ds[name] = (var.dims, warp(var.values, var.dtype.kind != "f"))
             ds[name].attrs = var.attrs
-        return ds.assign_coords(**coords)
+        return ds.assign_coords(coords)
 
 
 _RENDERS: "OrderedDict[tuple, _Render]" = OrderedDict()
@@ -395,6 +438,8 @@ class _Render:
         res = min(grid.resolution)
         native = 30.0 if self.family == "landsat" else 10.0
         self.res = max(res, native)
+        self.ix: np.ndarray | None
+        self.iy: np.ndarray | None
         if res < native:
             # simulate at the sensor's native pixel on the world lattice, then repeat onto the finer grid
             xs, self.ix = np.unique((np.floor(xs / native) + 0.5) * native, return_inverse=True)
@@ -483,6 +528,7 @@ class _Render:
         if "QA60" in names:
             layers["QA60"] = R.qa60(self.sky)
         if "SCL" in names:
+            assert prob is not None  # computed above whenever SCL is asked for
             layers["SCL"] = R.scl(self.sky.mask(), self.ground, prob, self.sky)
         return layers
 
@@ -531,7 +577,9 @@ class _Render:
         sensor = get_sensor(self.scene.sensor)
         for i, n in enumerate(names):
             b = sensor.band(n)
-            out[i][outside] = np.nan if b.units in ("reflectance", "dB", "degrees", "kelvin", "score") else (b.nodata or 0)
+            out[i][outside] = (
+                np.nan if b.units in ("reflectance", "dB", "degrees", "kelvin", "score") else (b.nodata or 0)
+            )
 
     def truth(self) -> xr.Dataset:
         sensor = get_sensor(self.scene.sensor)

@@ -83,7 +83,9 @@ def build_static(xs: np.ndarray, ys: np.ndarray, res: float, seed: int) -> Stati
     d_stream = _contour_distance(xs, ys, [4000.0, 2000.0], k("stream"))
     stream_zone = value_noise(xs, ys, 6000.0, k("streamzone")) > 0.2
     stream = _coverage(d_stream, 6.0, res) * stream_zone
-    ponds = (fbm(xs, ys, [300.0, 150.0], k("ponds")) > 2.4).astype(np.float32) * (value_noise(xs, ys, 4000.0, k("pondzone")) > 0.5)
+    ponds = (fbm(xs, ys, [300.0, 150.0], k("ponds")) > 2.4).astype(np.float32) * (
+        value_noise(xs, ys, 4000.0, k("pondzone")) > 0.5
+    )
     water = np.maximum(np.maximum(river, stream), ponds)
 
     # -- DEM and height above drainage: valleys along rivers, gentle plain relief elsewhere
@@ -104,7 +106,9 @@ def build_static(xs: np.ndarray, ys: np.ndarray, res: float, seed: int) -> Stati
 
     # 200 m city blocks have a character: housing estates (grey / concrete towers), industry (big blue or
     # white metal roofs), or old low-rise; buildings are 45 m cells inside
-    blk = hash_uniform(np.floor((wx + 100.0) / 200.0).astype(np.int64), np.floor((wy + 100.0) / 200.0).astype(np.int64), k("blocks"))
+    blk = hash_uniform(
+        np.floor((wx + 100.0) / 200.0).astype(np.int64), np.floor((wy + 100.0) / 200.0).astype(np.int64), k("blocks")
+    )
     bx, by = np.floor(wx / 45.0), np.floor(wy / 45.0)
     ub = hash_uniform(bx.astype(np.int64), by.astype(np.int64), k("roofs"))
     industrial = blk > 0.85
@@ -153,8 +157,21 @@ def build_static(xs: np.ndarray, ys: np.ndarray, res: float, seed: int) -> Stati
     field = np.clip(1.0 - urban - water - road - forest - grass, 0.0, 1.0)
 
     texture = 1.0 + 0.06 * value_noise(xs, ys, 90.0, k("tex")) + 0.03 * pixel_normal(xs, ys, res, k("ptex"))
-    return Static(water, urban.astype(np.float32), roof, road.astype(np.float32), forest.astype(np.float32), grass.astype(np.float32),
-                  field.astype(np.float32), crop_type, plant_doy, vigour, hand, dem, texture.astype(np.float32))
+    return Static(
+        water,
+        urban.astype(np.float32),
+        roof,
+        road.astype(np.float32),
+        forest.astype(np.float32),
+        grass.astype(np.float32),
+        field.astype(np.float32),
+        crop_type,
+        plant_doy,
+        vigour,
+        hand,
+        dem,
+        texture.astype(np.float32),
+    )
 
 
 _CACHE: "OrderedDict[tuple, Static]" = OrderedDict()
@@ -211,7 +228,13 @@ def ground_on(st: Static, when: dt.date, event: dt.date | None) -> Ground:
     ct = st.crop_type
     canopy = np.select(
         [ct == 0, ct == 1, ct == 2, ct == 3, ct == 4],
-        [st.vigour * growth, 0.85 * st.vigour * growth, np.full_like(growth, 0.65), np.full_like(growth, 0.08), st.vigour * growth],
+        [
+            st.vigour * growth,
+            0.85 * st.vigour * growth,
+            np.full_like(growth, 0.65),
+            np.full_like(growth, 0.08),
+            st.vigour * growth,
+        ],
         0.0,
     ).astype(np.float32)
     paddy_water = np.where(ct == 4, np.clip(0.7 - canopy, 0.0, 0.7), 0.0).astype(np.float32)

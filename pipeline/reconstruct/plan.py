@@ -1,0 +1,221 @@
+"""Which scenes ``reconstruct`` reads: the plan of optical and S1 scenes per input role, with its checks.
+
+The checkpoint's ``InputSpec`` says what to fetch: ``optical_dates`` optical dates at or before D (D itself only
+for ``includes_target_date`` models), and the S1 nearest to each of them and to D. The auxiliary (earlier) dates
+are by default the least cloudy of those within ``AUX_MAX_DAYS`` before D (``aux_dates="clearest"``: what an
+analyst picks as the prior reference, and the training samples' auxiliary dates lie within the same 30-day gap
+of TCSEN12); ``"latest"`` takes the most recent ones. Every impossibility (no scenes, AOI outside the source's
+coverage, bands the checkpoint needs and the source lacks) is one ``SourceError``/``CheckpointError`` line
+naming the fix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from shapely.geometry import box, shape
+
+from models.spec import InputSpec
+from pipeline.errors import CheckpointError, SourceError
+from pipeline.grid import Grid
+from pipeline.reconstruct.config import AUX_MAX_DAYS, AuxDates, ReconstructConfig
+from pipeline.regions import Region
+from pipeline.sensors import get_sensor
+from pipeline.sources.base import Scene, Source
+
+LOOKBACK_DAYS = 120  # how far before D optical input dates are searched
+NEAREST_SHOWN = 6
+
+
+@dataclass
+class InputPlan:
+    """Scenes per role. Dates are oldest first; each SAR entry lists scenes nearest first."""
+
+    target_date: dt.date
+    optical_sensor: str  # sensor key of the optical scenes
+    optical_dates: list[dt.date]
+    optical_scenes: list[list[Scene]]
+    sar_dates: list[dt.date] = field(default_factory=list)  # the date each SAR slot stands for
+    sar_scenes: list[list[Scene]] = field(default_factory=list)
+    target_scenes: list[Scene] = field(default_factory=list)  # optical scenes on D (observed pixels)
+
+    def scene_ids(self) -> list[str]:
+        ids = [s.id for group in self.optical_scenes + self.sar_scenes + [self.target_scenes] for s in group]
+        return sorted(dict.fromkeys(ids))
+
+
+def _by_date(scenes: Sequence[Scene]) -> dict[dt.date, list[Scene]]:
+    out: dict[dt.date, list[Scene]] = {}
+    for s in sorted(scenes, key=lambda s: (s.datetime, s.id)):
+        out.setdefault(s.date, []).append(s)
+    return out
+
+
+def _nearest(dates: Sequence[dt.date], day: dt.date, n: int = NEAREST_SHOWN) -> str:
+    near = sorted(set(dates), key=lambda d: (abs((d - day).days), d))[:n]
+    return ", ".join(d.isoformat() for d in sorted(near)) or "none"
+
+
+def _aoi_polygon(grid: Grid):
+    return box(*grid.bounds_lonlat())
+
+
+def _check_coverage(scenes: Sequence[Scene], grid: Grid, source_name: str, what: str) -> list[Scene]:
+    aoi = _aoi_polygon(grid)
+    covering = [s for s in scenes if not s.footprint or shape(s.footprint).intersects(aoi)]
+    if scenes and not covering:
+        w, s_, e, n = (round(v, 4) for v in grid.bounds_lonlat())
+        raise SourceError(
+            f"the AOI [{w}, {s_}, {e}, {n}] lies outside the {source_name} source's coverage: none of its "
+            f"{len(scenes)} {what} scene footprints intersect it; pick a region the source covers "
+            "(or another --source)")
+    return covering
+
+
+def _raise_family_missing(source: Source, family: str, src_name: str, checkpoint: str) -> None:
+    """A source that lists its archive and holds no scene of the family cannot satisfy the checkpoint at all."""
+    listing = getattr(source, "scenes", None)
+    if not callable(listing) or listing(family):
+        return
+    held = sorted({s.sensor for s in listing(None)})
+    raise CheckpointError(
+        f"checkpoint {checkpoint or 'requested'} needs {family} optical input, but the {src_name} source holds no "
+        f"{family} scenes (it has: {', '.join(held) or 'nothing'}); use a checkpoint trained on "
+        f"{', '.join(held) or 'its'} data or another --source")
+
+
+def _raise_outside_coverage(source: Source, family: str, grid: Grid, src_name: str) -> None:
+    """Sources that can list their whole archive (``local``) tell 'outside coverage' from 'no dates'."""
+    listing = getattr(source, "scenes", None)
+    if not callable(listing):
+        return
+    everything = [s for s in listing(family) if s.footprint]
+    if not everything:
+        return
+    aoi = _aoi_polygon(grid)
+    if any(shape(s.footprint).intersects(aoi) for s in everything):
+        return
+    from shapely.ops import unary_union
+
+    cover = [round(v, 3) for v in unary_union([shape(s.footprint) for s in everything]).bounds]
+    w, s_, e, n = (round(v, 3) for v in grid.bounds_lonlat())
+    raise SourceError(
+        f"the AOI [{w}, {s_}, {e}, {n}] lies outside the {src_name} source's coverage: its {len(everything)} {family} "
+        f"scene(s) cover lon/lat {cover}; pick a region inside it or another --source")
+
+
+def _check_bands(spec: InputSpec, scenes: Sequence[Scene], source_name: str, checkpoint: str) -> str:
+    sensors = sorted({s.sensor for s in scenes})
+    for key in sensors:
+        have = get_sensor(key).band_names
+        missing = [b for b in dict.fromkeys(spec.optical_bands + spec.out_bands) if b not in have]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} needs {spec.optical_sensor} band(s) {missing}, but the {source_name} "
+                f"source's {key} scenes have {list(get_sensor(key).reflectance_bands)}; use a checkpoint trained on "
+                f"{key} bands or another --source")
+    return sensors[0]
+
+
+def _aux_dates(earlier: list[dt.date], days: dict[dt.date, list[Scene]], n: int, date: dt.date,
+               how: str) -> list[dt.date]:
+    """The ``n`` auxiliary dates (oldest first) out of ``earlier`` (sorted), chosen by ``how`` (module docstring)."""
+    if n == 0:
+        return []
+    if how == AuxDates.latest:
+        return earlier[-n:]
+    pool = [d for d in earlier if (date - d).days <= AUX_MAX_DAYS]
+    if len(pool) <= n:  # no choice to make within the gap: the most recent ones
+        return earlier[-n:]
+
+    def cover(d: dt.date) -> float:  # the provider's scene cloud cover; unknown ranks as fully cloudy
+        return float(np.mean([1.0 if s.cloud_cover is None else s.cloud_cover for s in days[d]]))
+
+    # least cloudy first, the more recent one on ties (less change on the ground)
+    return sorted(sorted(pool, key=lambda d: (cover(d), -d.toordinal()))[:n])
+
+
+def plan_inputs(region: Region, date: dt.date, spec: InputSpec, source: Source, checkpoint: str = "",
+                config: ReconstructConfig | None = None) -> InputPlan:
+    """Pick the scenes the spec asks for (``config``: ``aux_dates``, ``sar_max_days``); every impossibility is a
+    ``SourceError``/``CheckpointError`` naming the fix."""
+    config = config or ReconstructConfig()
+    src_name = getattr(source, "name", type(source).__name__)
+    sensor_key, days = _optical_scenes(region, date, spec, source, checkpoint, src_name)
+    earlier = [d for d in sorted(days) if d < date]
+    n_earlier = spec.optical_dates - 1 if spec.includes_target_date else spec.optical_dates
+    family = spec.optical_sensor
+    if spec.includes_target_date and date not in days:
+        raise SourceError(
+            f"no {family} scene on {date} over region {region.name} (the model {checkpoint or 'requested'} "
+            f"reconstructs an acquisition of that day); nearest dates with scenes: {_nearest(list(days), date)}; "
+            "pass one of them as --date")
+    if len(earlier) < n_earlier:
+        raise SourceError(
+            f"the model needs {n_earlier} {family} date(s) before {date} but the {src_name} source has {len(earlier)} "
+            f"within {LOOKBACK_DAYS} days ({', '.join(d.isoformat() for d in earlier) or 'none'}); pick a later --date")
+    opt_dates = _aux_dates(earlier, days, n_earlier, date, config.aux_dates)
+    if spec.includes_target_date:
+        opt_dates.append(date)
+    plan = InputPlan(date, sensor_key, opt_dates, [days[d] for d in opt_dates], target_scenes=days.get(date, []))
+    if spec.sar_bands:
+        plan.sar_dates = opt_dates + [date]
+        plan.sar_scenes = _sar_scenes(region, plan.sar_dates, spec, source, checkpoint, src_name, config.sar_max_days)
+    return plan
+
+
+def _optical_scenes(region: Region, date: dt.date, spec: InputSpec, source: Source, checkpoint: str,
+                    src_name: str) -> tuple[str, dict[dt.date, list[Scene]]]:
+    """The optical sensor the plan uses and its scenes by date, searched from ``LOOKBACK_DAYS`` before D."""
+    grid = region.grid()
+    family = spec.optical_sensor
+    start, end = date - dt.timedelta(days=LOOKBACK_DAYS), date + dt.timedelta(days=60)
+    try:
+        found = source.search(region, start, end, family)
+    except SourceError as exc:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} needs {family} optical input, which the {src_name} source cannot provide "
+            f"({exc})") from None
+    if not found:
+        _raise_family_missing(source, family, src_name, checkpoint)
+        _raise_outside_coverage(source, family, grid, src_name)
+        raise SourceError(
+            f"the {src_name} source has no {family} scenes over region {region.name} between {start} and {end}; "
+            "check --date and the region's location")
+    found = _check_coverage(found, grid, src_name, family)
+    sensor_key = _check_bands(spec, found, src_name, checkpoint)
+    return sensor_key, _by_date([s for s in found if s.sensor == sensor_key])
+
+
+def _sar_scenes(region: Region, dates: Sequence[dt.date], spec: InputSpec, source: Source, checkpoint: str,
+                src_name: str, max_days: int) -> list[list[Scene]]:
+    """For each of ``dates``, the S1 scenes within ``max_days`` of it, nearest first."""
+    grid = region.grid()
+    try:
+        margin = dt.timedelta(days=max_days)
+        s1 = source.search(region, min(dates) - margin, max(dates) + margin, "s1")
+    except SourceError as exc:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} needs S1 {list(spec.sar_bands)}, which the {src_name} source cannot provide "
+            f"({exc})") from None
+    s1 = _check_coverage(s1, grid, src_name, "s1")
+    for key in sorted({s.sensor for s in s1}):
+        have = list(get_sensor(key).band_names)
+        missing = [b for b in spec.sar_bands if b not in have]
+        if missing:
+            raise CheckpointError(f"checkpoint {checkpoint} needs SAR band(s) {missing}; the {src_name} source's "
+                                  f"{key} scenes have {have}")
+    out = []
+    for d in dates:
+        near = sorted((s for s in s1 if abs((s.date - d).days) <= max_days),
+                      key=lambda s: (abs((s.datetime.date() - d).days), s.datetime, s.id))
+        if not near:
+            raise SourceError(
+                f"no S1 scene within {max_days} days of {d} over region {region.name} (the model needs S1 near every "
+                f"input date and D); S1 dates nearby: {_nearest([s.date for s in s1], d)}; "
+                "pick another --date or raise --sar-max-days")
+        out.append(near)
+    return out
