@@ -24,7 +24,6 @@ from pipeline.sources.registry import SourceName, SourceSpec
 from pipeline.train.config import train_default
 
 
-
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_enum_values=True, validate_default=True)
 
@@ -47,7 +46,10 @@ def region_from_geojson(
         try:
             geometry = json.loads(geometry)
         except json.JSONDecodeError as exc:
-            raise RegionError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); paste a GeoJSON Polygon") from None
+            raise RegionError(
+                f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                "paste a GeoJSON Polygon"
+            ) from None
     bounds = list(geojson_bounds(geometry, where))
     data = {"name": name, "bbox": bounds, "window": {"start": str(start), "end": str(end)}, **fields}
     return parse_region(data, where)
@@ -57,7 +59,10 @@ class InlineAOI(_Params):
     """An AOI drawn elsewhere (geojson.io, QGIS) and pasted as GeoJSON, instead of a region file."""
 
     name: str = Field(description="Lower-case slug naming the outputs, e.g. 'flood-north'.")
-    geometry: dict[str, Any] | str = Field(description="GeoJSON Polygon/MultiPolygon in EPSG:4326 (bare, Feature or FeatureCollection), as an object or a JSON string.")
+    geometry: dict[str, Any] | str = Field(
+        description="GeoJSON Polygon/MultiPolygon in EPSG:4326 (bare, Feature or FeatureCollection), "
+        "as an object or a JSON string."
+    )
     start: dt.date = Field(description="First acquisition date searched (YYYY-MM-DD).")
     end: dt.date = Field(description="Last acquisition date searched (YYYY-MM-DD).")
     event_date: dt.date | None = Field(None, description="Date of the disaster, inside start..end.")
@@ -88,9 +93,18 @@ def _as_value_error(fn: Any, *args: Any) -> Any:
 
 
 class _RegionParams(_Params):
-    region: str | InlineAOI = Field(description="Region name (regions/NAME.yaml), path to a region YAML, or an inline GeoJSON AOI.")
-    source: SourceName = Field(SourceName.synthetic, description="Scene archive: synthetic (offline simulation), local (GeoTIFF folder) or earthengine.")
-    source_options: dict[str, Any] = Field(default_factory=dict, description="Source keyword arguments, e.g. {'root': '/data/sen12'} for local, {'project': 'my-gcp-project'} for earthengine.")
+    region: str | InlineAOI = Field(
+        description="Region name (regions/NAME.yaml), path to a region YAML, or an inline GeoJSON AOI."
+    )
+    source: SourceName = Field(
+        SourceName.synthetic,
+        description="Scene archive: synthetic (offline simulation), local (GeoTIFF folder) or earthengine.",
+    )
+    source_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Source keyword arguments, e.g. {'root': '/data/sen12'} for local, "
+        "{'project': 'my-gcp-project'} for earthengine.",
+    )
 
     def resolved_region(self) -> Region:
         return resolve_region(self.region)

@@ -90,6 +90,7 @@ def read_geotiff(path: str | Path) -> GeoTiff:
             tags = dict(src.tags())
     except RasterioError as exc:
         raise DataError(
-            f"{path}: unreadable or truncated GeoTIFF ({exc}); delete it and rerun 'cloudfree build-dataset', which rewrites it"
+            f"{path}: unreadable or truncated GeoTIFF ({exc}); delete it and rerun 'cloudfree build-dataset', "
+            "which rewrites it"
         ) from None
     return GeoTiff(data, bands, grid, tags)

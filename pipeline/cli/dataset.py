@@ -10,6 +10,7 @@ from rich.table import Table
 
 from pipeline.cli.app import app, console
 from pipeline.dataset.config import BuildConfig
+from pipeline.errors import cli_option
 from pipeline.sources.registry import SourceName, SourceSpec
 
 if TYPE_CHECKING:
@@ -86,8 +87,8 @@ def build_dataset_cmd(
 ) -> None:
     """Select patches, export GeoTIFFs + manifest.parquet, write Zarr cubes and report.md."""
     spec = SourceSpec.parse(source, root, {"seed": seed} if source is SourceName.synthetic else None)
-    config = BuildConfig.parse(source=spec, max_patches=max_patches, workers=workers, mask_method=mask_method,
-                               progress=progress)
+    config = BuildConfig.parse(cli_option, source=spec, max_patches=max_patches, workers=workers,
+                               mask_method=mask_method, progress=progress)
     from pipeline.dataset.build import run_build
 
     print_summary(run_build(region, out, config))

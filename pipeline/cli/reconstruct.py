@@ -12,7 +12,8 @@ from typing import Any, List, Optional
 import typer
 
 from pipeline.cli.app import app, console, parse_date
-from pipeline.reconstruct.config import AuxDates, Compression, OutType, ReconstructConfig, cli_option
+from pipeline.errors import cli_option
+from pipeline.reconstruct.config import AuxDates, Compression, OutType, ReconstructConfig
 from pipeline.sources.registry import SourceName, SourceSpec
 
 

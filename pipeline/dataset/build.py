@@ -227,7 +227,7 @@ def _open_source(config: BuildConfig, source: Source | None) -> tuple[Source, st
 
 def _search(source: Source, name: str, region: Region) -> _Found:
     """Every sensor's scenes in the region's window; a clear error when a needed family has none."""
-    found = {}
+    found: dict[str, list[Scene]] = {}
     for fam in region.sensors:
         scenes = source.search(region, region.window.start, region.window.end, fam)
         found[fam] = sorted(scenes, key=lambda s: (s.datetime, s.id))

@@ -8,11 +8,11 @@ Every default and every check of a build option lives here once; the ``build-dat
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, describe_validation
 from pipeline.masking.config import METHODS, MaskConfig
 from pipeline.sources.registry import SourceSpec
 
@@ -59,14 +59,9 @@ class BuildConfig(BaseModel):
         return self.workers or min(4, os.cpu_count() or 1)
 
     @classmethod
-    def parse(cls, **fields: Any) -> BuildConfig:
+    def parse(cls, option: Callable[[str], str] = str, **fields: Any) -> BuildConfig:
         """A config from keyword options; one ``DataError`` line naming the first bad option when invalid."""
         try:
             return cls(**fields)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            name = ".".join(str(p) for p in err["loc"]) or "build option"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "value_error":  # our own validators already name the value and the fix
-                raise DataError(msg) from None
-            raise DataError(f"build option {name}={err.get('input')!r}: {msg}; fix or drop it") from None
+            raise DataError(describe_validation(exc, option, "build options")) from None

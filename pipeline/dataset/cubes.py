@@ -76,7 +76,9 @@ class _Layout:
         self.sar = {sid: g for sid, g in rows[rows["_sar"]].groupby("sample_id", sort=True)}
         dates = {len(g) for g in self.optical.values()}
         if len(dates) != 1:
-            raise DataError(f"{dataset_dir}: samples have different numbers of optical dates {sorted(dates)}; rebuild the dataset")
+            raise DataError(
+                f"{dataset_dir}: samples have different numbers of optical dates {sorted(dates)}; rebuild the dataset"
+            )
         self.n_dates = dates.pop()
         self.has_sar = bool(self.sar)
         if self.has_sar and any(len(self.sar.get(s, ())) != self.n_dates for s in self.sample_ids):
@@ -86,11 +88,16 @@ class _Layout:
         self.family = self.sensor.family
         probe = read_geotiff(dataset_dir / first["path"])
         if not probe.bands or probe.bands[-1] != MASK_BAND:
-            raise DataError(f"{dataset_dir / first['path']}: last band is {probe.bands[-1:]} not {MASK_BAND!r}; rebuild the dataset")
+            raise DataError(
+                f"{dataset_dir / first['path']}: last band is {probe.bands[-1:]} not {MASK_BAND!r}; rebuild the dataset"
+            )
         self.bands = probe.bands[:-1]
         self.size = probe.grid.height
         if probe.grid.width != self.size:
-            raise DataError(f"{dataset_dir / first['path']}: patch is {probe.grid.width}x{probe.grid.height}, not square; rebuild the dataset")
+            raise DataError(
+                f"{dataset_dir / first['path']}: patch is {probe.grid.width}x{probe.grid.height}, not square; "
+                "rebuild the dataset"
+            )
         self.sar_bands = S1_BANDS
         self._cache: OrderedDict[str, GeoTiff] = OrderedDict()
         self._cache_size = 4 * (self.n_dates + 1) * 2
@@ -101,14 +108,22 @@ class _Layout:
         ch5, ch4 = (1, D, C, P, P), (1, D, P, P)
         opt = self.optical
         crs = np.array([opt[s].iloc[-1]["crs"] for s in self.sample_ids], dtype=object)
-        dates = np.stack([opt[s]["datetime"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[ns]") for s in self.sample_ids])
+        dates = np.stack(
+            [
+                opt[s]["datetime"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[ns]")
+                for s in self.sample_ids
+            ]
+        )
         data_vars: dict[str, Any] = {
             self.family: (("sample", "date", "band", "y", "x"), da.zeros((S, D, C, P, P), dtype="uint16", chunks=ch5)),
             "cloud_mask": (("sample", "date", "y", "x"), da.zeros((S, D, P, P), dtype="uint8", chunks=ch4)),
             "target": (("sample", "band", "y", "x"), da.zeros((S, C, P, P), dtype="uint16", chunks=(1, C, P, P))),
             "crs": (("sample",), crs),
             "transform": (("sample", "affine"), np.zeros((S, 6), dtype="float64")),
-            "scene_id": (("sample", "date"), np.array([list(opt[s]["scene_id"]) for s in self.sample_ids], dtype=object)),
+            "scene_id": (
+                ("sample", "date"),
+                np.array([list(opt[s]["scene_id"]) for s in self.sample_ids], dtype=object),
+            ),
         }
         coords: dict[str, Any] = {
             "sample_id": ("sample", np.array(self.sample_ids, dtype=object)),
@@ -122,10 +137,18 @@ class _Layout:
                 ("sample", "date", "sar_band", "y", "x"),
                 da.zeros((S, D, len(self.sar_bands), P, P), dtype="float32", chunks=(1, D, len(self.sar_bands), P, P)),
             )
-            data_vars["s1_scene_id"] = (("sample", "date"), np.array([list(sar[s]["scene_id"]) for s in self.sample_ids], dtype=object))
+            data_vars["s1_scene_id"] = (
+                ("sample", "date"),
+                np.array([list(sar[s]["scene_id"]) for s in self.sample_ids], dtype=object),
+            )
             coords["s1_dates"] = (
                 ("sample", "date"),
-                np.stack([sar[s]["datetime"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[ns]") for s in self.sample_ids]),
+                np.stack(
+                    [
+                        sar[s]["datetime"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[ns]")
+                        for s in self.sample_ids
+                    ]
+                ),
             )
             coords["sar_band"] = ("sar_band", np.array(self.sar_bands, dtype=object))
         return xr.Dataset(data_vars, coords=coords, attrs=attrs)
@@ -152,19 +175,26 @@ class _Layout:
             tif = self._read(row["path"])
             if tif.bands != self.bands + (MASK_BAND,) or tif.data.shape[1:] != (self.size, self.size):
                 raise DataError(
-                    f"{self.dir / row['path']}: bands {list(tif.bands)} / shape {tif.data.shape[1:]} differ from the rest of the "
-                    f"cube ({list(self.bands) + [MASK_BAND]}, {self.size}x{self.size}); rebuild the dataset"
+                    f"{self.dir / row['path']}: bands {list(tif.bands)} / shape {tif.data.shape[1:]} differ from "
+                    f"the rest of the cube ({list(self.bands) + [MASK_BAND]}, {self.size}x{self.size}); "
+                    "rebuild the dataset"
                 )
             opt.append(tif.data[:-1].astype(np.uint16))
             masks.append(to_cube_codes(tif.data[-1]))
             transform = list(tif.grid.transform)[:6]
-        out = {self.family: np.stack(opt), "cloud_mask": np.stack(masks), "target": opt[-1], "transform": np.array(transform)}
+        out = {
+            self.family: np.stack(opt),
+            "cloud_mask": np.stack(masks),
+            "target": opt[-1],
+            "transform": np.array(transform),
+        }
         if self.has_sar:
             s1 = []
             for _, row in self.sar[sid].iterrows():
                 tif = self._read(row["path"])
                 if tif.bands[: len(self.sar_bands)] != self.sar_bands:
-                    raise DataError(f"{self.dir / row['path']}: bands {list(tif.bands)} lack {list(self.sar_bands)}; rebuild the dataset")
+                    raise DataError(f"{self.dir / row['path']}: bands {list(tif.bands)} lack "
+                                    f"{list(self.sar_bands)}; rebuild the dataset")
                 s1.append(tif.data[: len(self.sar_bands)].astype(np.float32))
             out["s1"] = np.stack(s1)
         return out
@@ -179,7 +209,8 @@ def _cube_is_current(path: Path, key: str) -> bool:
         return False
     try:
         return zarr.open_group(str(path), mode="r").attrs.get("split_sha256") == key
-    except (FileNotFoundError, ValueError, KeyError, zarr.errors.BaseZarrError) as exc:  # a broken store is simply rebuilt
+    except (FileNotFoundError, ValueError, KeyError,
+            zarr.errors.BaseZarrError) as exc:  # a broken store is simply rebuilt
         log.warning("%s: unreadable cube (%s); rebuilding it", path, exc)
         return False
 
@@ -195,7 +226,16 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
 
 
-def write_cube(rows: pd.DataFrame, dataset_dir: Path, split: str, attrs: dict[str, Any], *, workers: int = 4, progress: bool = True) -> tuple[Path, bool]:
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """A member the cube template wrote as an array (zarr types every member as array or group)."""
+    arr = group[name]
+    assert isinstance(arr, zarr.Array)
+    return arr
+
+
+def write_cube(
+    rows: pd.DataFrame, dataset_dir: Path, split: str, attrs: dict[str, Any], *, workers: int = 4, progress: bool = True
+) -> tuple[Path, bool]:
     """Write ``cubes/<split>.zarr`` from the split's manifest rows. Returns (path, written?)."""
     path = cube_path(dataset_dir, split)
     key = split_key(rows)
@@ -222,7 +262,7 @@ def write_cube(rows: pd.DataFrame, dataset_dir: Path, split: str, attrs: dict[st
     try:
         layout.template(all_attrs).to_zarr(str(tmp), mode="w", compute=False, zarr_format=3, consolidated=False)
         group = zarr.open_group(str(tmp), mode="r+")
-        arrays = {name: group[name] for name in (layout.family, "cloud_mask", "target", "s1") if name in group}
+        arrays = {name: _array(group, name) for name in (layout.family, "cloud_mask", "target", "s1") if name in group}
         transforms = np.zeros((len(layout.sample_ids), 6))
 
         def one(i: int) -> None:
@@ -232,8 +272,9 @@ def write_cube(rows: pd.DataFrame, dataset_dir: Path, split: str, attrs: dict[st
             transforms[i] = sample["transform"]
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            list(tqdm(pool.map(one, range(len(layout.sample_ids))), total=len(layout.sample_ids), desc=f"cube {split}", disable=not progress, leave=False))
-        group["transform"][:] = transforms
+            list(tqdm(pool.map(one, range(len(layout.sample_ids))), total=len(layout.sample_ids),
+                      desc=f"cube {split}", disable=not progress, leave=False))
+        _array(group, "transform")[:] = transforms
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -241,7 +282,9 @@ def write_cube(rows: pd.DataFrame, dataset_dir: Path, split: str, attrs: dict[st
     return path, True
 
 
-def build_cubes(dataset_dir: str | Path, attrs: dict[str, Any] | None = None, *, workers: int = 4, progress: bool = True) -> dict[str, Path]:
+def build_cubes(
+    dataset_dir: str | Path, attrs: dict[str, Any] | None = None, *, workers: int = 4, progress: bool = True
+) -> dict[str, Path]:
     """Manifest -> ``cubes/<split>.zarr`` for every split present; stale split cubes are removed."""
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
@@ -263,7 +306,9 @@ def open_cube(dataset_dir: str | Path, split: str) -> xr.Dataset:
     path = cube_path(dataset_dir, split)
     if not path.exists():
         have = sorted(p.stem for p in (Path(dataset_dir) / "cubes").glob("*.zarr"))
-        raise DataError(f"{path}: no cube for split {split!r} (have: {have or 'none'}); run 'cloudfree build-dataset' first")
+        raise DataError(
+            f"{path}: no cube for split {split!r} (have: {have or 'none'}); run 'cloudfree build-dataset' first"
+        )
     try:
         return xr.open_zarr(str(path), consolidated=False, chunks=None, zarr_format=3)
     except (FileNotFoundError, ValueError, KeyError, zarr.errors.BaseZarrError) as exc:

@@ -160,7 +160,9 @@ def write_patch(out: Path, f: PatchFile, scene: SceneArrays) -> str:
         scales = scales + (1.0,) if scales else None
         offsets = offsets + (0.0,) if offsets else None
     grid = scene.grid.window(f.row, f.col, f.size, f.size)
-    return write_geotiff(out / f.rel_path, data, grid, bands, nodata=scene.nodata, tags=scene.tags, scales=scales, offsets=offsets)
+    return write_geotiff(
+        out / f.rel_path, data, grid, bands, nodata=scene.nodata, tags=scene.tags, scales=scales, offsets=offsets
+    )
 
 
 @dataclass
@@ -204,7 +206,9 @@ def export_patches(
             by_scene.setdefault(f.scene_id, []).append(f)
         scene_ids = sorted(by_scene)
         shas = dict(done)
-        bar = tqdm(total=len(files), initial=len(done), desc="export patches", unit="patch", disable=not progress, leave=False)
+        bar = tqdm(
+            total=len(files), initial=len(done), desc="export patches", unit="patch", disable=not progress, leave=False
+        )
         with bar, ThreadPoolExecutor(1, thread_name_prefix="scene-read") as reader, ThreadPoolExecutor(
             max(1, workers), thread_name_prefix="patch-write"
         ) as writers:
@@ -275,7 +279,9 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> str:
 def read_manifest(dataset_dir: str | Path) -> pd.DataFrame:
     path = Path(dataset_dir) / MANIFEST_NAME
     if not path.exists():
-        raise DataError(f"{path}: no manifest; build the dataset first with 'cloudfree build-dataset REGION --out {dataset_dir}'")
+        raise DataError(
+            f"{path}: no manifest; build the dataset first with 'cloudfree build-dataset REGION --out {dataset_dir}'"
+        )
     try:
         df = pq.read_table(path).to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:

@@ -79,7 +79,8 @@ class SceneCache:
     """Scene arrays kept between masking and export, up to a byte budget (first come, first kept)."""
 
     def __init__(self, budget: int) -> None:
-        self.budget, self.used, self.items = budget, 0, {}
+        self.budget, self.used = budget, 0
+        self.items: dict[str, ex.SceneArrays] = {}
         self.lock = threading.Lock()
 
     def put(self, scene_id: str, arrays: ex.SceneArrays) -> None:
@@ -181,7 +182,7 @@ class SceneMasks:
                                 "the source must provide VV and VH")
             data = np.stack([raster.sel(band=b).values.astype(np.float32) for b in S1_BANDS])
             arrays = ex.SceneArrays(data, S1_BANDS, self.grid, None, {**tags, "units": "dB"}, nodata=float("nan"))
-            return arrays, raster, np.isnan(data).any(axis=0)
+            return arrays, raster, np.asarray(np.isnan(data).any(axis=0))
         bands = tuple(sensor.reflectance_bands)
         missing = [b for b in bands if b not in names]
         if missing:

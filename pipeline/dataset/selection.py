@@ -33,7 +33,16 @@ from pipeline.regions import CMSNRule, Region, SEN12MSCRTSRule, Splits, TCSEN12R
 # half the S1 revisit (6 days), which a complete S1 archive always satisfies.
 DEFAULT_SAR_MAX_DAYS = 3
 
-FRACTION_COLUMNS = ["patch_id", "family", "sensor", "scene_id", "datetime", "cloud_fraction", "shadow_fraction", "valid_fraction"]
+FRACTION_COLUMNS = [
+    "patch_id",
+    "family",
+    "sensor",
+    "scene_id",
+    "datetime",
+    "cloud_fraction",
+    "shadow_fraction",
+    "valid_fraction",
+]
 
 REASON_OVERLAP = "overlaps a patch of another split (dropped to prevent leakage)"
 REASON_MAX_PATCHES = "over --max-patches"
@@ -91,7 +100,10 @@ class Selection:
     def explain(self) -> str:
         if not self.rejected_patches:
             return "no patches were evaluated"
-        parts = [f"{n} patch(es): {reason}" for reason, n in sorted(self.rejected_patches.items(), key=lambda kv: (-kv[1], kv[0]))]
+        parts = [
+            f"{n} patch(es): {reason}"
+            for reason, n in sorted(self.rejected_patches.items(), key=lambda kv: (-kv[1], kv[0]))
+        ]
         return "; ".join(parts)
 
 
@@ -153,7 +165,13 @@ def mask_fractions_by_patch(mask: np.ndarray, offsets: Sequence[PatchOffset]) ->
 
 
 def fraction_rows(
-    mask: np.ndarray, offsets: Sequence[PatchOffset], *, family: str, sensor: str, scene_id: str, datetime: dt.datetime | str
+    mask: np.ndarray,
+    offsets: Sequence[PatchOffset],
+    *,
+    family: str,
+    sensor: str,
+    scene_id: str,
+    datetime: dt.datetime | str,
 ) -> pd.DataFrame:
     """The fraction table rows of one scene: one row per patch. SAR rows carry NaN cloud/shadow."""
     fr = mask_fractions_by_patch(mask, offsets)
@@ -163,7 +181,9 @@ def fraction_rows(
             "family": family,
             "sensor": sensor,
             "scene_id": scene_id,
-            "datetime": pd.Timestamp(datetime).tz_convert("UTC") if pd.Timestamp(datetime).tzinfo else pd.Timestamp(datetime, tz="UTC"),
+            "datetime": pd.Timestamp(datetime).tz_convert("UTC")
+            if pd.Timestamp(datetime).tzinfo
+            else pd.Timestamp(datetime, tz="UTC"),
             **fr,
         }
     )
@@ -197,13 +217,19 @@ def optical_family(region: Region) -> str:
     """The optical family the rule works on: CMSN is Landsat by definition, the others prefer S2."""
     if isinstance(region.selection, CMSNRule):
         if "landsat" not in region.sensors:
-            raise SelectionError(f"region {region.name}: selection rule 'cmsn' needs 'landsat' in sensors (got {list(region.sensors)}); add it")
+            raise SelectionError(
+                f"region {region.name}: selection rule 'cmsn' needs 'landsat' in sensors "
+                f"(got {list(region.sensors)}); add it"
+            )
         return "landsat"
     if "s2" in region.sensors:
         return "s2"
     if "landsat" in region.sensors:
         return "landsat"
-    raise SelectionError(f"region {region.name}: rule {region.selection.rule!r} needs an optical sensor (s2 or landsat) in sensors; add one")
+    raise SelectionError(
+        f"region {region.name}: rule {region.selection.rule!r} needs an optical sensor (s2 or landsat) in sensors; "
+        "add one"
+    )
 
 
 def uses_sar(region: Region) -> bool:
@@ -263,7 +289,9 @@ def _sample(patch_id: str, inputs: Sequence[Obs], target: Obs, sar_members: list
     return Sample(f"{patch_id}_{target.datetime:%Y%m%d}", patch_id, tuple(members + (sar_members or [])))
 
 
-def _tcsen12(pid: str, opt: list[Obs], sar: list[Obs] | None, rule: TCSEN12Rule, cand: Counter) -> tuple[list[Sample], str]:
+def _tcsen12(
+    pid: str, opt: list[Obs], sar: list[Obs] | None, rule: TCSEN12Rule, cand: Counter
+) -> tuple[list[Sample], str]:
     valid = [o for o in opt if o.valid >= rule.min_valid]
     if not valid:
         return [], f"tcsen12: no optical date with valid_fraction >= {rule.min_valid:g}"
@@ -333,7 +361,9 @@ def _cmsn(pid: str, opt: list[Obs], rule: CMSNRule, cand: Counter) -> tuple[list
     return (samples, "") if samples else ([], reasons[furthest])
 
 
-def _sen12mscr_ts(pid: str, opt: list[Obs], sar: list[Obs] | None, rule: SEN12MSCRTSRule, cand: Counter) -> tuple[list[Sample], str]:
+def _sen12mscr_ts(
+    pid: str, opt: list[Obs], sar: list[Obs] | None, rule: SEN12MSCRTSRule, cand: Counter
+) -> tuple[list[Sample], str]:
     valid = [o for o in opt if o.valid >= rule.min_valid]
     if not valid:
         return [], f"sen12mscr_ts: no optical date with valid_fraction >= {rule.min_valid:g}"
@@ -341,7 +371,8 @@ def _sen12mscr_ts(pid: str, opt: list[Obs], sar: list[Obs] | None, rule: SEN12MS
     rest = [o for o in valid if o is not target]
     inputs = [o for o in rest if rule.coverage_min - _EPS <= o.cover <= rule.coverage_max + _EPS][: rule.n_inputs]
     if len(inputs) < rule.n_inputs:
-        reason = f"sen12mscr_ts: fewer than {rule.n_inputs} input dates with cover in [{_pct(rule.coverage_min)}, {_pct(rule.coverage_max)}]"
+        reason = (f"sen12mscr_ts: fewer than {rule.n_inputs} input dates with cover in "
+                  f"[{_pct(rule.coverage_min)}, {_pct(rule.coverage_max)}]")
         cand[reason] += 1
         return [], reason
     sar_members = None
@@ -369,7 +400,8 @@ def select_samples(table: pd.DataFrame, region: Region, patch_ids: Iterable[str]
     per_patch: dict[str, list[Obs]] = {}
     if not t.empty:
         t = t.sort_values(["patch_id", "datetime", "sensor", "scene_id"], kind="mergesort")
-        cols = zip(t["patch_id"], t["family"], t["sensor"], t["scene_id"], t["datetime"], t["cloud_fraction"], t["shadow_fraction"], t["valid_fraction"])
+        cols = zip(t["patch_id"], t["family"], t["sensor"], t["scene_id"], t["datetime"], t["cloud_fraction"],
+                   t["shadow_fraction"], t["valid_fraction"])
         for pid, f, s, sid, when, c, sh, v in cols:
             per_patch.setdefault(pid, []).append(Obs(f, s, sid, when, float(c), float(sh), float(v)))
     for pid in ids:

@@ -25,6 +25,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from pipeline.errors import DataError
+from pipeline.files import atomic_output
 from pipeline.grid import Grid
 
 log = logging.getLogger(__name__)
@@ -366,13 +367,8 @@ def build_vrt(sources: Sequence[str | Path], dst: str | Path, *, separate: bool 
             band = add_band(b, desc0[b - 1] or f"band {b}", prof0["nodata"], scales0[b - 1], offsets0[b - 1])
             for p, prof, bounds, *_ in infos:
                 add_source(band, p, b, prof, bounds)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=False)
-    try:
-        with rasterio.open(tmp) as check:
+    with atomic_output(dst) as tmp:
+        ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=False)
+        with rasterio.open(tmp) as check:  # a VRT GDAL cannot open never gets the final name
             check.read(1, window=Window(0, 0, 1, 1))
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dst

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from pipeline.errors import CloudfreeError
+from pipeline.errors import CloudfreeError, describe_validation
 from pipeline.masking.config import METHODS
 from pipeline.sources.registry import SourceSpec
 
@@ -128,24 +128,7 @@ class ReconstructConfig(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            raise ReconstructConfigError(describe_errors(exc, option)) from None
-
-
-def cli_option(field: str) -> str:
-    """``batch_size`` -> ``--batch-size``: how the CLI spells a config field."""
-    return "--" + field.replace("_", "-")
-
-
-def describe_errors(exc: ValidationError, option: Callable[[str], str] = str) -> str:
-    """All errors of ``exc`` on one line: ``OPTION VALUE: what is wrong and the fix``."""
-    parts = []
-    for err in exc.errors():
-        name = option(str(err["loc"][0])) if err["loc"] else "reconstruct options"
-        msg = err["msg"].removeprefix("Value error, ")
-        value = err.get("input")
-        shown = f" {value!r}" if len(err["loc"]) == 1 and isinstance(value, (str, int, float, bool)) else ""
-        parts.append(f"{name}{shown}: {msg}")
-    return "; ".join(parts)
+            raise ReconstructConfigError(describe_validation(exc, option, "reconstruct options")) from None
 
 
 def config_field(name: str) -> Any:

@@ -5,8 +5,6 @@ Used by ``cloudfree preview`` and by inference to show input | output comparison
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +13,7 @@ import xarray as xr
 from PIL import Image, ImageDraw
 
 from pipeline.errors import DataError
+from pipeline.files import atomic_output
 
 
 def _rgb_stack(da: xr.DataArray | np.ndarray, bands: Sequence[str]) -> np.ndarray:
@@ -74,15 +73,8 @@ def save_png(path: str | Path, array: np.ndarray) -> Path:
     arr = np.asarray(array)
     if arr.dtype != np.uint8:
         raise DataError(f"save_png expects uint8 pixels (use rgb_quicklook first); got {arr.dtype}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

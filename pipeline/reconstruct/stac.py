@@ -25,6 +25,7 @@ from rasterio.crs import CRS
 from rasterio.warp import transform_geom
 
 from pipeline.errors import DataError
+from pipeline.files import write_text_atomic
 from pipeline.grid import Grid
 
 log = logging.getLogger(__name__)
@@ -204,11 +205,8 @@ def validate_item(item: pystac.Item | dict, *, remote: bool = False) -> Validati
 def write_item(item: pystac.Item, path: str | Path) -> Path:
     """Write the item JSON atomically (temp + rename), without absolute self links."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(json.dumps(item.to_dict(include_self_link=False), indent=2))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(item.to_dict(include_self_link=False), indent=2))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write the STAC item ({exc.strerror}); check the output folder") from None
     return path

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Protocol, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from pipeline.files import write_text_atomic
 from pipeline.reconstruct.cog import PROVENANCE_NODATA, PROVENANCE_OBSERVED, PROVENANCE_RECONSTRUCTED, BlockWriter
 from pipeline.reconstruct.config import ReconstructConfig
 
@@ -307,9 +307,7 @@ class Progress:
 
     def mark(self, key: str) -> None:
         self.done.add(key)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": sorted(self.done)}))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps({"fingerprint": self.fingerprint, "done": sorted(self.done)}))
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import SourceError
+from pipeline.errors import SourceError, describe_validation
 
 if TYPE_CHECKING:
     from pipeline.sources.base import Source
@@ -81,7 +81,7 @@ class SourceSpec(BaseModel):
         try:
             return cls(name=name, root=root, options=options)
         except ValidationError as exc:
-            raise SourceError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+            raise SourceError(describe_validation(exc, str, "source")) from None
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the source's constructor."""

@@ -53,14 +53,18 @@ def safe_load(path: Path, what: str) -> Any:
     """``torch.load(weights_only=True)`` with a one-line ``CheckpointError`` for missing or unreadable files."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path} not found: {what} is missing; point to a run folder written by `cloudfree train`")
+        raise CheckpointError(
+            f"{path} not found: {what} is missing; point to a run folder written by `cloudfree train`"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError, AttributeError) as exc:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError,
+            AttributeError) as exc:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path} is not a readable {what} ({type(exc).__name__}: {reason}); the file is corrupt or not written by "
-            "`cloudfree train` - copy it again or retrain") from None
+            "`cloudfree train` - copy it again or retrain"
+        ) from None
 
 
 def save_model(run_dir: Path, model: torch.nn.Module, meta: Mapping[str, Any]) -> dict:
@@ -90,11 +94,16 @@ def read_meta(run_dir: Path) -> dict:
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"checkpoint folder {run_dir} does not exist; pass the --out folder of `cloudfree train`")
     if not path.is_file():
-        raise CheckpointError(f"{path} not found; {run_dir} is not a finished training run (train writes model.json after the first epoch)")
+        raise CheckpointError(
+            f"{path} not found; {run_dir} is not a finished training run "
+            "(train writes model.json after the first epoch)"
+        )
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is corrupt - copy it again or retrain") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}); the file is corrupt - copy it again or retrain"
+        ) from None
     missing = [k for k in _REQUIRED_META if k not in meta] if isinstance(meta, dict) else list(_REQUIRED_META)
     if missing:
         raise CheckpointError(f"{path} lacks field(s) {missing}; it was not written by `cloudfree train`")
@@ -126,7 +135,11 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], wher
     own = unwrap(model).state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         detail = "; ".join(x for x in (
             f"{len(missing)} missing key(s) e.g. {missing[:2]}" if missing else "",
@@ -139,14 +152,20 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], wher
 
 
 def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[CloudRemovalModel, dict]:
-    """Rebuild the model of a training run from ``model.json`` and load ``model.pt``; returns ``(model.eval(), meta)``."""
+    """Rebuild the model of a training run from ``model.json`` and load ``model.pt``.
+
+    Returns ``(model.eval(), meta)``.
+    """
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     path = run_dir / MODEL_FILE
     state = safe_load(path, "model state dict")
     want = meta.get("model_sha256")
     if want and sha256_file(path) != want:
-        raise CheckpointError(f"{path} does not match the sha256 recorded in {run_dir / META_FILE}; the weights were replaced or damaged - copy the run folder again")
+        raise CheckpointError(
+            f"{path} does not match the sha256 recorded in {run_dir / META_FILE}; the weights were replaced or "
+            "damaged - copy the run folder again"
+        )
     model = build_from_meta(meta, run_dir / META_FILE)
     load_weights(model, state, path, meta["model"])
     return model.to(map_location).eval(), meta
@@ -155,11 +174,17 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
 def check_spec_matches(meta: Mapping[str, Any], model: str, spec: InputSpec, where: Path) -> None:
     """Resuming or fine-tuning needs the same architecture and input spec as the checkpoint."""
     if meta.get("model") != model:
-        raise CheckpointError(f"{where} is a checkpoint of model {meta.get('model')!r}, not {model!r}; use --model {meta.get('model')} or a new --out folder")
+        raise CheckpointError(
+            f"{where} is a checkpoint of model {meta.get('model')!r}, not {model!r}; "
+            f"use --model {meta.get('model')} or a new --out folder"
+        )
     theirs = InputSpec.from_dict(meta["spec"])
     if theirs != spec:
         diff = {k: (v, getattr(spec, k)) for k, v in theirs.to_dict().items() if getattr(spec, k) != v}
-        raise CheckpointError(f"{where}: the checkpoint's input spec differs from {model!r} as configured now (checkpoint vs now: {diff}); use a new --out folder")
+        raise CheckpointError(
+            f"{where}: the checkpoint's input spec differs from {model!r} as configured now "
+            f"(checkpoint vs now: {diff}); use a new --out folder"
+        )
 
 
 # --- RNG states: all as tensors / lists so train_state.pt loads with weights_only=True ---------------------
@@ -170,7 +195,8 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import CloudfreeError
+from pipeline.errors import CloudfreeError, describe_validation
 
 
 class TrainConfigError(CloudfreeError):
@@ -173,5 +173,5 @@ def load_train_config(config: str | Path | None, model: str, **overrides: Any) -
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        errs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise TrainConfigError(f"training config {config or ''}: {errs}") from None
+        where = f"training config {config}" if config else "training options"
+        raise TrainConfigError(f"{where}: {describe_validation(exc)}") from None

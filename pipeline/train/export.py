@@ -40,7 +40,7 @@ class PositionalAdapter(nn.Module):
         self.model, self.has_sar, self.has_var = model, bool(spec.sar_bands), has_var
 
     def forward(self, optical: torch.Tensor, optical_mask: torch.Tensor, sar: torch.Tensor | None = None):
-        batch = {"optical": optical, "optical_mask": optical_mask}
+        batch: dict[str, torch.Tensor | None] = {"optical": optical, "optical_mask": optical_mask}
         if self.has_sar:
             batch["sar"] = sar
         out = self.model(batch)
@@ -83,8 +83,10 @@ def export_model(run_dir: Path, fmt: Literal["torchscript", "onnx"] = "torchscri
         path, diff = _export(fmt, run_dir, adapter, ex, check, expected, names_in, names_out, opset)
     if diff > atol:
         path.unlink(missing_ok=True)
-        raise ExportError(f"{fmt} export of {run_dir} differs from the eager model by {diff:.2e} (> {atol:g}); the architecture "
-                          "has data-dependent control flow the exporter cannot capture - use the checkpoint with PyTorch instead")
+        raise ExportError(
+            f"{fmt} export of {run_dir} differs from the eager model by {diff:.2e} (> {atol:g}); the architecture "
+            "has data-dependent control flow the exporter cannot capture - use the checkpoint with PyTorch instead"
+        )
     other = _other_size_ok(fmt, path, adapter, spec, 2 * size, atol)
     info = {"format": fmt, "file": path.name, "model": meta["model"], "model_sha256": meta.get("model_sha256"),
             "inputs": _declared_inputs(fmt, path, names_in), "outputs": names_out, "traced_size": size,
@@ -92,7 +94,9 @@ def export_model(run_dir: Path, fmt: Literal["torchscript", "onnx"] = "torchscri
             "note": "inputs per models/spec.py; batch is dynamic; height/width too when any_size is true, "
                     "otherwise feed traced_size x traced_size patches"}
     if not other:
-        log.warning("%s: the exported graph only accepts %d x %d inputs (sizes are baked into the trace)", path, size, size)
+        log.warning(
+            "%s: the exported graph only accepts %d x %d inputs (sizes are baked into the trace)", path, size, size
+        )
     write_text_atomic(path.with_name(path.name + ".json"), json.dumps(info, indent=2))
     log.info("exported %s (max |diff| %.2e)", path, diff)
     return path
@@ -133,8 +137,11 @@ def _other_size_ok(fmt: str, path: Path, adapter: nn.Module, spec: InputSpec, si
                 sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 declared = {i.name for i in sess.get_inputs()}
                 names = ["optical", "optical_mask", "sar"]
-                got = tuple(torch.from_numpy(g) for g in sess.run(None, {n: x.numpy() for n, x in zip(names, xs) if n in declared}))
-    except (RuntimeError, ValueError, torch.jit.Error, *_ort_errors()) as exc:
+                got = tuple(
+                    torch.from_numpy(g)
+                    for g in sess.run(None, {n: x.numpy() for n, x in zip(names, xs) if n in declared})
+                )
+    except (RuntimeError, ValueError, torch.jit.Error) + _ort_errors() as exc:
         log.info("%s does not run at %d px: %s", path, size, str(exc).splitlines()[0][:200])
         return False
     got = got if isinstance(got, tuple) else (got,)
@@ -163,7 +170,9 @@ def _torchscript(adapter: nn.Module, ex: tuple, check: tuple, expected: tuple, p
         with torch.no_grad():
             traced = torch.jit.trace(adapter, ex, check_trace=False, strict=False)
     except (RuntimeError, TypeError) as exc:
-        raise ExportError(f"torchscript tracing failed ({str(exc).splitlines()[0]}); use the PyTorch checkpoint or --format onnx") from None
+        raise ExportError(
+            f"torchscript tracing failed ({str(exc).splitlines()[0]}); use the PyTorch checkpoint or --format onnx"
+        ) from None
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         tmp_path = Path(tmp.name)
     try:
@@ -193,7 +202,9 @@ def _onnx(adapter: nn.Module, ex: tuple, check: tuple, expected: tuple, path: Pa
             torch.onnx.export(adapter, ex, str(tmp_path), input_names=names_in, output_names=names_out,
                               dynamic_axes=dyn, opset_version=opset, dynamo=False)
         except (RuntimeError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
-            raise ExportError(f"ONNX export failed ({str(exc).splitlines()[0]}); use --format torchscript or the PyTorch checkpoint") from None
+            raise ExportError(
+                f"ONNX export failed ({str(exc).splitlines()[0]}); use --format torchscript or the PyTorch checkpoint"
+            ) from None
         onnx.checker.check_model(str(tmp_path))
         sess = ort.InferenceSession(str(tmp_path), providers=["CPUExecutionProvider"])
         # inputs the model ignores (e.g. the mask of a model without needs_mask) are dropped from the graph

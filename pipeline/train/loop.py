@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from models.base import CloudRemovalModel
 from models.spec import InputSpec, ModelOutput
 from pipeline.errors import CheckpointError, CloudfreeError, DataError
 from pipeline.train.checkpoint import (
@@ -64,7 +65,7 @@ class TrainingError(CloudfreeError):
 
 def _loader(ds: Dataset, batch: int, rt: Runtime, cfg: TrainConfig, *, shuffle: bool,
             sharded: bool) -> tuple[DataLoader, DistributedSampler | None]:
-    sampler = None
+    sampler: DistributedSampler | None = None
     if sharded:
         # also with one process: the same permutation as a DDP run of the same global batch
         sampler = DistributedSampler(ds, num_replicas=rt.world, rank=rt.rank, shuffle=shuffle, seed=cfg.seed,
@@ -94,8 +95,10 @@ class Parts:
     steps_per_epoch: int = 1
 
     @property
-    def bare(self) -> nn.Module:
-        return unwrap(self.model)
+    def bare(self) -> CloudRemovalModel:
+        model = unwrap(self.model)
+        assert isinstance(model, CloudRemovalModel)  # build_parts wraps a registry model
+        return model
 
 
 def _optimizer(params: Any, name: str, lr: float, betas: tuple[float, float], wd: float) -> torch.optim.Optimizer:
@@ -126,25 +129,28 @@ def build_parts(cfg: TrainConfig, rt: Runtime, steps_per_epoch: int) -> Parts:
     model = model.to(rt.device)
     loss = loss.to(rt.device)
     if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # torch's stubs lack the memory_format keyword that Module.to accepts
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     disc = None
     if getattr(model, "is_gan", False):
         disc = model.discriminator().to(rt.device)
         if rt.channels_last:
-            disc = disc.to(memory_format=torch.channels_last)
+            disc = disc.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # as above
+    net: nn.Module = model  # possibly wrapped below; Parts.bare gives the model back
     if rt.distributed:
         if rt.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
         if disc is not None:
             for p in disc.parameters():  # identical start on every rank (init already seeded, this makes sure)
                 dist.broadcast(p.data, 0)
     oc, sc = cfg.resolved_optimizer(), cfg.resolved_scheduler()
-    opt = _optimizer(model.parameters(), oc.name, oc.lr, oc.betas, oc.weight_decay)
+    opt = _optimizer(net.parameters(), oc.name, oc.lr, oc.betas, oc.weight_decay)
     d_opt = None
     if disc is not None:
         d_opt = _optimizer(disc.parameters(), oc.name, oc.d_lr or oc.lr, oc.betas, oc.weight_decay)
+    sched: torch.optim.lr_scheduler.LRScheduler | None
     if sc.kind == "plateau":
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=cfg.monitor_mode, factor=sc.factor,
                                                            patience=sc.patience, min_lr=sc.min_lr)
@@ -153,7 +159,7 @@ def build_parts(cfg: TrainConfig, rt: Runtime, steps_per_epoch: int) -> Parts:
     else:
         sched = None
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    return Parts(model, loss, opt, sched, scaler, resolved, spec, disc, d_opt, adv, steps_per_epoch)
+    return Parts(net, loss, opt, sched, scaler, resolved, spec, disc, d_opt, adv, steps_per_epoch)
 
 
 # --------------------------------------------------------------------------- state
@@ -183,6 +189,7 @@ def _state_dict(parts: Parts, st: LoopState, cfg: TrainConfig) -> dict[str, Any]
         "resolved": parts.resolved,
     }
     if parts.disc is not None:
+        assert parts.d_optimizer is not None  # build_parts makes both or neither
         out["disc"] = parts.disc.state_dict()
         out["d_optimizer"] = parts.d_optimizer.state_dict()
     return out
@@ -205,6 +212,7 @@ def _restore(parts: Parts, out: Path, cfg: TrainConfig) -> LoopState:
             parts.scheduler.load_state_dict(state["scheduler"])
         parts.scaler.load_state_dict(state.get("scaler", {}))
         if parts.disc is not None:
+            assert parts.d_optimizer is not None  # build_parts makes both or neither
             load_weights(parts.disc, state["disc"], path, f"{cfg.model} discriminator")
             parts.d_optimizer.load_state_dict(state["d_optimizer"])
     except (KeyError, ValueError, RuntimeError) as exc:
@@ -273,6 +281,7 @@ def train_step(parts: Parts, batch: Mapping[str, Any], cfg: TrainConfig, rt: Run
     with rt.autocast():
         out = parts.model(inputs)
     if parts.disc is not None:
+        assert parts.d_optimizer is not None  # build_parts makes both or neither
         cond = parts.bare.condition(inputs)
         fake = out.mean.detach()
         for p in parts.disc.parameters():

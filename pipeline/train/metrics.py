@@ -26,11 +26,19 @@ METRICS = ("psnr", "ssim", "sam", "mae", "rmse", "corr")
 
 def _check(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, name: str) -> None:
     if pred.dim() != 4 or pred.shape != target.shape:
-        raise DataError(f"metrics: pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be (B, C, H, W) and equal")
+        raise DataError(
+            f"metrics: pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be (B, C, H, W) and equal"
+        )
     if min(pred.shape[-2:]) < 6:
-        raise DataError(f"metrics: images of {tuple(pred.shape[-2:])} px are too small; SSIM's 11 px window needs at least 6 × 6")
-    if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != pred.shape[0] or mask.shape[2:] != pred.shape[2:]):
-        raise DataError(f"metrics: {name} mask has shape {tuple(mask.shape)}, expected {(pred.shape[0], 1, *pred.shape[2:])}")
+        raise DataError(
+            f"metrics: images of {tuple(pred.shape[-2:])} px are too small; SSIM's 11 px window needs at least 6 × 6"
+        )
+    if mask is not None and (
+        mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != pred.shape[0] or mask.shape[2:] != pred.shape[2:]
+    ):
+        raise DataError(
+            f"metrics: {name} mask has shape {tuple(mask.shape)}, expected {(pred.shape[0], 1, *pred.shape[2:])}"
+        )
 
 
 def _masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -62,25 +70,33 @@ def _scores(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor, ssim_map:
     if ndvi_bands is not None:
         nir, red = ndvi_bands
         def ndvi(x: torch.Tensor) -> torch.Tensor:
-            return (x[:, nir : nir + 1] - x[:, red : red + 1]) / (x[:, nir : nir + 1] + x[:, red : red + 1]).clamp_min(1e-6)
+            n, r = x[:, nir : nir + 1], x[:, red : red + 1]
+            return (n - r) / (n + r).clamp_min(1e-6)
         out["ndvi_mae"] = _masked_mean((ndvi(pred) - ndvi(target)).abs(), w)
     return out
 
 
-def image_metrics(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                  cloud: torch.Tensor | None = None, ndvi_bands: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+def image_metrics(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    cloud: torch.Tensor | None = None,
+    ndvi_bands: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
     """Per-image metrics, each a float64 tensor of shape (B,); ``cloud_*`` keys when ``cloud`` is given."""
     _check(pred, target, valid, "valid")
     _check(pred, target, cloud, "cloud")
     if ndvi_bands is not None and max(ndvi_bands) >= pred.shape[1]:
-        raise DataError(f"metrics: ndvi_bands={ndvi_bands} out of range for {pred.shape[1]} bands; pass (nir index, red index)")
+        raise DataError(
+            f"metrics: ndvi_bands={ndvi_bands} out of range for {pred.shape[1]} bands; pass (nir index, red index)"
+        )
     # float64 for acos near 1 and log10 of tiny RMSE; SSIM's map in float32 (CPU float64 convolution is ~60x
     # slower, ~25 s per 13-band 256² image, and the map differs by < 1e-5)
     p, t = pred.detach().double(), target.detach().double()
     w = torch.ones_like(p[:, :1]) if valid is None else (valid.detach() > 0.5).double()
-    ssim_map = structural_similarity_index_measure(pred.detach().float(), target.detach().float(), gaussian_kernel=True, sigma=1.5,
-                                                   kernel_size=11, data_range=1.0, k1=0.01, k2=0.03, reduction="none",
-                                                   return_full_image=True)[1].double()
+    ssim_map = structural_similarity_index_measure(
+        pred.detach().float(), target.detach().float(), gaussian_kernel=True, sigma=1.5, kernel_size=11,
+        data_range=1.0, k1=0.01, k2=0.03, reduction="none", return_full_image=True)[1].double()
     sam_map = torch.rad2deg(spectral_angle_mapper(p, t, reduction="none")).unsqueeze(1)
     out = _scores(p, t, w, ssim_map, sam_map, ndvi_bands)
     if cloud is not None:

@@ -27,7 +27,13 @@ TINY = {
     "resolution": 10,
     "window": {"start": "2021-07-01", "end": "2021-07-31"},
     "sensors": ["s1", "s2"],
-    "selection": {"rule": "tcsen12", "reference_max_cloud": 0.05, "input_dates": 1, "max_gap_days": 30, "sar_max_days": 3},
+    "selection": {
+        "rule": "tcsen12",
+        "reference_max_cloud": 0.05,
+        "input_dates": 1,
+        "max_gap_days": 30,
+        "sar_max_days": 3,
+    },
     "patch": {"size": 64, "stride": 32},
     "splits": {"train": 0.6, "val": 0.2, "test": 0.2, "block_size": 2, "seed": 0},
 }
@@ -149,19 +155,28 @@ def test_rerun_repairs_truncated_patch_and_mask(built, tmp_path):
 def test_no_scenes_is_a_clear_error_and_writes_nothing(tmp_path, real_data):
     # The user's folder holds real SEN12MS-CR scenes from eastern China, none over the tiny Zhengzhou AOI.
     region = write_region(tmp_path)
-    with pytest.raises(SourceError, match=r"no s2 scenes found for region tiny between 2021-07-01 and 2021-07-31 in source 'local'"):
-        build_dataset(region, "local", tmp_path / "ds", source_options={"root": real_data / "sen12mscr"}, progress=False)
+    with pytest.raises(
+        SourceError, match=r"no s2 scenes found for region tiny between 2021-07-01 and 2021-07-31 in source 'local'"
+    ):
+        build_dataset(
+            region, "local", tmp_path / "ds", source_options={"root": real_data / "sen12mscr"}, progress=False
+        )
     assert list((tmp_path / "ds").iterdir()) == []
 
 
 def test_real_sen12mscr_pair_becomes_a_dataset(tmp_path, real_data):
-    """Real pixels through the whole chain: s2cloudless masks (no cs_cdf in the files), the cloud-free date is the reference."""
+    """Real pixels through the whole chain: s2cloudless masks (no cs_cdf in the files).
+
+    The cloud-free date is the reference.
+    """
     region = write_region(
         tmp_path, name="real", bbox=[119.177, 33.491, 119.197, 33.509], crs="EPSG:32650",
         window={"start": "2017-10-01", "end": "2017-10-31"}, patch={"size": 64, "stride": 64},
         splits={"train": 0.6, "val": 0.2, "test": 0.2, "block_size": 1, "seed": 0},
     )
-    r = build_dataset(region, "local", tmp_path / "ds", source_options={"root": real_data / "sen12mscr"}, progress=False)
+    r = build_dataset(
+        region, "local", tmp_path / "ds", source_options={"root": real_data / "sen12mscr"}, progress=False
+    )
     m = ex.read_manifest(tmp_path / "ds")
     assert r.mask_method == "s2cloudless" and not r.simulated and not m["simulated"].any()
     assert r.samples == r.patches_total == 6
@@ -177,7 +192,10 @@ def test_no_patch_passes_names_the_rule_and_counts(tmp_path):
     with pytest.raises(SelectionError) as err:
         build_dataset(region, "synthetic", tmp_path / "ds", progress=False)
     msg = str(err.value)
-    assert "passes the tcsen12 rule" in msg and "49 patch(es): tcsen12: fewer than 4 earlier optical date(s) within 2 days" in msg
+    assert (
+        "passes the tcsen12 rule" in msg
+        and "49 patch(es): tcsen12: fewer than 4 earlier optical date(s) within 2 days" in msg
+    )
     assert not (tmp_path / "ds" / ex.MANIFEST_NAME).exists() and tmp_files(tmp_path) == []
 
 
@@ -208,7 +226,9 @@ def test_cli_prints_summary_and_errors_cleanly(built, tmp_path, monkeypatch, cap
     ok = CliRunner().invoke(app, ["build-dataset", str(built["region"]), "--out", str(out), "--no-progress"])
     assert ok.exit_code == 0, ok.output
     assert "patches rejected" in ok.output and "█" in ok.output and "0 written" in ok.output
-    monkeypatch.setattr(sys, "argv", ["cloudfree", "build-dataset", str(built["region"]), "--out", str(built["region"] / "x")])
+    monkeypatch.setattr(
+        sys, "argv", ["cloudfree", "build-dataset", str(built["region"]), "--out", str(built["region"] / "x")]
+    )
     with pytest.raises(SystemExit) as exit_:
         main()
     err = capsys.readouterr().err

@@ -46,7 +46,9 @@ def _write_dataset(root: Path, family: str = "s2", sar: bool = True, n_patches: 
                 mask[8, :] = MaskClass.NODATA
                 dn[:, 8, :] = 0
             rel = f"patches/{pid}/{sensor}_{day.replace('-', '')}.tif"
-            sha = geotiff.write_geotiff(root / rel, np.concatenate([dn, mask[None]]), g, list(bands) + [geotiff.MASK_BAND])
+            sha = geotiff.write_geotiff(
+                root / rel, np.concatenate([dn, mask[None]]), g, list(bands) + [geotiff.MASK_BAND]
+            )
             rows.append((f"{pid}_20210706", pid, split, role, sensor, f"{sensor}-{day}", day, rel, sha, g))
         if sar:
             for role, day in zip(["sar_input_1", "sar_target"], ["2021-07-02", "2021-07-05"]):
@@ -94,7 +96,9 @@ def test_cube_layout_chunks_and_attrs(tmp_path):
     assert ds["crs"].values[1] == "EPSG:32649"
     assert tuple(ds["transform"].values[1]) == tuple(GRID.window(0, P, P, P).transform)[:6]
     # values as exported: target = the last date; mask folded into cube codes
-    tif = geotiff.read_geotiff(tmp_path / df[(df.sample_id == "r00000c00016_20210706") & (df.role == "input_1")].path.iloc[0])
+    tif = geotiff.read_geotiff(
+        tmp_path / df[(df.sample_id == "r00000c00016_20210706") & (df.role == "input_1")].path.iloc[0]
+    )
     np.testing.assert_array_equal(ds["s2"].values[1, 0], tif.data[:-1])
     np.testing.assert_array_equal(ds["target"].values[1], ds["s2"].values[1, -1])
     m = ds["cloud_mask"].values[1, 0]
@@ -134,7 +138,8 @@ def test_cube_dataset_in_dataloader_workers(tmp_path):
     assert clone._ds is None  # ... but never ships it to workers
     loader = torch.utils.data.DataLoader(dsr, batch_size=2, num_workers=2)
     (batch,) = list(loader)
-    assert batch["s2"].shape == (2, 2, 13, P, P) and batch["sample_id"] == ["r00000c00000_20210706", "r00000c00016_20210706"]
+    assert batch["s2"].shape == (2, 2, 13, P, P)
+    assert batch["sample_id"] == ["r00000c00000_20210706", "r00000c00016_20210706"]
 
 
 def test_landsat_cube_uses_collection2_scale(tmp_path):
@@ -197,7 +202,9 @@ def test_samples_feed_the_model_input_assembly(tmp_path):
     _write_dataset(tmp_path)
     build_cubes(tmp_path, workers=1, progress=False)
     raw = CubeDataset(tmp_path, "train")[0]
-    spec = InputSpec(optical_sensor="s2", optical_bands=S2_BANDS, optical_dates=1, includes_target_date=False, sar_bands=("VV", "VH"))
+    spec = InputSpec(
+        optical_sensor="s2", optical_bands=S2_BANDS, optical_dates=1, includes_target_date=False, sar_bands=("VV", "VH")
+    )
     out = assemble_sample(raw, spec, train=False)
     assert out["optical"].shape == (1, 13, P, P) and out["sar"].shape == (2, 2, P, P)
     torch.testing.assert_close(out["target"], raw["s2"][-1])  # the last cube date is the target

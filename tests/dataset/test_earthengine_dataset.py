@@ -12,13 +12,18 @@ import pandas as pd
 import pytest
 
 from pipeline.regions import load_region, parse_region
-from tests.sources.ee_offline import SyntheticEarthEngine, ee_offline  # noqa: F401
+from tests.sources.ee_offline import SyntheticEarthEngine
 
 
 @pytest.fixture
 def small_region():
     demo = load_region("zhengzhou-demo").model_dump(mode="json", exclude_none=True)
-    demo.update(name="zhengzhou-tiny", bbox=[113.62, 34.72, 113.6475, 34.745], sensors=["s1", "s2"], patch={"size": 64, "stride": 64})
+    demo.update(
+        name="zhengzhou-tiny",
+        bbox=[113.62, 34.72, 113.6475, 34.745],
+        sensors=["s1", "s2"],
+        patch={"size": 64, "stride": 64},
+    )
     demo["splits"] = {"train": 0.5, "val": 0.25, "test": 0.25, "block_size": 1, "seed": 0}
     demo["window"] = {"start": "2021-07-01", "end": "2021-07-31"}
     return parse_region(demo, "tiny")

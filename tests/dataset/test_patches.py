@@ -32,7 +32,9 @@ def _scene(seed: int, sar: bool = False) -> ex.SceneArrays:
         return ex.SceneArrays(data, ("VV", "VH"), GRID, None, {"scene_id": f"s1_{seed}"}, nodata=float("nan"))
     data = rng.integers(0, 10000, (3, 96, 96)).astype(np.uint16)
     mask = rng.integers(0, 4, (96, 96)).astype(np.uint8)
-    return ex.SceneArrays(data, ("B2", "B3", "B4"), GRID, mask, {"scene_id": f"s2_{seed}"}, scales=(1e-4,) * 3, offsets=(0.0,) * 3)
+    return ex.SceneArrays(
+        data, ("B2", "B3", "B4"), GRID, mask, {"scene_id": f"s2_{seed}"}, scales=(1e-4,) * 3, offsets=(0.0,) * 3
+    )
 
 
 SCENES = {"a": _scene(1), "b": _scene(2), "c": _scene(3, sar=True)}
@@ -48,7 +50,9 @@ def _files() -> list[ex.PatchFile]:
 
 def test_geotiff_has_bands_crs_transform_deflate_and_is_deterministic(tmp_path):
     data = np.arange(2 * 96 * 96, dtype=np.uint16).reshape(2, 96, 96)
-    sha = geotiff.write_geotiff(tmp_path / "a.tif", data, GRID, ["B4", "cloud_mask"], tags={"scene_id": "x"}, scales=[1e-4, 1], offsets=[0, 0])
+    sha = geotiff.write_geotiff(
+        tmp_path / "a.tif", data, GRID, ["B4", "cloud_mask"], tags={"scene_id": "x"}, scales=[1e-4, 1], offsets=[0, 0]
+    )
     assert sha == pfiles.sha256_file(tmp_path / "a.tif")
     with rasterio.open(tmp_path / "a.tif") as src:
         assert src.descriptions == ("B4", "cloud_mask")
@@ -56,7 +60,9 @@ def test_geotiff_has_bands_crs_transform_deflate_and_is_deterministic(tmp_path):
         assert src.compression.name.lower() == "deflate"
         assert src.tags()["scene_id"] == "x" and src.scales == (1e-4, 1.0)
         np.testing.assert_array_equal(src.read(), data)
-    assert geotiff.write_geotiff(tmp_path / "b.tif", data, GRID, ["B4", "cloud_mask"], tags={"scene_id": "x"}, scales=[1e-4, 1], offsets=[0, 0]) == sha
+    again = geotiff.write_geotiff(tmp_path / "b.tif", data, GRID, ["B4", "cloud_mask"], tags={"scene_id": "x"},
+                                  scales=[1e-4, 1], offsets=[0, 0])
+    assert again == sha
     assert _tmp_files(tmp_path) == []
     with pytest.raises(ValueError, match="does not fit"):
         geotiff.write_geotiff(tmp_path / "c.tif", data[0], GRID, ["B4"])

@@ -79,7 +79,9 @@ def test_patch_offsets_follow_region_patches():
 
 
 def test_dedupe_keeps_the_most_complete_scene_of_a_day():
-    t = table([row("p", "s2", "07-05", cloud=0.0, valid=0.5, hour=3), row("p", "s2", "07-05", cloud=0.3, valid=1.0, hour=4)])
+    t = table(
+        [row("p", "s2", "07-05", cloud=0.0, valid=0.5, hour=3), row("p", "s2", "07-05", cloud=0.3, valid=1.0, hour=4)]
+    )
     d = dedupe_dates(t)
     assert len(d) == 1 and d.iloc[0]["valid_fraction"] == 1.0
 
@@ -88,7 +90,9 @@ def test_dedupe_keeps_the_most_complete_scene_of_a_day():
 
 
 def test_tcsen12_reference_is_clear_inputs_earlier_and_sar_nearest():
-    r = region({"rule": "tcsen12", "reference_max_cloud": 0.05, "input_dates": 1, "max_gap_days": 30, "sar_max_days": 3})
+    r = region(
+        {"rule": "tcsen12", "reference_max_cloud": 0.05, "input_dates": 1, "max_gap_days": 30, "sar_max_days": 3}
+    )
     rows = [
         row("p", "s2", "07-01", cloud=0.6),
         row("p", "s2", "07-06", cloud=0.02, shadow=0.02),  # reference (4 %)
@@ -142,7 +146,12 @@ def test_tcsen12_three_date_samples_take_the_most_recent_inputs_oldest_first():
 
 def test_sar_with_nodata_is_not_paired():
     r = region({"rule": "tcsen12", "sar_max_days": 3})
-    rows = [row("p", "s2", "07-01", cloud=0.5), row("p", "s2", "07-06"), row("p", "s1", "07-02", valid=0.995), row("p", "s1", "07-06")]
+    rows = [
+        row("p", "s2", "07-01", cloud=0.5),
+        row("p", "s2", "07-06"),
+        row("p", "s1", "07-02", valid=0.995),
+        row("p", "s1", "07-06"),
+    ]
     sel = select_samples(table(rows), r)
     assert sel.samples == [] and "no S1" in sel.explain()
 
@@ -157,7 +166,9 @@ def test_cmsn_caps_per_date_and_gap():
         row("p", "landsat", "06-17", cloud=0.14),
         row("p", "landsat", "07-03", cloud=0.20),  # over the T2 cap: skipped as T2
         row("p", "landsat", "07-19", cloud=0.05),  # T3
-        row("q", "landsat", "06-01", cloud=0.30), row("q", "landsat", "06-17", cloud=0.10), row("q", "landsat", "07-03", cloud=0.0),
+        row("q", "landsat", "06-01", cloud=0.30),
+        row("q", "landsat", "06-17", cloud=0.10),
+        row("q", "landsat", "07-03", cloud=0.0),
     ]
     sel = select_samples(table(rows), r)
     ids = [s.sample_id for s in sel.samples]
@@ -171,7 +182,10 @@ def test_cmsn_caps_per_date_and_gap():
 
 def test_sen12mscr_ts_target_least_cloudy_inputs_first_in_range():
     r = region({"rule": "sen12mscr_ts", "n_inputs": 2, "coverage_min": 0.1, "coverage_max": 0.8}, sensors=("s2",))
-    rows = [row("p", "s2", d, cloud=c) for d, c in [("07-01", 0.05), ("07-05", 0.9), ("07-09", 0.3), ("07-13", 0.01), ("07-17", 0.5)]]
+    rows = [
+        row("p", "s2", d, cloud=c)
+        for d, c in [("07-01", 0.05), ("07-05", 0.9), ("07-09", 0.3), ("07-13", 0.01), ("07-17", 0.5)]
+    ]
     (s,) = select_samples(table(rows), r).samples
     assert s.sample_id == "p_20210713"
     assert [m.datetime.day for m in s.members] == [9, 17, 13]  # inputs in time order, target last
@@ -184,7 +198,11 @@ def test_sen12mscr_ts_target_least_cloudy_inputs_first_in_range():
 
 
 def _grid_offsets(n: int, size: int, stride: int) -> list[PatchOffset]:
-    return [PatchOffset(f"r{r * stride:05d}c{c * stride:05d}", r * stride, c * stride, size) for r in range(n) for c in range(n)]
+    return [
+        PatchOffset(f"r{r * stride:05d}c{c * stride:05d}", r * stride, c * stride, size)
+        for r in range(n)
+        for c in range(n)
+    ]
 
 
 def test_block_splits_do_not_leak_through_overlapping_patches():

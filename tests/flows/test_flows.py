@@ -22,11 +22,13 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings  # n
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.common import is_transient_error  # noqa: E402
-from flows.params import BuildDatasetParams, InlineAOI, ReconstructParams, TrainParams, region_from_geojson  # noqa: E402
+from flows.params import BuildDatasetParams, ReconstructParams, TrainParams, region_from_geojson  # noqa: E402
 from pipeline.errors import RegionError, SourceError  # noqa: E402
 
-GEOM = {"type": "Polygon", "coordinates": [[[113.62, 34.72], [113.642, 34.72], [113.642, 34.738], [113.62, 34.738], [113.62, 34.72]]]}
-TINY = dict(name="tiny-aoi", geometry=GEOM, start="2021-07-01", end="2021-08-31", event_date="2021-07-20", patch_size=64)
+GEOM = {"type": "Polygon",
+        "coordinates": [[[113.62, 34.72], [113.642, 34.72], [113.642, 34.738], [113.62, 34.738], [113.62, 34.72]]]}
+TINY = dict(name="tiny-aoi", geometry=GEOM, start="2021-07-01", end="2021-08-31", event_date="2021-07-20",
+            patch_size=64)
 DATE = "2021-07-22"  # a synthetic Sentinel-2 overpass
 
 
@@ -52,7 +54,8 @@ def task_runs(flow_run_id, timeout: float = 60.0, expect: dict[str, int] | None 
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         seen = Counter(_task_kind(r) for r in runs)
-        done = all(r.state is not None and r.state.is_final() for r in runs) and all(seen[k] >= n for k, n in (expect or {}).items())
+        done = (all(r.state is not None and r.state.is_final() for r in runs)
+                and all(seen[k] >= n for k, n in (expect or {}).items()))
         if done or time.monotonic() > deadline:
             return runs
         time.sleep(0.5)
@@ -70,7 +73,8 @@ def artifacts_of(flow_run_id) -> dict[str, str]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return {a.key: a.type for a in arts}
 
 
@@ -78,7 +82,8 @@ def artifacts_of(flow_run_id) -> dict[str, str]:
 
 
 def test_region_from_geojson_builds_the_bbox_region():
-    r = region_from_geojson({"type": "Feature", "geometry": GEOM, "properties": {}}, "tiny-aoi", "2021-07-01", "2021-08-31")
+    r = region_from_geojson({"type": "Feature", "geometry": GEOM, "properties": {}}, "tiny-aoi", "2021-07-01",
+                            "2021-08-31")
     assert r.bbox == pytest.approx((113.62, 34.72, 113.642, 34.738))
     g = r.grid()
     assert g.crs == "EPSG:32649" and 180 < g.width < 230 and 180 < g.height < 230
@@ -110,7 +115,7 @@ def test_bad_parameters_are_validation_errors_with_the_fix(tmp_path):
         TrainParams(data=str(tmp_path), model="unet")
     with pytest.raises(ValidationError, match="unknown mask method 'magic'; use one of: cheapest, auto"):
         BuildDatasetParams(region="zhengzhou-demo", mask_method="magic")
-    with pytest.raises(ValidationError, match="max_patches=0: Input should be greater than or equal to 1"):
+    with pytest.raises(ValidationError, match="max_patches 0: Input should be greater than or equal to 1"):
         BuildDatasetParams(region="zhengzhou-demo", max_patches=0)
     with pytest.raises(ValidationError, match="score_truth needs the synthetic source"):
         ReconstructParams(region="zhengzhou-demo", date=DATE, source="earthengine", score_truth=True)
@@ -150,7 +155,8 @@ def test_transient_errors_are_told_from_deterministic_ones():
     except EarthEngineRequestError as exc:
         exhausted = exc
     try:
-        raise EarthEngineRequestError("rejected") from ee.EEException("Image.select: Pattern 'B99' did not match any bands.")
+        raise EarthEngineRequestError("rejected") from ee.EEException(
+            "Image.select: Pattern 'B99' did not match any bands.")
     except EarthEngineRequestError as exc:
         rejected = exc
     assert is_transient_error(exhausted) and not is_transient_error(rejected)
@@ -216,7 +222,8 @@ def test_reconstruct_flow_writes_cog_stac_quicklook_and_artifacts(harness, tmp_p
 
     from flows.reconstruct_aoi import reconstruct_aoi
 
-    params = ReconstructParams(region=TINY, date=DATE, out=str(tmp_path / "out"), mask_method="cloudscore", score_truth=True)
+    params = ReconstructParams(region=TINY, date=DATE, out=str(tmp_path / "out"), mask_method="cloudscore",
+                               score_truth=True)
     state = reconstruct_aoi(params, return_state=True)
     assert state.is_completed(), state.message
     res = state.result()
@@ -274,7 +281,8 @@ def _search_once_with(monkeypatch, fail):
             return super().search(*a, **k)
 
     monkeypatch.setattr(fb, "get_source", lambda name, **kw: Failing(**kw))
-    region = parse_region({"name": "tiny-aoi", "bbox": [113.62, 34.72, 113.642, 34.738], "window": {"start": "2021-07-01", "end": "2021-07-20"}})
+    region = parse_region({"name": "tiny-aoi", "bbox": [113.62, 34.72, 113.642, 34.738],
+                           "window": {"start": "2021-07-01", "end": "2021-07-20"}})
     search = fb.search_scenes.with_options(retry_delay_seconds=0, cache_policy=NO_CACHE, persist_result=False)
 
     @flow
@@ -311,7 +319,8 @@ def test_train_flow_checkpoint_and_metrics_table(tiny_build, tmp_path):
 
     _, first, _ = tiny_build
     data = first.result()[0]["out"]
-    params = TrainParams(data=data, model="unet", epochs=1, max_steps_per_epoch=2, batch_size=4, out=str(tmp_path / "run"), evaluate_split="val")
+    params = TrainParams(data=data, model="unet", epochs=1, max_steps_per_epoch=2, batch_size=4,
+                         out=str(tmp_path / "run"), evaluate_split="val")
     state = train_model(params, return_state=True)
     assert state.is_completed(), state.message
     res = state.result()

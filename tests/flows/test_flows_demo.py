@@ -1,4 +1,7 @@
-"""``cloudfree demo`` end to end (build-dataset -> train-model -> reconstruct-aoi on zhengzhou-demo), shortened training."""
+"""``cloudfree demo`` end to end (build-dataset -> train-model -> reconstruct-aoi on zhengzhou-demo).
+
+Training is shortened.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ def test_demo_command_writes_cog_stac_quicklook_and_prints_metrics(tmp_path):
     assert (out / "zhengzhou-demo_20210722_unet_quicklook.png").is_file()
     # rich wraps long paths inside table cells: compare without whitespace and cell borders
     flat = "".join(result.output.replace("│", "").split())
-    for needle in (str(cog), "STACitem", "quicklook", "unetall", "unetcloud", "compositeall", "compositecloud", "PSNRdB"):
+    for needle in (str(cog), "STACitem", "quicklook", "unetall", "unetcloud", "compositeall", "compositecloud",
+                   "PSNRdB"):
         assert needle in flat, needle
     # every cell of the metrics table holds a figure (all and cloud-covered pixels, model and composite)
     for label in ("PSNR dB", "SSIM", "MAE"):

@@ -44,16 +44,26 @@ def test_deployment_run_through_the_cli_writes_the_cog(served, tmp_path):
     prefect = str(Path(sys.executable).with_name("prefect"))
     out = tmp_path / "cog-out"
     # the default deployment's parameters, with the output redirected out of the repo
-    params = {"params": {"region": "zhengzhou-demo", "date": "2021-07-22", "checkpoint": "composite", "source": "synthetic",
-                         "out": str(out), "mask_method": "cloudscore"}}
+    params = {
+        "params": {
+            "region": "zhengzhou-demo",
+            "date": "2021-07-22",
+            "checkpoint": "composite",
+            "source": "synthetic",
+            "out": str(out),
+            "mask_method": "cloudscore",
+        }
+    }
     deps = subprocess.run([prefect, "deployment", "ls"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert deps.returncode == 0, deps.stderr
     for name in ("reconstruct-aoi/default", "train-model/default", "build-dataset/new-aoi"):
         assert name in deps.stdout.replace("│", " "), deps.stdout
-    limit = subprocess.run([prefect, "concurrency-limit", "inspect", "earthengine"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    limit = subprocess.run([prefect, "concurrency-limit", "inspect", "earthengine"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
     assert limit.returncode == 0 and "8" in limit.stdout, limit.stdout + limit.stderr
-    run = subprocess.run([prefect, "deployment", "run", "reconstruct-aoi/default", "--params", json.dumps(params), "--watch",
-                          "--watch-timeout", "780"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=840)
+    run = subprocess.run([prefect, "deployment", "run", "reconstruct-aoi/default", "--params", json.dumps(params),
+                          "--watch", "--watch-timeout", "780"], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=840)
     log = (home / "worker.log").read_text(errors="replace")[-4000:]
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\nworker log:\n{log}"
     assert "Completed" in run.stdout
@@ -65,18 +75,20 @@ def test_deployment_run_through_the_cli_writes_the_cog(served, tmp_path):
     # the nightly cron of build-dataset/new-aoi turned into scheduled flow runs (the server's scheduler works)
     deadline = time.monotonic() + 120
     while True:
-        ls = subprocess.run([prefect, "flow-run", "ls", "--flow-name", "build-dataset", "--state-type", "SCHEDULED", "-o", "json"],
-                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        ls = subprocess.run(
+            [prefect, "flow-run", "ls", "--flow-name", "build-dataset", "--state-type", "SCHEDULED", "-o", "json"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert ls.returncode == 0, ls.stderr
         scheduled = json.loads(ls.stdout or "[]")
         if scheduled or time.monotonic() > deadline:
             break
         time.sleep(5)
     server_log = (home / "server.log").read_text(errors="replace")
-    assert scheduled, (
-        "no scheduled build-dataset runs; server scheduler errors: "
-        + ("SQLAlchemy >= 2.1 breaks Prefect 3.8.8's scheduler ('Can't evaluate bulk DML statement'): pin sqlalchemy<2.1"
-           if "bulk DML" in server_log else server_log[-2000:]))
+    assert scheduled, "no scheduled build-dataset runs; server scheduler errors: " + (
+        "SQLAlchemy >= 2.1 breaks Prefect 3.8.8's scheduler ('Can't evaluate bulk DML statement'): pin sqlalchemy<2.1"
+        if "bulk DML" in server_log
+        else server_log[-2000:]
+    )
     # the cron is "0 2 * * *" UTC: every scheduled run starts at 02:00 UTC
     starts = [dt.datetime.fromisoformat(r["expected_start_time"]).astimezone(dt.timezone.utc) for r in scheduled]
     assert all((t.hour, t.minute) == (2, 0) for t in starts), starts

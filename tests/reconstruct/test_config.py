@@ -8,8 +8,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from pipeline.errors import CloudfreeError
-from pipeline.reconstruct.config import ReconstructConfig, ReconstructConfigError, cli_option
+from pipeline.errors import CloudfreeError, cli_option
+from pipeline.reconstruct.config import ReconstructConfig, ReconstructConfigError
 
 
 @pytest.mark.parametrize("values, needle", [

@@ -23,7 +23,8 @@ PARAMS = {"base": "small", "optical_bands": ["B4", "B3", "B2"], "dropout": 0.0, 
 
 def _cfg() -> TrainConfig:
     return TrainConfig(model="crgennet", model_params=PARAMS, epochs=1, batch_size=4, num_workers=0, seed=0,
-                       max_steps_per_epoch=2, grad_clip=None, optimizer={"name": "sgd", "lr": 0.05, "betas": (0.9, 0.999)})
+                       max_steps_per_epoch=2, grad_clip=None,
+                       optimizer={"name": "sgd", "lr": 0.05, "betas": (0.9, 0.999)})
 
 
 def _free_port() -> int:
@@ -36,8 +37,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    train(_cfg(), None, out, train_data=toy_raw_samples(8, size=32, seed=1), val_data=toy_raw_samples(2, size=32, seed=2),
-          progress=False)
+    train(_cfg(), None, out, train_data=toy_raw_samples(8, size=32, seed=1),
+          val_data=toy_raw_samples(2, size=32, seed=2), progress=False)
 
 
 @pytest.mark.integration
@@ -48,8 +49,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(_cfg(), None, single, train_data=toy_raw_samples(8, size=32, seed=1), val_data=toy_raw_samples(2, size=32, seed=2),
-              progress=False)
+        train(_cfg(), None, single, train_data=toy_raw_samples(8, size=32, seed=1),
+              val_data=toy_raw_samples(2, size=32, seed=2), progress=False)
     finally:
         torch.set_num_threads(threads)
     mp.spawn(_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)

@@ -25,7 +25,13 @@ TINY = {
     "resolution": 10,
     "window": {"start": "2021-07-01", "end": "2021-07-31"},
     "sensors": ["s1", "s2"],
-    "selection": {"rule": "tcsen12", "reference_max_cloud": 0.05, "input_dates": 1, "max_gap_days": 30, "sar_max_days": 3},
+    "selection": {
+        "rule": "tcsen12",
+        "reference_max_cloud": 0.05,
+        "input_dates": 1,
+        "max_gap_days": 30,
+        "sar_max_days": 3,
+    },
     "patch": {"size": 64, "stride": 32},
     "splits": {"train": 0.6, "val": 0.2, "test": 0.2, "block_size": 2, "seed": 0},
 }
@@ -69,7 +75,8 @@ def test_evaluate_scores_model_and_composite_on_the_same_pixels(run, dataset, tm
         assert set(who) == {"all", "visible", "nir", "swir"}
         assert 0 < who["all"]["cloud_psnr"] < 80 and 0 < who["all"]["psnr"] < 80
         assert who["all"]["cloud_psnr"] != who["all"]["psnr"]
-    assert res["band_groups"]["swir"] == ["B10", "B11", "B12"] and res["band_groups"]["visible"] == ["B1", "B2", "B3", "B4"]
+    assert res["band_groups"]["swir"] == ["B10", "B11", "B12"]
+    assert res["band_groups"]["visible"] == ["B1", "B2", "B3", "B4"]
     md = (tmp_path / "ev" / "metrics.md").read_text()
     assert "| unet |" in md and "| composite (recent clear) |" in md and "PSNR cloud" in md
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["split"] == "test"
@@ -119,17 +126,22 @@ def test_cli_errors_are_one_line(run, dataset, tmp_path, monkeypatch, capsys):
     (broken / MODEL_FILE).write_bytes(b"PK\x03\x04 truncated zip")
     code, out = _cli(monkeypatch, capsys, "evaluate", "--checkpoint", str(broken), "--data", str(dataset))
     assert code == 2 and "not a readable model state dict" in out.err and "Traceback" not in out.err
-    code, out = _cli(monkeypatch, capsys, "train", "--data", str(tmp_path / "empty"), "--model", "unet", "--out", str(tmp_path / "r"))
+    code, out = _cli(
+        monkeypatch, capsys, "train", "--data", str(tmp_path / "empty"), "--model", "unet", "--out", str(tmp_path / "r")
+    )
     assert code == 2 and "cloudfree build-dataset" in out.err
-    code, out = _cli(monkeypatch, capsys, "evaluate", "--checkpoint", str(run), "--data", str(dataset), "--split", "nope")
+    code, out = _cli(
+        monkeypatch, capsys, "evaluate", "--checkpoint", str(run), "--data", str(dataset), "--split", "nope"
+    )
     assert code == 2 and "no cube for split 'nope'" in out.err
 
 
 @pytest.mark.slow
 def test_cli_train_then_export(dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cli-run"
-    monkeypatch.setattr(sys, "argv", ["cloudfree", "train", "--data", str(dataset), "--model", "unet", "--out", str(out),
-                                      "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "1", "--workers", "0"])
+    monkeypatch.setattr(sys, "argv", ["cloudfree", "train", "--data", str(dataset), "--model", "unet", "--out",
+                                      str(out), "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "1",
+                                      "--workers", "0"])
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code == 0

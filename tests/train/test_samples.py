@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from models.spec import InputSpec
-from pipeline.train.samples import AssembledDataset, AugmentConfig, assemble_sample, simulated_cloud
 from pipeline.errors import DataError
 from pipeline.masking.codes import MaskClass
 from pipeline.sensors import S2_BANDS
+from pipeline.train.samples import AssembledDataset, AugmentConfig, assemble_sample, simulated_cloud
 
 
-def toy_raw_samples(n: int = 4, dates: int = 3, size: int = 32, seed: int = 0, cloudy_inputs: bool = True) -> list[dict]:
+def toy_raw_samples(
+    n: int = 4, dates: int = 3, size: int = 32, seed: int = 0, cloudy_inputs: bool = True
+) -> list[dict]:
     """Raw samples with the CubeDataset contract: a smooth ground scene, slowly changing, S1 correlated to it."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -62,8 +64,9 @@ def test_target_date_model_gets_cloudy_copy_of_reference():
     # evaluation draws are reproducible, training draws change with the epoch
     again = assemble_sample(raw, spec, train=False, seed=0, index=0)
     assert torch.equal(again["optical"], s["optical"])
-    e0 = assemble_sample(raw, spec, train=True, seed=0, epoch=0, index=0, augment=AugmentConfig(flips=False, rot90=False))
-    e1 = assemble_sample(raw, spec, train=True, seed=0, epoch=1, index=0, augment=AugmentConfig(flips=False, rot90=False))
+    fixed = AugmentConfig(flips=False, rot90=False)
+    e0 = assemble_sample(raw, spec, train=True, seed=0, epoch=0, index=0, augment=fixed)
+    e1 = assemble_sample(raw, spec, train=True, seed=0, epoch=1, index=0, augment=fixed)
     assert not torch.equal(e0["optical_mask"], e1["optical_mask"])
 
 
@@ -159,7 +162,8 @@ def test_random_crop_in_training_only():
     for c in crops:
         assert c["target"].shape == (3, 16, 16) and c["sar"].shape == (3, 1, 16, 16) and c["cloud"].shape == (16, 16)
         # the crop is a window of the full sample, the same window in every array
-        hits = [(y, x) for y in range(17) for x in range(17) if torch.equal(full["target"][:, y:y + 16, x:x + 16], c["target"])]
+        hits = [(y, x) for y in range(17) for x in range(17)
+                if torch.equal(full["target"][:, y:y + 16, x:x + 16], c["target"])]
         assert hits
         y, x = hits[0]
         assert torch.equal(full["optical_mask"][..., y:y + 16, x:x + 16], c["optical_mask"])

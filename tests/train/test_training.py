@@ -77,7 +77,11 @@ def test_resume_refuses_another_model(tmp_path, data):
 
 
 def test_gan_model_alternates_and_resumes_discriminator(tmp_path, data):
-    params = {"base": "small", "optical_bands": ["B4", "B3", "B2"], "loss": {"perceptual": 0, "style": 0, "adversarial": "wgan-gp"}}
+    params = {
+        "base": "small",
+        "optical_bands": ["B4", "B3", "B2"],
+        "loss": {"perceptual": 0, "style": 0, "adversarial": "wgan-gp"},
+    }
     run = tmp_path / "gan"
     res = train(_cfg(model="srggan", model_params=params, epochs=1, max_steps_per_epoch=2), None, run,
                 train_data=data[0], val_data=data[1], progress=False)
@@ -105,11 +109,14 @@ def test_data_folder_without_cubes_names_the_build_command(tmp_path):
 
 def test_composite_and_bad_settings_are_clear(tmp_path, data):
     with pytest.raises(TrainingError, match="needs no training"):
-        train(_cfg(model="composite", model_params="small"), None, tmp_path / "c", train_data=data[0], val_data=data[1], progress=False)
+        train(_cfg(model="composite", model_params="small"), None, tmp_path / "c", train_data=data[0],
+              val_data=data[1], progress=False)
     with pytest.raises(TrainConfigError, match="monitor 'psnr_cloud' is not a validation metric"):
-        train(_cfg(monitor="psnr_cloud", epochs=1), None, tmp_path / "m", train_data=data[0], val_data=data[1], progress=False)
+        train(_cfg(monitor="psnr_cloud", epochs=1), None, tmp_path / "m", train_data=data[0], val_data=data[1],
+              progress=False)
     with pytest.raises(TrainConfigError, match="perceptual"):
-        train(_cfg(model="crgennet", model_params="paper"), None, tmp_path / "v", train_data=data[0], val_data=data[1], progress=False)
+        train(_cfg(model="crgennet", model_params="paper"), None, tmp_path / "v", train_data=data[0],
+              val_data=data[1], progress=False)
 
 
 def test_config_file_and_published_defaults(tmp_path):
