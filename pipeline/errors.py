@@ -42,8 +42,11 @@ def describe_validation(exc: Any, option: Callable[[str], str] = str, what: str 
     parts = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
-        name = option(".".join(loc)) if loc else what
         msg = str(err["msg"]).removeprefix("Value error, ")
+        if not loc:  # a rule across fields: its message names the options itself
+            parts.append(msg if err["type"] == "value_error" else f"{what}: {msg}")
+            continue
+        name = option(".".join(loc))
         value = err.get("input")
         shown = f" {value!r}" if len(loc) == 1 and isinstance(value, (str, int, float, bool)) else ""
         parts.append(f"{name}{shown}: {msg}")

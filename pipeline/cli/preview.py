@@ -13,7 +13,7 @@ from pipeline.errors import SourceError
 from pipeline.regions import load_region
 from pipeline.sensors import S1_DB_RANGE, get_sensor
 from pipeline.sources.base import Scene
-from pipeline.sources.registry import get_source
+from pipeline.sources.registry import SourceName, SourceSpec
 
 MAX_DAYS = 3
 LISTED_DAYS = 30
@@ -53,7 +53,10 @@ def preview(
     date: dt.datetime = typer.Option(
         ..., "--date", formats=["%Y-%m-%d"], help="Date (YYYY-MM-DD); the nearest scene within ±3 days is shown."
     ),
-    source: str = typer.Option("synthetic", "--source", help="Data source: synthetic (offline), local or earthengine."),
+    source: SourceName = typer.Option(
+        SourceName.synthetic, "--source", help="Data source: synthetic (offline), local or earthengine."
+    ),
+    root: Path | None = typer.Option(None, "--root", help="Folder of GeoTIFFs for --source local."),
     sensor: str = typer.Option(
         "s2", "--sensor", help="Sensor family (s2, landsat, s1) or key (s2_l1c, landsat8_l2, ...)."
     ),
@@ -67,7 +70,7 @@ def preview(
 
     reg = load_region(region)
     when = date.date()
-    src = get_source(source)
+    src = SourceSpec.parse(source, root).build()
     scenes = src.search(reg, when - dt.timedelta(days=LISTED_DAYS), when + dt.timedelta(days=LISTED_DAYS), sensor)
     scene = nearest_scene(scenes, when)
     sens = get_sensor(scene.sensor)

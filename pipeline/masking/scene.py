@@ -118,10 +118,30 @@ def _sun_angles(raster: xr.DataArray, scene: Any, cfg: MaskConfig) -> tuple[floa
     return cfg.sun_azimuth, cfg.sun_elevation
 
 
+_M_PER_DEG_LAT = 111_320.0  # metres per degree along a meridian (and along the equator)
+
+
+def _is_geographic(crs: Any) -> bool:
+    if not crs:
+        return False
+    from pyproj import CRS
+
+    try:
+        return bool(CRS.from_user_input(crs).is_geographic)
+    except Exception:  # an unparseable CRS string: treat as projected, as before
+        return False
+
+
 def _transform(raster: xr.DataArray, cfg: MaskConfig) -> tuple[float, ...]:
+    """The raster's affine transform with pixel sizes in metres (buffers and shadow heights are in metres)."""
     t = raster.attrs.get("transform")
     if t is not None and len(t) >= 6:
-        return tuple(float(v) for v in list(t)[:6])
+        a, b, c, d, e, f = (float(v) for v in list(t)[:6])
+        if _is_geographic(raster.attrs.get("crs")):
+            # Degrees read as metres would make a 30 m buffer ~300 000 px (SEN12MS-CR-TS ships EPSG:4326).
+            lat = math.radians(f + e * raster.sizes.get("y", 1) / 2)
+            a, e = a * _M_PER_DEG_LAT * math.cos(lat), e * _M_PER_DEG_LAT
+        return (a, b, c, d, e, f)
     if cfg.pixel_size_m:
         p = cfg.pixel_size_m
         return (p, 0.0, 0.0, 0.0, -p, 0.0)

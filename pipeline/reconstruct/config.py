@@ -99,10 +99,11 @@ class ReconstructConfig(BaseModel):
         tile = info.data.get("tile")
         if tile is None:  # the tile itself is invalid and reported on its own
             return v
-        if not MIN_OVERLAP <= v < tile:
-            raise ValueError(
-                f"must be in [{MIN_OVERLAP}, tile={tile}): narrower overlaps leave visible tile seams; "
-                f"pick one from {MIN_OVERLAP} to {tile - 1} (or a larger tile)")
+        choice = f"pick {MIN_OVERLAP} to {tile - 1}"
+        if v < MIN_OVERLAP:
+            raise ValueError(f"narrower than {MIN_OVERLAP} px leaves visible tile seams; {choice}")
+        if v >= tile:
+            raise ValueError(f"must be smaller than the tile ({tile} px); {choice} or a larger tile")
         return v
 
     @field_validator("block")

@@ -14,9 +14,12 @@ back smoothly to the global fit. Fill dates that share too few clear pixels with
 through an intermediate date; when nothing can be fitted the identity is used and said so in the notes.
 
 Cloud masks miss the semi-transparent fringe of a cloud, so the target's not-clear mask is dilated by
-``buffer_px`` before deciding what is hidden, and each history date's clear mask is eroded by
-``history_buffer_px`` before it may be used as a source. The fill is feathered over ``feather_px`` pixels
-into the observed side of the border, so no seam shows; observed pixels farther away are returned exactly.
+``buffer_px`` before deciding what is hidden (a ring pixel with nothing to fill it from keeps its
+observation), and each history date's clear mask is eroded by ``history_buffer_px`` before it may be used as
+a source (a pixel clear only next to clouds on every date falls back to the unbuffered mask, and the notes
+count it). On real Sentinel-2 a cloud's fringe spoils pixels several px beyond the s2cloudless mask (see the
+fringe profile of bench/harmonize_real.py). The fill is feathered over ``feather_px`` pixels into the
+observed side of the border, so no seam shows; observed pixels farther away are returned exactly.
 
 Outputs (``FillResult``): the image (C, H, W) float32 with NaN where nothing could be filled, a uint8
 provenance code per pixel (``PROVENANCE_*``), the age in days of the date each pixel came from (int16: 0
@@ -80,7 +83,9 @@ class FillConfig(BaseModel):
         description="Fewest pixels clear in both the target and a fill date for a global fit; with fewer the fit is "
         "chained through an intermediate date, or the identity is used (and noted).",
     )
-    gain_min: float = Field(0.5, gt=0, description="Smallest gain a fit may use (guards fits on few or changed pixels).")
+    gain_min: float = Field(
+        0.5, gt=0, description="Smallest gain a fit may use (guards fits on few or changed pixels).",
+    )
     gain_max: float = Field(2.0, gt=0, description="Largest gain a fit may use (guards fits on few or changed pixels).")
     min_variance: float = Field(
         1e-6, ge=0,
@@ -97,6 +102,11 @@ class FillConfig(BaseModel):
     )
     history_buffer_px: int = Field(
         3, ge=0, description="Erode every history date's clear mask by this many pixels before using it as a source.",
+    )
+    history_buffer_fallback: bool = Field(
+        True,
+        description="Where no date within max_age_days is clear beyond the history buffer, fill from the most recent "
+        "date whose unbuffered mask calls the pixel clear (counted in the notes) rather than leave it empty.",
     )
     feather_px: int = Field(
         3, ge=0,
@@ -145,15 +155,18 @@ def _box_sum(x: np.ndarray, size: int) -> np.ndarray:
     return ndimage.uniform_filter(x, size=size, mode="constant") * float(size * size)
 
 
-def _check_pair(refl: np.ndarray, clear: np.ndarray, what: str, shape: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+def _check_pair(refl: np.ndarray, clear: np.ndarray, what: str,
+                shape: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray]:
     refl = np.asarray(refl, dtype=np.float32)
     clear = np.asarray(clear)
     if refl.ndim != 3:
         raise DataError(f"fill_gaps: {what} reflectance has shape {refl.shape}; pass (bands, height, width)")
     if clear.shape != refl.shape[1:]:
-        raise DataError(f"fill_gaps: {what} clear mask has shape {clear.shape}, its reflectance {refl.shape}; pass a (height, width) mask")
+        raise DataError(f"fill_gaps: {what} clear mask has shape {clear.shape}, its reflectance {refl.shape}; "
+                        "pass a (height, width) mask")
     if shape is not None and refl.shape != shape:
-        raise DataError(f"fill_gaps: {what} reflectance has shape {refl.shape}, the target {shape}; read every date on the target's grid")
+        raise DataError(f"fill_gaps: {what} reflectance has shape {refl.shape}, the target {shape}; "
+                        "read every date on the target's grid")
     # a pixel with a NaN band cannot be a source or a fit point, whatever the mask says
     return refl, clear.astype(bool) & np.isfinite(refl).all(axis=0)
 
@@ -263,8 +276,8 @@ def _harmonize(ages: list[float], stack: list[np.ndarray], usable: list[np.ndarr
         first = _fit_date(stack[i], usable[i], stack[j], usable[j], cfg, local=False)
         if first is not None:
             gain = second.gain * first.gain
-            return _Fit("chained", int((usable[i] & fit_pixels).sum()), gain, second.gain * first.offset + second.offset,
-                        via_age=ages[j])
+            offset = second.gain * first.offset + second.offset
+            return _Fit("chained", int((usable[i] & fit_pixels).sum()), gain, offset, via_age=ages[j])
     return _Fit("identity", int((usable[i] & fit_pixels).sum()), np.ones(c), np.zeros(c))
 
 
@@ -289,9 +302,10 @@ def _note(age: float, fit: _Fit, pixels: int) -> dict[str, Any]:
     if fit.via_age is not None:
         note["via_age_days"] = float(fit.via_age)
     if fit.kind == "identity":
-        note["warning"] = "too few pixels clear in both this date and the target (directly or via another date): radiometry copied as is"
+        note["warning"] = ("too few pixels clear in both this date and the target (directly or via another date): "
+                           "radiometry copied as is")
     elif fit.kind == "local":
-        note["gain_offset_are"] = "the global fit; the local fit varies around it"
+        note["gain_offset"] = "the date's global fit; the local (moving-window) fit varies around it"
     return note
 
 
@@ -300,8 +314,8 @@ def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: F
 
     ``target`` is the target date's reflectance (C, H, W) with NaN nodata, ``clear`` its clear mask (H, W);
     ``history`` holds ``(age_days, reflectance (C, H, W), clear (H, W))`` of earlier dates on the same grid, in any
-    order (age = days before the target, > 0). A pixel is never filled from a date whose (eroded) mask does not
-    call it clear.
+    order (age = days before the target, > 0). A pixel is never filled from a date whose mask does not call it
+    clear; dates clear beyond ``history_buffer_px`` from their mask's clouds are preferred.
     """
     cfg = config or FillConfig()
     target, t_clear = _check_pair(target, clear, "target", None)
@@ -317,13 +331,23 @@ def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: F
     stack = [e[1] for e in entries]
     usable = [ok & ~_dilate(~ok, cfg.history_buffer_px) if cfg.history_buffer_px else ok for _, _, ok in entries]
 
-    hidden = _dilate(~t_clear, cfg.buffer_px)
-    observed = ~hidden
     h, w = t_clear.shape
     # the most recent usable date of every pixel (not only hidden ones: the feather ring needs it too)
     source = np.full((h, w), -1, dtype=np.int32)
     for i in range(len(stack) - 1, -1, -1):
         source[usable[i]] = i
+    near_fringe = np.zeros((h, w), dtype=bool)
+    if cfg.history_buffer_fallback and cfg.history_buffer_px:
+        # a pixel clear only next to a cloud on every date: its mask still calls it clear, better than no value
+        for i in range(len(stack) - 1, -1, -1):
+            take = (source < 0) & entries[i][2]
+            near_fringe |= take
+            source[take] = i
+        near_fringe &= source >= 0
+    hidden = _dilate(~t_clear, cfg.buffer_px)
+    # the buffer ring is clear by the target's mask: with nothing to fill it from, the observation is kept
+    hidden &= ~(t_clear & (source < 0))
+    observed = ~hidden
     if cfg.feather_px > 0 and hidden.any():
         dist = ndimage.distance_transform_edt(observed)
         weight = np.where(hidden, 1.0, np.clip(1.0 - dist / (cfg.feather_px + 1), 0.0, 1.0)).astype(np.float32)
@@ -348,7 +372,11 @@ def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: F
         filled_here = where & hidden
         provenance[filled_here] = PROVENANCE_FILLED
         age_map[filled_here] = int(round(ages[i]))
-        notes.append(_note(ages[i], fit, int(filled_here.sum())))
+        note = _note(ages[i], fit, int(filled_here.sum()))
+        fallback = int((filled_here & near_fringe).sum())
+        if fallback:
+            note["pixels_within_history_buffer"] = fallback
+        notes.append(note)
 
     seen = np.isfinite(target).all(axis=0)
     for refl in stack:

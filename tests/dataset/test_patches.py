@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import rasterio
 from affine import Affine
 
 from pipeline import files as pfiles
 from pipeline import geotiff
 from pipeline.dataset import patches as ex
 from pipeline.errors import DataError
-from pipeline.files import TMP_SUFFIX, remove_stale_temps, temp_path
+from pipeline.files import TMP_SUFFIX
 from pipeline.grid import Grid
 
 GRID = Grid("EPSG:32649", Affine(10.0, 0.0, 700000.0, 0.0, -10.0, 3850000.0), 96, 96)
@@ -46,47 +44,6 @@ def _files() -> list[ex.PatchFile]:
         for r, c in [(0, 0), (0, 32), (32, 32)]:
             out.append(ex.PatchFile(f"patches/r{r:05d}c{c:05d}/{sid}.tif", sid, r, c, 64, f"key-{sid}-{r}-{c}"))
     return sorted(out, key=lambda f: f.rel_path)
-
-
-def test_geotiff_has_bands_crs_transform_deflate_and_is_deterministic(tmp_path):
-    data = np.arange(2 * 96 * 96, dtype=np.uint16).reshape(2, 96, 96)
-    sha = geotiff.write_geotiff(
-        tmp_path / "a.tif", data, GRID, ["B4", "cloud_mask"], tags={"scene_id": "x"}, scales=[1e-4, 1], offsets=[0, 0]
-    )
-    assert sha == pfiles.sha256_file(tmp_path / "a.tif")
-    with rasterio.open(tmp_path / "a.tif") as src:
-        assert src.descriptions == ("B4", "cloud_mask")
-        assert src.crs.to_epsg() == 32649 and src.transform == GRID.transform
-        assert src.compression.name.lower() == "deflate"
-        assert src.tags()["scene_id"] == "x" and src.scales == (1e-4, 1.0)
-        np.testing.assert_array_equal(src.read(), data)
-    again = geotiff.write_geotiff(tmp_path / "b.tif", data, GRID, ["B4", "cloud_mask"], tags={"scene_id": "x"},
-                                  scales=[1e-4, 1], offsets=[0, 0])
-    assert again == sha
-    assert _tmp_files(tmp_path) == []
-    with pytest.raises(ValueError, match="does not fit"):
-        geotiff.write_geotiff(tmp_path / "c.tif", data[0], GRID, ["B4"])
-
-
-def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path):
-    target = tmp_path / "x.bin"
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with pfiles.atomic_output(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("disk full")
-    assert target.read_bytes() == b"old" and _tmp_files(tmp_path) == []
-    assert pfiles.write_bytes_atomic(target, b"new") and not pfiles.write_bytes_atomic(target, b"new")
-
-
-def test_truncated_geotiff_is_a_clear_error(tmp_path):
-    p = tmp_path / "t.tif"
-    geotiff.write_geotiff(p, np.ones((3, 96, 96), np.uint16) * np.arange(96, dtype=np.uint16), GRID, ["a", "b", "c"])
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    with pytest.raises(DataError, match=r"t\.tif: unreadable or truncated GeoTIFF"):
-        geotiff.read_geotiff(p)
-    with pytest.raises(DataError, match="file not found"):
-        geotiff.read_geotiff(tmp_path / "missing.tif")
 
 
 def test_export_writes_skips_and_repairs(tmp_path):
@@ -165,14 +122,6 @@ def test_journal_ignores_a_torn_last_line(tmp_path):
     assert set(ex.Journal(tmp_path / "j.jsonl").entries) == {"a"}
 
 
-def test_stale_temp_files_are_removed(tmp_path):
-    (tmp_path / "patches" / "p").mkdir(parents=True)
-    (tmp_path / "patches" / "p" / ".x.tif.123-4.tmp").write_bytes(b"partial")
-    (tmp_path / "patches" / "p" / "keep.tif").write_bytes(b"x")
-    assert remove_stale_temps(tmp_path) == 1
-    assert [p.name for p in (tmp_path / "patches" / "p").iterdir()] == ["keep.tif"]
-
-
 def _manifest_df() -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -216,6 +165,3 @@ def test_manifest_errors_name_the_file(tmp_path):
         ex.read_manifest(tmp_path)
 
 
-def test_temp_names_are_hidden_and_unique_per_thread(tmp_path):
-    p = temp_path(tmp_path / "a.tif")
-    assert p.name.startswith(".a.tif.") and p.name.endswith(TMP_SUFFIX) and str(os.getpid()) in p.name
