@@ -19,24 +19,9 @@ from pipeline.dataset.cubes import CubeDataset, cube_path
 from pipeline.dataset.selection import SelectionError
 from pipeline.errors import DataError, SourceError
 from pipeline.files import TMP_SUFFIX, sha256_file
+from tests.regions_fixtures import tiny_region
 
-TINY = {
-    "name": "tiny",
-    "description": "2.5 km x 2.5 km near Zhengzhou, 64 px patches: fast end-to-end tests",
-    "bbox": [113.60, 34.71, 113.6275, 34.7325],
-    "resolution": 10,
-    "window": {"start": "2021-07-01", "end": "2021-07-31"},
-    "sensors": ["s1", "s2"],
-    "selection": {
-        "rule": "tcsen12",
-        "reference_max_cloud": 0.05,
-        "input_dates": 1,
-        "max_gap_days": 30,
-        "sar_max_days": 3,
-    },
-    "patch": {"size": 64, "stride": 32},
-    "splits": {"train": 0.6, "val": 0.2, "test": 0.2, "block_size": 2, "seed": 0},
-}
+TINY = tiny_region("tiny")
 
 
 def write_region(folder: Path, **changes) -> Path:

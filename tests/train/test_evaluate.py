@@ -17,24 +17,9 @@ from pipeline.train.checkpoint import MODEL_FILE, save_model
 from pipeline.train.config import TrainConfig
 from pipeline.train.evaluate import band_groups, evaluate, markdown_table
 from pipeline.train.loop import train
+from tests.regions_fixtures import tiny_region
 
-TINY = {
-    "name": "tiny-train",
-    "description": "2.5 km x 2.5 km near Zhengzhou, 64 px patches",
-    "bbox": [113.60, 34.71, 113.6275, 34.7325],
-    "resolution": 10,
-    "window": {"start": "2021-07-01", "end": "2021-07-31"},
-    "sensors": ["s1", "s2"],
-    "selection": {
-        "rule": "tcsen12",
-        "reference_max_cloud": 0.05,
-        "input_dates": 1,
-        "max_gap_days": 30,
-        "sar_max_days": 3,
-    },
-    "patch": {"size": 64, "stride": 32},
-    "splits": {"train": 0.6, "val": 0.2, "test": 0.2, "block_size": 2, "seed": 0},
-}
+TINY = tiny_region("tiny-train")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
