@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -60,4 +59,3 @@ def test_text_written_atomically_is_world_readable_like_any_output(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask
-    assert threading.get_ident()  # temp names carry the thread id; see test_temp_names_are_hidden_and_unique_per_thread
