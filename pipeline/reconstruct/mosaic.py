@@ -199,7 +199,8 @@ class FillLoader:
             # a rectangle's core rows (its waiting pixels) are its own; its margin fills only what no one wrote
             take = ~written[r0:r1, c0:c1]
             take[k0 - r0:k1 - r0] = True
-            for whole, piece in zip((refl, codes, clear), part):
+            wholes: tuple[np.ndarray, ...] = (refl, codes, clear)
+            for whole, piece in zip(wholes, part):
                 whole[..., r0:r1, c0:c1][..., take] = piece[..., take]
             written[r0:r1, c0:c1] = True
         return refl, codes, clear
