@@ -1,18 +1,30 @@
 """Benchmark of ``cloudfree reconstruct`` (``pipeline.reconstruct.run``), all figures from one run.
 
-1. Throughput: px/s of the whole ``reconstruct`` call against the bare model forward on the very same
-   tiles (recorded during the run, replayed afterwards). The synthetic simulator renders ~0.15 Mpx/s per
-   date on a laptop core, far slower than any model, so the source is materialized first (every scene
-   read once on the full grid, windows served from memory): the ratio then measures what the pipeline
-   adds (mask, mosaic, normalization, tiling, blending, COG writing). The live-source figure is printed too.
-   Measured for the paper-size U-Net (a realistic per-pixel model cost) and the 8-channel small one.
-2. Peak memory (RSS, fresh process each) for ~1024^2 and ~4096^2 AOIs. The pipeline is what is measured, so
-   the pixels come from a cheap procedural source with the synthetic sensors' bands; the synthetic
-   simulator's own per-grid cache is measured separately at 1024^2.
-3. COG write throughput: ``BlockWriter`` (window writes + COG conversion with overviews) against a plain
+1. Training-free fill (checkpoint ``composite``, the default): px/s of the whole ``reconstruct`` call (plan,
+   reads, masks, harmonized fill, COG + provenance + source-date writing) on a materialized source (every
+   scene read once on the full grid, windows served from memory) with 10 dates of history (``max_age_days``
+   50 on the 5-day synthetic S2 cadence):
+   - masks given: every date's mask computed once beforehand and served like the pixels (what a mask archive or a
+     cloud-probability band gives), so the figure is the fill pipeline's own cost; wall px/s and px/s per core
+     (pixels / CPU seconds of the process);
+   - s2cloudless masks computed by the run, against bare ``mask_scene(method="s2cloudless")`` on the same
+     pixels (the target and every history date the run read, on the full grid).
+   1024^2 (512^2 with ``--quick``) on the synthetic archive (realistic clouds); 2048^2 with masks given on the
+   procedural source below (the simulator renders ~0.15 Mpx/s per date, too slow to materialize that much; 4096^2
+   materialized would not fit in memory, part 3 runs it from the live source).
+2. Model throughput: px/s of the whole ``reconstruct`` call against the bare model forward on the very same
+   tiles (recorded during the run, replayed afterwards), on a materialized synthetic source: the ratio measures
+   what the pipeline adds (mask, mosaic, normalization, tiling, blending, COG writing). The live-source figure
+   is printed too. Measured for the paper-size U-Net (a realistic per-pixel model cost) and the 8-channel small
+   one.
+3. Peak memory (RSS, fresh process each) of the fill for ~1024^2 and ~4096^2 AOIs (10 dates of history). The
+   pipeline is what is measured, so the pixels come from a cheap procedural source with the synthetic sensors'
+   bands; the synthetic simulator's own per-grid cache is measured separately at 1024^2.
+4. COG write throughput: ``BlockWriter`` (window writes + COG conversion with overviews) against a plain
    rasterio tiled, compressed GTiff write of the same blocks.
 
-Run: ``.venv/bin/python bench/inference.py`` (``--quick`` for smaller sizes). Prints a table and a JSON line.
+Run: ``.venv/bin/python bench/inference.py`` (``--quick`` for smaller sizes, ``--only fill|throughput|memory|cog``).
+Prints a table and a JSON line.
 """
 
 from __future__ import annotations
@@ -38,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DATE = dt.date(2021, 7, 22)
-MASK = "cloudscore"  # s2cloudless costs ~20 s per 512^2 here; the mask method is not what this bench measures
+MASK = "cloudscore"  # s2cloudless costs ~10 s per Mpx here; the mask method is not what this bench measures
+FILL_HISTORY_DAYS = 50  # 10 dates of history on the synthetic archive's 5-day S2 cadence
 
 
 def region_of(size_px: int, name: str = "bench"):
@@ -109,6 +122,92 @@ class ProceduralSource:
                 out[i] = 0.05 + 0.2 * base + 0.01 * i
         return xr.DataArray(out, dims=("band", "y", "x"), coords={"band": list(names), **c},
                             attrs=raster_attrs(scene, grid, simulated=True))
+
+
+class GivenMasks:
+    """``mask_scene`` stand-in: each scene's mask computed once on the full grid (not timed), windows of it served
+    from memory; any other grid (the fill's decimated sample) gets a real ``mask_scene`` call."""
+
+    def __init__(self, source: FrozenSource, method: str = MASK) -> None:
+        from pipeline.masking.scene import mask_scene
+
+        self.real, self.grid = mask_scene, source.grid
+        self.masks = {sid: mask_scene(r, None, method=method) for sid, r in source.rasters.items()}
+
+    def __call__(self, raster: xr.DataArray, scene: Any = None, config: Any = None, method: str = "auto") -> Any:
+        sid = raster.attrs.get("scene_id")
+        g = self.grid.transform
+        xs, ys = raster["x"].values, raster["y"].values  # pixel centres (a window's attrs may be its parent's)
+        if sid in self.masks and len(xs) > 1 and len(ys) > 1 and (xs[1] - xs[0], ys[1] - ys[0]) == (g.a, g.e):
+            col, row = (xs[0] - g.c) / g.a - 0.5, (ys[0] - g.f) / g.e - 0.5
+            if abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6:
+                r, c = int(round(row)), int(round(col))
+                return self.masks[sid].isel(y=slice(r, r + len(ys)), x=slice(c, c + len(xs)))
+        return self.real(raster, scene, config, method)
+
+
+def _fill_setup(size: int, source: str) -> tuple[Any, Any, Any]:
+    """Region, plan and materialized source of a fill run: the synthetic archive or the procedural source."""
+    from pipeline.reconstruct.config import ReconstructConfig
+    from pipeline.reconstruct.harmonize import FillConfig
+    from pipeline.reconstruct.plan import plan_fill
+    from pipeline.sources.synthetic.source import SyntheticSource
+
+    region = region_of(size)
+    live = SyntheticSource() if source == "synthetic" else ProceduralSource(SyntheticSource())
+    settings = ReconstructConfig(mask_method=MASK, fill=FillConfig(max_age_days=FILL_HISTORY_DAYS))
+    plan = plan_fill(region, DATE, live, settings)
+    scenes = [s for g in plan.optical_scenes for s in g]
+    return region, plan, FrozenSource(live, region.grid(), scenes)
+
+
+def bench_fill(size: int, work: Path, source: str = "synthetic", s2cloudless: bool = True) -> dict[str, Any]:
+    """Whole-``reconstruct`` px/s of the fill with masks given, and (``s2cloudless``) with s2cloudless computed
+    against bare s2cloudless on the same pixels."""
+    import pipeline.masking.scene as masking
+    from pipeline.reconstruct.config import ReconstructConfig
+    from pipeline.reconstruct.harmonize import FillConfig
+    from pipeline.reconstruct.run import reconstruct
+
+    region, plan, frozen = _fill_setup(size, source)
+    grid = region.grid()
+    px = grid.width * grid.height
+    fill = FillConfig(max_age_days=FILL_HISTORY_DAYS)
+    out: dict[str, Any] = {"size": size, "source": source, "aoi_px": px, "history_dates": len(plan.optical_dates) - 1}
+    given = GivenMasks(frozen)
+    real = masking.mask_scene
+    masking.mask_scene = given  # type: ignore[assignment]
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = reconstruct(region, DATE, "composite", work / f"fill-given-{size}", ReconstructConfig(
+            mask_method=MASK, fill=fill), source=frozen)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        masking.mask_scene = real
+    assert res.fill is not None
+    counts = res.fill["counts"]
+    out.update({"given_wall_s": wall, "given_cpu_s": cpu, "given_px_s": px / wall, "given_px_s_per_core": px / cpu,
+                "dates_read": res.fill["dates_read"], "filled_share": counts["filled"] / px,
+                "no_clear_share": counts["no_clear"] / px, "blocks": res.blocks_total})
+    if s2cloudless:
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = reconstruct(region, DATE, "composite", work / f"fill-s2c-{size}", ReconstructConfig(
+            mask_method="s2cloudless", fill=fill), source=frozen)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        assert res.fill is not None
+        read = res.fill["dates_read"]
+        # bare s2cloudless on the same pixels: the target and the history dates the run read, full grid each
+        dates = [plan.target_scenes] + [g for d, g in zip(plan.optical_dates[::-1], plan.optical_scenes[::-1])
+                                        if d < DATE][:read]
+        t0, c0 = time.perf_counter(), time.process_time()
+        for group in dates:
+            for sc in group:
+                real(frozen.read(sc, grid), sc, method="s2cloudless")
+        bare, bare_cpu = time.perf_counter() - t0, time.process_time() - c0
+        out.update({"s2c_wall_s": wall, "s2c_cpu_s": cpu, "s2c_px_s": px / wall, "s2c_dates_read": read,
+                    "bare_s2c_s": bare, "bare_s2c_cpu_s": bare_cpu, "s2c_vs_bare": wall / bare,
+                    "s2c_vs_bare_cpu": cpu / bare_cpu})
+    return out
 
 
 def unet_checkpoint(folder: Path, config: str = "small") -> Path:
@@ -185,22 +284,25 @@ def bench_throughput(size: int, work: Path, config: str = "small") -> dict[str, 
 
 
 def child_memory(size: int, source: str, out: str) -> None:
-    """Runs in a fresh process: one reconstruct, then prints its peak RSS."""
+    """Runs in a fresh process: one fill (checkpoint composite, 10 dates of history), then prints its peak RSS."""
     logging.basicConfig(level=logging.WARNING)
     from pipeline.reconstruct.config import ReconstructConfig
-    from pipeline.reconstruct.run import load_model, reconstruct
+    from pipeline.reconstruct.harmonize import FillConfig
+    from pipeline.reconstruct.run import reconstruct
     from pipeline.sources.synthetic.source import SyntheticSource
 
     region = region_of(size)
-    load_model("composite")
     import pipeline.masking.scene  # noqa: F401  (imports belong to the baseline)
+    import pipeline.reconstruct.tiling  # noqa: F401
 
     base = _vm_hwm_mb()
     src = ProceduralSource(SyntheticSource()) if source == "procedural" else SyntheticSource()
     t0 = time.perf_counter()
-    reconstruct(region, DATE, "composite", out, ReconstructConfig(mask_method=MASK), source=src)
+    res = reconstruct(region, DATE, "composite", out, ReconstructConfig(
+        mask_method=MASK, fill=FillConfig(max_age_days=FILL_HISTORY_DAYS)), source=src)
     print(json.dumps({"size": size, "source": source, "baseline_mb": base, "peak_mb": _vm_hwm_mb(),
-                      "seconds": time.perf_counter() - t0, "px": region.grid().width * region.grid().height}))
+                      "seconds": time.perf_counter() - t0, "px": region.grid().width * region.grid().height,
+                      "dates_read": res.fill["dates_read"] if res.fill else None}))
 
 
 def _vm_hwm_mb() -> float:
@@ -264,7 +366,7 @@ def bench_cog_write(size: int, bands: int, work: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller AOIs (512 / 2048) for a smoke run")
-    ap.add_argument("--only", choices=("throughput", "memory", "cog"),
+    ap.add_argument("--only", choices=("fill", "throughput", "memory", "cog"),
                     help="run one part (each part's ratio is still measured in one run)")
     ap.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-source", default="procedural", help=argparse.SUPPRESS)
@@ -278,6 +380,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cloudfree-bench-") as tmp:
         work = Path(tmp)
         results: dict[str, Any] = {}
+        if args.only in (None, "fill"):
+            # 4096^2 x 11 dates would not fit in memory materialized (~12 GB); part 3 runs it from the live source
+            fills = [bench_fill(small, work, "synthetic", s2cloudless=True),
+                     bench_fill(2048, work, "procedural", s2cloudless=False)]
+            results["fill"] = [_print_fill(f) for f in fills]
         if args.only in (None, "throughput"):
             # the paper-size U-Net is what the aim is about (a real model's cost per pixel); the 8-channel small
             # one is the worst case, where reading, masking and writing 13 bands outweigh the forward
@@ -287,6 +394,20 @@ def main() -> None:
         if args.only in (None, "cog"):
             results["cog_write"] = _print_cog(bench_cog_write(large // 2, 4, work), large // 2)
         print(json.dumps(results))
+
+
+def _print_fill(f: dict[str, Any]) -> dict[str, Any]:
+    print(f"training-free fill ({f['size']}^2 = {f['aoi_px']} px, {f['source']} source materialized, "
+          f"{f['history_dates']} history dates, {f['blocks']} block(s); a block read {f['dates_read']} of them; "
+          f"{100 * f['filled_share']:.0f} % filled, {100 * f['no_clear_share']:.1f} % no clear obs):")
+    print(f"  masks given         {f['given_px_s']:12.0f} px/s wall ({f['given_wall_s']:.1f} s), "
+          f"{f['given_px_s_per_core']:12.0f} px/s per core ({f['given_cpu_s']:.1f} CPU s; aim >= 1e6)")
+    if "s2c_px_s" in f:
+        print(f"  s2cloudless masks   {f['s2c_px_s']:12.0f} px/s wall ({f['s2c_wall_s']:.1f} s, "
+              f"{f['s2c_dates_read']} history dates read)")
+        print(f"  bare s2cloudless    {f['bare_s2c_s']:.1f} s on the same dates and pixels: run / bare "
+              f"{f['s2c_vs_bare']:.2f}x wall, {f['s2c_vs_bare_cpu']:.2f}x CPU (aim <= 1.25x)")
+    return f
 
 
 def _print_throughput(tp: dict[str, float]) -> dict[str, float]:
@@ -304,7 +425,7 @@ def _print_throughput(tp: dict[str, float]) -> dict[str, float]:
 
 
 def _print_memory(mem: list[dict[str, float]], small: int, large: int) -> dict[str, Any]:
-    print("peak memory (RSS, composite model, fresh process each):")
+    print(f"peak memory (RSS, training-free fill with {FILL_HISTORY_DAYS} days of history, fresh process each):")
     for m in mem:
         print(f"  {m['source']:10s} {m['size']:5d}^2  peak {m['peak_mb']:7.0f} MB "
               f"(after imports {m['baseline_mb']:.0f} MB)  {m['seconds']:.1f} s")

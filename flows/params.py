@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.dataset.config import BuildConfig
 from pipeline.errors import CloudfreeError, RegionError
-from pipeline.reconstruct.config import AuxDates, ReconstructConfig, config_field
+from pipeline.reconstruct.config import AuxDates, ReconstructConfig, Unobserved, config_field
+from pipeline.reconstruct.harmonize import FillConfig
 from pipeline.regions import Region, geojson_bounds, list_regions, load_region, parse_region
 from pipeline.sources.registry import SourceName, SourceSpec
 from pipeline.train.config import train_default
@@ -131,6 +132,10 @@ class ReconstructParams(_RegionParams):
     keep_clear: bool = config_field("keep_clear")
     mask_method: str = config_field("mask_method")
     aux_dates: AuxDates = config_field("aux_dates")
+    max_age_days: int = Field(
+        FillConfig.model_fields["max_age_days"].default,
+        description=f"Checkpoint composite: {FillConfig.model_fields['max_age_days'].description}")
+    fill_unobserved: Unobserved = config_field("fill_unobserved")
     score_truth: bool = Field(
         False, description="Synthetic source only: score the COG against the simulator's true clear scene "
         "(slow on large AOIs: full-image SSIM).")
@@ -141,7 +146,8 @@ class ReconstructParams(_RegionParams):
             "source": SourceSpec.parse(self.source, None, self.source_options), "tile": self.tile,
             "overlap": self.overlap, "block": self.block, "keep_clear": self.keep_clear,
             "mask_method": self.mask_method, "aux_dates": self.aux_dates,
-        })
+            "fill": {"max_age_days": self.max_age_days}, "fill_unobserved": self.fill_unobserved,
+        }, option=lambda field: field.removeprefix("fill."))  # fill.max_age_days is the parameter max_age_days
 
     @model_validator(mode="after")
     def _checks(self) -> "ReconstructParams":

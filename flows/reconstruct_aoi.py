@@ -1,4 +1,4 @@
-"""``reconstruct-aoi``: AOI + date + checkpoint -> cloud-free COG, provenance, STAC Item, quicklook.
+"""``reconstruct-aoi``: AOI + date + checkpoint -> cloud-free COG, provenance, source dates, STAC Item, quicklook.
 
 ``pipeline.reconstruct.run.reconstruct`` does the work block by block (resumable through its progress file, on a
 dask cluster when ``CLOUDFREE_DASK`` names one). On the synthetic archive, with ``score_truth``, a second task
@@ -40,9 +40,13 @@ def reconstruct_task(region: Region, date: dt.date, checkpoint: str, out: str, c
     r = reconstruct(region, date, checkpoint, out, config.model_copy(update={"dask_address": _dask_address()}))
     logger.info("%s: %d of %d blocks computed%s", r.cog, r.blocks_computed, r.blocks_total,
                 " (resumed)" if r.resumed else "")
+    for warning in r.warnings:
+        logger.warning("%s %s: %s", region.name, date, warning)
     return {
         "cog": str(r.cog), "provenance": str(r.provenance), "stac": str(r.stac), "quicklook": str(r.quicklook),
         "uncertainty": str(r.uncertainty) if r.uncertainty else None,
+        "source_days": str(r.source_days) if r.source_days else None, "warnings": list(r.warnings),
+        "fill": r.fill,
         "blocks": r.blocks_total, "optical_dates": [d.isoformat() for d in r.plan.optical_dates],
         "sar_dates": [d.isoformat() for d in r.plan.sar_dates], "scene_ids": r.plan.scene_ids(),
         "target_scene_ids": [s.id for s in r.plan.target_scenes], "optical_sensor": r.plan.optical_sensor,
@@ -92,7 +96,8 @@ def truth_metrics_task(region: Region, result: dict[str, Any], source_options: d
 
 
 def _outputs(result: dict[str, Any]) -> list[str | None]:
-    return [result["cog"], result["provenance"], result["stac"], result["quicklook"], result["uncertainty"]]
+    return [result["cog"], result["provenance"], result["stac"], result["quicklook"], result["uncertainty"],
+            result.get("source_days")]
 
 
 def _checkpoint_sha(checkpoint: str) -> str:
@@ -112,9 +117,22 @@ def summary_markdown(params: ReconstructParams, region: Region, result: dict[str
              f"- optical input dates ({result['optical_sensor']}): {', '.join(result['optical_dates']) or 'none'}",
              f"- S1 dates: {', '.join(result['sar_dates']) or 'none'}",
              f"- scenes used: {len(result['scene_ids'])}", "", "| output | path |", "|---|---|"]
-    lines += [f"| {k} | `{result[k]}` |" for k in ("cog", "provenance", "uncertainty", "stac", "quicklook")
-              if result[k]]
+    lines += [f"| {k} | `{result[k]}` |" for k in ("cog", "provenance", "source_days", "uncertainty", "stac",
+                                                  "quicklook") if result.get(k)]
     lines += ["", "Validation: " + ", ".join(f"{k}: {v}" for k, v in result["validation"].items())]
+    if result.get("warnings"):
+        lines += ["", "**Warnings:**", ""] + [f"- {w}" for w in result["warnings"]]
+    fill = result.get("fill")
+    if fill:
+        c = fill["counts"]
+        total = max(1, sum(c.values()))
+        lines += ["", "## Provenance", "", "| class | pixels | share |", "|---|---:|---:|"]
+        lines += [f"| {label} | {c[k]} | {100 * c[k] / total:.1f} % |" for k, label in (
+            ("observed", "0 observed clear"), ("filled", "1 filled from another date"),
+            ("no_clear", "3 no clear observation"), ("nodata", "255 nodata"))]
+        lines += ["", "| fill date | age (days) | pixels | harmonization |", "|---|---:|---:|---|"]
+        lines += [f"| {d['date']} | {d['age_days']} | {d['filled_pixels']} | {', '.join(d['harmonization'])}"
+                  f"{' (' + d['warning'] + ')' if 'warning' in d else ''} |" for d in fill["dates"]]
     if truth:
         m = truth["metrics"]
         cover = f"{truth['scene_id']}, {100 * truth['cloud_fraction']:.1f} % under cloud/shadow"

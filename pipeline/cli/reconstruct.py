@@ -1,11 +1,14 @@
-"""``cloudfree reconstruct``: AOI + date + checkpoint -> cloud-free COG, provenance, STAC Item, quicklook.
+"""``cloudfree reconstruct``: AOI + date + checkpoint -> cloud-free COG, provenance, source dates, STAC Item,
+quicklook.
 
-The options are the fields of ``pipeline.reconstruct.config.ReconstructConfig``: their defaults, help texts
-and rules live there, and a bad value comes back as one line naming the option (exit code 2).
+The options are the fields of ``pipeline.reconstruct.config.ReconstructConfig`` (``--max-age-days`` and
+``--fit``: of its ``fill``): their defaults, help texts and rules live there, and a bad value comes back as one
+line naming the option (exit code 2).
 """
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -13,14 +16,32 @@ import typer
 
 from pipeline.cli.app import app, console, parse_date
 from pipeline.errors import cli_option
-from pipeline.reconstruct.config import AuxDates, Compression, OutType, ReconstructConfig
+from pipeline.reconstruct.config import AuxDates, Compression, OutType, ReconstructConfig, Unobserved
+from pipeline.reconstruct.harmonize import FillConfig
 from pipeline.sources.registry import SourceName, SourceSpec
+
+
+class Fit(str, enum.Enum):
+    local = "local"
+    global_ = "global"
+    none = "none"
 
 
 def _option(field: str) -> Any:
     """A typer option of a config field: the config's default and description, spelled ``--field-name``."""
     info = ReconstructConfig.model_fields[field]
     return typer.Option(info.default, cli_option(field), help=info.description)
+
+
+def _fill_option(field: str) -> Any:
+    """A typer option of a ``fill`` field (checkpoint composite)."""
+    info = FillConfig.model_fields[field]
+    return typer.Option(info.default, cli_option(field), help=f"Checkpoint composite: {info.description}")
+
+
+def _spelled(field: str) -> str:
+    # fill.max_age_days is --max-age-days on the command line
+    return cli_option(field.removeprefix("fill."))
 
 
 @app.command("reconstruct")
@@ -46,13 +67,21 @@ def reconstruct_cmd(
     sar_max_days: int = _option("sar_max_days"),
     aux_dates: AuxDates = _option("aux_dates"),
     device: Optional[str] = _option("device"),
+    max_age_days: int = _fill_option("max_age_days"),
+    fit: Fit = _fill_option("fit"),
+    fill_unobserved: Unobserved = _option("fill_unobserved"),
 ) -> None:
-    """Reconstruct cloud-free imagery for REGION on --date with a checkpoint: COG, provenance, STAC Item, quicklook."""
+    """Reconstruct cloud-free imagery for REGION on --date: COG, provenance, source dates, STAC Item, quicklook.
+
+    --checkpoint composite (the default, no training) fills what the date does not see clearly from the most recent
+    clear earlier date, harmonized to the date's radiometry; a training run folder runs its model instead.
+    """
     config = ReconstructConfig.parse({
         "source": SourceSpec.parse(source, root), "keep_clear": keep_clear, "dask_address": dask_address, "tile": tile,
         "overlap": overlap, "batch_size": batch_size, "block": block, "dtype": dtype, "compress": compress,
         "mask_method": mask_method, "sar_max_days": sar_max_days, "aux_dates": aux_dates, "device": device,
-    }, option=cli_option)
+        "fill": {"max_age_days": max_age_days, "fit": Fit(fit).value}, "fill_unobserved": fill_unobserved,
+    }, option=_spelled)
     dates = [parse_date(d) for d in date]
     from pipeline.reconstruct.run import reconstruct_dates  # torch, rasterio: only once a command runs
 
@@ -61,8 +90,10 @@ def reconstruct_cmd(
     for r in results:
         resumed = f" (resumed, {r.blocks_computed}/{r.blocks_total} blocks computed)" if r.resumed else ""
         console.print(f"[green]wrote[/] {r.cog}{resumed}")
-        for extra in (r.provenance, r.uncertainty, r.stac, r.quicklook):
+        for extra in (r.provenance, r.source_days, r.uncertainty, r.stac, r.quicklook):
             if extra is not None:
                 console.print(f"      {extra}")
+        for warning in r.warnings:
+            console.print(f"[yellow]warning:[/] {r.plan.target_date}: {warning}")
     if vrt is not None:
         console.print(f"[green]wrote[/] {vrt}")

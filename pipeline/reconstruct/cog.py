@@ -31,9 +31,20 @@ from pipeline.grid import Grid
 log = logging.getLogger(__name__)
 
 COG_BLOCK = 512
-PROVENANCE_OBSERVED = 0
-PROVENANCE_RECONSTRUCTED = 1
+# provenance classes (the training-free fill's codes of pipeline.reconstruct.harmonize, plus a model's own)
+PROVENANCE_OBSERVED = 0  # observed clear on the target date
+PROVENANCE_FILLED = 1  # filled from another (earlier, clear) date
+PROVENANCE_PREDICTED = 2  # predicted by a model
+PROVENANCE_NO_CLEAR = 3  # no clear observation within the fill's maximum age: nodata (or a marked cloudy value)
 PROVENANCE_NODATA = 255
+PROVENANCE_CODES = {
+    PROVENANCE_OBSERVED: "observed clear",
+    PROVENANCE_FILLED: "filled from another date",
+    PROVENANCE_PREDICTED: "predicted by a model",
+    PROVENANCE_NO_CLEAR: "no clear observation",
+    PROVENANCE_NODATA: "nodata",
+}
+SOURCE_DAYS_NODATA = -1  # source-date layer: pixels that took no date's value
 UINT16_DN_SCALE = 1e-4  # S2 convention: reflectance = DN / 10000
 GDAL_CACHE_MB = 128
 _COMPRESSIONS = ("deflate", "zstd")
@@ -44,7 +55,7 @@ class RasterSpec:
     """What one output file holds: band names, storage type, nodata, scale/offset and metadata."""
 
     bands: tuple[str, ...]
-    dtype: str = "float32"  # float32 reflectance, uint16 DN (with scale/offset) or uint8 codes
+    dtype: str = "float32"  # float32 reflectance, uint16 DN (with scale/offset), uint8 codes or int16 counts
     nodata: float | None = None
     scale: float = 1.0
     offset: float = 0.0
@@ -54,8 +65,8 @@ class RasterSpec:
     resampling: str = "average"  # overview resampling; "nearest" for class codes
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "uint16", "uint8"):
-            raise ValueError(f"unsupported output dtype {self.dtype!r}; use float32, uint16 or uint8")
+        if self.dtype not in ("float32", "uint16", "uint8", "int16"):
+            raise ValueError(f"unsupported output dtype {self.dtype!r}; use float32, uint16, uint8 or int16")
         if self.descriptions and len(self.descriptions) != len(self.bands):
             raise ValueError(f"{len(self.descriptions)} descriptions for {len(self.bands)} bands")
 
@@ -71,12 +82,26 @@ class RasterSpec:
 
     @classmethod
     def provenance(cls, tags: dict[str, str] | None = None) -> "RasterSpec":
+        codes = ", ".join(f"{k} {v}" for k, v in PROVENANCE_CODES.items())
         return cls(
             ("provenance",),
             "uint8",
             PROVENANCE_NODATA,
-            descriptions=("provenance: 0 observed clear, 1 reconstructed, 255 nodata",),
-            tags={**(tags or {}), "PROVENANCE_CODES": "0=observed clear,1=reconstructed,255=nodata"},
+            descriptions=(f"provenance: {codes}",),
+            tags={**(tags or {}), "PROVENANCE_CODES": ",".join(f"{k}={v}" for k, v in PROVENANCE_CODES.items())},
+            resampling="nearest",
+        )
+
+    @classmethod
+    def source_days(cls, tags: dict[str, str] | None = None) -> "RasterSpec":
+        """Days between the target date and the date each pixel's value came from (0 observed on the date)."""
+        return cls(
+            ("source_days",),
+            "int16",
+            SOURCE_DAYS_NODATA,
+            descriptions=("days between the target date and the date of the pixel's value (0 observed, -1 none)",),
+            tags={**(tags or {}), "SOURCE_DAYS": "days before the target date of the acquisition each pixel's value "
+                  f"came from; 0 observed on the target date, {SOURCE_DAYS_NODATA} no value"},
             resampling="nearest",
         )
 
@@ -95,8 +120,8 @@ class RasterSpec:
         v = np.asarray(values)
         if self.dtype == "float32":
             return v.astype(np.float32, copy=False)
-        if self.dtype == "uint8":
-            return v.astype(np.uint8, copy=False)
+        if self.dtype in ("uint8", "int16"):
+            return v.astype(self.dtype, copy=False)
         info = np.iinfo(np.uint16)
         nan = np.isnan(v)
         dn = np.rint((np.nan_to_num(v, nan=0.0) - self.offset) / self.scale)
@@ -191,10 +216,16 @@ class BlockWriter:
         with rasterio.open(self.partial, "r+") as ds:
             ds.write(data, window=Window(col, row, data.shape[2], data.shape[1]))
 
-    def commit(self) -> Path:
-        """Convert the intermediate to a COG at ``path`` (temp name + rename) and delete the intermediate."""
+    def commit(self, tags: dict[str, str] | None = None) -> Path:
+        """Convert the intermediate to a COG at ``path`` (temp name + rename) and delete the intermediate.
+
+        ``tags``: dataset tags known only once every block is written (e.g. a summary of the blocks' notes).
+        """
         tmp = self.path.with_name(f".{self.path.name}.cog-tmp.tif")
         predictor = "YES" if self.spec.dtype != "uint8" else "NO"
+        if tags:
+            with rasterio.open(self.partial, "r+") as ds:
+                ds.update_tags(**{k: str(v) for k, v in tags.items()})
         try:
             # a bounded block cache: GDAL's default (5 % of RAM) would grow with the AOI during the copy
             with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=GDAL_CACHE_MB):
@@ -323,7 +354,7 @@ def build_vrt(sources: Sequence[str | Path], dst: str | Path, *, separate: bool 
     ET.SubElement(root, "SRS", dataAxisToSRSAxisMapping="1,2").text = crs0.to_wkt()
     geo_transform = (left, res0[0], 0.0, top, 0.0, -res0[1])
     ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in geo_transform)
-    gdal_type = {"float32": "Float32", "uint16": "UInt16", "uint8": "Byte"}[dtype0]
+    gdal_type = {"float32": "Float32", "uint16": "UInt16", "uint8": "Byte", "int16": "Int16"}[dtype0]
 
     def add_band(n: int, description: str, nodata: Any, scale: float, offset: float) -> ET.Element:
         band = ET.SubElement(root, "VRTRasterBand", dataType=gdal_type, band=str(n))

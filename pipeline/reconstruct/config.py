@@ -2,8 +2,9 @@
 
 ``ReconstructConfig`` is what ``pipeline.reconstruct.run.reconstruct`` takes, what ``cloudfree reconstruct``
 builds from its options (their defaults and help come from here) and what the ``reconstruct-aoi`` flow's
-parameters fill in. It holds the source (a ``SourceSpec``), the stitching of model tiles into blocks
-(``pipeline.reconstruct.tiling``) and the output and run options. Only pydantic, the standard library and
+parameters fill in. It holds the source (a ``SourceSpec``), the training-free fill of the ``composite``
+checkpoint (``fill``: a ``pipeline.reconstruct.harmonize.FillConfig``), the stitching of model tiles into blocks
+(``pipeline.reconstruct.tiling``) and the output and run options. Only pydantic, numpy, the standard library and
 light ``pipeline`` modules are imported, so the CLI can build it without loading torch or rasterio.
 """
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from pipeline.errors import CloudfreeError, describe_validation
 from pipeline.masking.config import METHODS
+from pipeline.reconstruct.harmonize import FillConfig
 from pipeline.sources.registry import SourceSpec
 
 MIN_OVERLAP = 32  # narrower overlaps leave visible tile seams
@@ -38,6 +40,11 @@ class AuxDates(str, enum.Enum):
     latest = "latest"
 
 
+class Unobserved(str, enum.Enum):
+    nodata = "nodata"
+    least_cloudy = "least-cloudy"
+
+
 class ReconstructConfigError(CloudfreeError):
     """A reconstruct option is invalid; the message names the option, its value and the fix."""
 
@@ -55,6 +62,15 @@ class ReconstructConfig(BaseModel):
     source: SourceSpec = Field(
         default_factory=_default_source,
         description="Where the input scenes come from (source name, root folder, options).")
+    fill: FillConfig = Field(
+        default_factory=FillConfig,
+        description="Checkpoint 'composite' (training-free): how hidden pixels are filled from the most recent clear "
+        "earlier date, harmonized to the target date (maximum age, fit, mask buffers, feathering).")
+    fill_unobserved: Unobserved = Field(
+        Unobserved.nodata,
+        description="Checkpoint 'composite': pixels with no clear observation within the maximum age stay nodata, "
+        "or take the least cloudy value any date has there (thin cloud before shadow before cloud, the most recent "
+        "first); either way their provenance is 3.")
     tile: int = Field(256, description="Model tile side in pixels; a positive multiple of 8.")
     overlap: int = Field(
         64, description=f"Overlap between neighbouring tiles in pixels; at least {MIN_OVERLAP} and less than the "
@@ -63,9 +79,11 @@ class ReconstructConfig(BaseModel):
     block: int = Field(
         1024, description=f"Output block side in pixels; a multiple of {COG_TILE} (the COG tile). Bounds memory.")
     keep_clear: bool = Field(
-        False, description="Keep the observed clear pixels of the target date exactly; feather the seam around them.")
+        False, description="Model checkpoints: keep the observed clear pixels of the target date exactly; feather the "
+        "seam around them (the composite always keeps them).")
     feather: int = Field(
-        16, ge=0, description="Pixels over which a keep-clear seam is blended on the reconstructed side.")
+        16, ge=0, description="Model checkpoints: pixels over which a keep-clear seam is blended on the reconstructed "
+        "side.")
     floor: float = Field(
         1e-3, gt=0, lt=1,
         description="Smallest tile blending weight, so tile edges still count where nothing else covers.")

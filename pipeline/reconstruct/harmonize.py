@@ -24,18 +24,24 @@ observed side of the border, so no seam shows; observed pixels farther away are 
 Outputs (``FillResult``): the image (C, H, W) float32 with NaN where nothing could be filled, a uint8
 provenance code per pixel (``PROVENANCE_*``), the age in days of the date each pixel came from (int16: 0
 observed, -1 none) and per-date notes (how each fill date was harmonized) for the output metadata.
+
+An AOI processed block by block (``pipeline.reconstruct.run``) fits each date's global line once for the whole
+AOI (``fit_date`` on a decimated sample) and hands it to every block (``fill_gaps(fits=...)``): fits of
+neighbouring blocks would otherwise differ and show as a step at the block border inside a large cloud.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy import ndimage
 
 from pipeline.errors import DataError
+
+# scipy.ndimage is imported where it is used: ``FillConfig`` is part of ``ReconstructConfig``, which the CLI builds
+# before any work, and ndimage alone costs a third of a second to import.
 
 PROVENANCE_OBSERVED = 0  # clear on the target date (pixels in the feather ring are blended, see feather_px)
 PROVENANCE_FILLED = 1  # taken from an earlier clear date, harmonized to the target
@@ -129,6 +135,22 @@ class FillResult:
     notes: list[dict[str, Any]] = field(default_factory=list)  # one per fill date used, oldest last
 
 
+@dataclass(frozen=True)
+class DateFit:
+    """A fill date's global harmonization to the target, fitted once for a whole AOI (``fit_date``) and handed to
+    every block's ``fill_gaps`` (``fits``), so neighbouring blocks map a date identically and no step shows at a
+    block border. A block still fits its local (moving-window) model around it on its own pixels."""
+
+    kind: str  # global | chained | identity | none
+    common: int  # pixels clear in both the date and the target that the fit used
+    gain: tuple[float, ...]
+    offset: tuple[float, ...]
+    via_age: float | None = None  # the intermediate date of a chained fit
+    # a direct fit's common pixels: per band the date's mean, the target's mean and the date's variance (the local
+    # fit's prior is centred on them, so every block shrinks its windows towards the same pseudo-pixels)
+    moments: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None = None
+
+
 @dataclass
 class _Fit:
     kind: str  # local | global | chained | identity | none
@@ -147,10 +169,14 @@ def _disk(radius: int) -> np.ndarray:
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     if radius <= 0 or not mask.any():
         return mask.copy()
+    from scipy import ndimage
+
     return ndimage.binary_dilation(mask, structure=_disk(radius))
 
 
 def _box_sum(x: np.ndarray, size: int) -> np.ndarray:
+    from scipy import ndimage
+
     # uniform_filter accumulates in double; constant mode makes edge windows count only pixels inside the image
     return ndimage.uniform_filter(x, size=size, mode="constant") * float(size * size)
 
@@ -195,26 +221,36 @@ def _global_fit(x: np.ndarray, y: np.ndarray, cfg: FillConfig) -> tuple[np.ndarr
 
 
 def _local_fit(x: np.ndarray, y: np.ndarray, common: np.ndarray, a_g: np.ndarray, b_g: np.ndarray,
-               cfg: FillConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Gain and offset maps (C, H, W) of the window fits, in coordinates centred on the common-pixel means."""
+               cfg: FillConfig, moments: tuple[Sequence[float], Sequence[float], Sequence[float]] | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gain and offset maps (C, H, W) of the window fits, in coordinates centred on the common-pixel means.
+
+    ``moments``: per band, the means of x and y and the variance of x over the common pixels of a larger area
+    (the centre and spread of the prior's pseudo-pixels), so the fit does not depend on how the area is cut.
+    """
     size = cfg.window_px
     m = common.astype(np.float64)
-    n = _box_sum(m, size)
+    # counts rounded: the running sums of a box filter drift by ~1e-13 with where a row starts, which would flip
+    # the window_min_pixels test (and so the fit) between a block and the whole image
+    n = np.rint(_box_sum(m, size))
     enough = n >= cfg.window_min_pixels
     n = np.where(enough, n, 0.0)
-    n_all = _box_sum(np.ones_like(m), size)
+    n_all = np.rint(_box_sum(np.ones_like(m), size))
     c = x.shape[0]
     a_map = np.empty(x.shape, dtype=np.float32)
     b_map = np.empty(x.shape, dtype=np.float32)
     cx = np.empty(c)
     cy = np.empty(c)
     for k in range(c):
-        xs, ys = x[k][common].astype(np.float64), y[k][common].astype(np.float64)
-        cx[k], cy[k] = xs.mean(), ys.mean()
+        if moments is None:
+            xs, ys = x[k][common].astype(np.float64), y[k][common].astype(np.float64)
+            cx[k], cy[k] = xs.mean(), ys.mean()
+            gvx = float(((xs - cx[k]) ** 2).mean())
+        else:
+            cx[k], cy[k], gvx = moments[0][k], moments[1][k], float(moments[2][k])
         # centring first keeps var = E[x^2] - E[x]^2 free of cancellation
         xc = np.where(common, x[k] - cx[k], 0.0)
         yc = np.where(common, y[k] - cy[k], 0.0)
-        gvx = float(((xs - cx[k]) ** 2).mean())
         # the prior's moments are the global line's, so an empty window reproduces the global fit exactly
         g_mx = 0.0
         g_my = a_g[k] * cx[k] + b_g[k] - cy[k]
@@ -258,8 +294,8 @@ def _fit_date(src: np.ndarray, src_ok: np.ndarray, dst: np.ndarray, dst_ok: np.n
     return _Fit("local", n, a, b, local=_local_fit(src, dst, common, a, b, cfg))
 
 
-def _harmonize(ages: list[float], stack: list[np.ndarray], usable: list[np.ndarray], i: int, target: np.ndarray,
-               fit_pixels: np.ndarray, cfg: FillConfig) -> _Fit:
+def _harmonize(ages: Sequence[float], stack: Sequence[np.ndarray], usable: Sequence[np.ndarray], i: int,
+               target: np.ndarray, fit_pixels: np.ndarray, cfg: FillConfig) -> _Fit:
     """How fill date ``i`` is mapped onto the target: local/global fit, chained fit, or the identity."""
     c = target.shape[0]
     if cfg.fit == "none":
@@ -309,13 +345,72 @@ def _note(age: float, fit: _Fit, pixels: int) -> dict[str, Any]:
     return note
 
 
-def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: FillConfig | None = None) -> FillResult:
+def history_usable(refl: np.ndarray, clear: np.ndarray, config: FillConfig) -> np.ndarray:
+    """Where a history date may be a source: clear, every band finite, ``history_buffer_px`` away from the rest."""
+    ok = np.asarray(clear, dtype=bool) & np.isfinite(refl).all(axis=0)
+    return ok & ~_dilate(~ok, config.history_buffer_px) if config.history_buffer_px else ok
+
+
+def fill_reach(clear: np.ndarray, config: FillConfig) -> np.ndarray:
+    """Every pixel ``fill_gaps`` may change for a target with this clear mask (clear and finite): the hidden
+    pixels (within ``buffer_px`` of the not-clear ones) and their feather ring."""
+    return _dilate(~np.asarray(clear, dtype=bool), config.buffer_px + config.feather_px + 1)
+
+
+def target_fit_pixels(target: np.ndarray, clear: np.ndarray, config: FillConfig) -> np.ndarray:
+    """The target pixels a fit may use: clear, every band finite, ``buffer_px`` away from the rest."""
+    ok = np.asarray(clear, dtype=bool) & np.isfinite(target).all(axis=0)
+    return ok & ~_dilate(~ok, config.buffer_px)
+
+
+def fit_date(index: int, ages: Sequence[float], refl: Sequence[np.ndarray], usable: Sequence[np.ndarray],
+             target: np.ndarray, fit_pixels: np.ndarray, config: FillConfig | None = None) -> DateFit:
+    """The global fit of history date ``index`` onto the target (direct, chained through another date, or the
+    identity), as ``fill_gaps`` fits it, for ``fill_gaps(fits=...)``.
+
+    ``refl``/``usable`` (``history_usable``) and ``fit_pixels`` (``target_fit_pixels``) describe the history on one
+    grid, typically a decimated sample of a whole AOI; they may be lazy sequences: only the date itself is read,
+    plus every date's ``usable`` mask and the intermediates tried when it shares too few clear pixels with the
+    target.
+    """
+    cfg = config or FillConfig()
+    if cfg.fit == "local":  # the local part is fitted by each block around this global line
+        cfg = cfg.model_copy(update={"fit": "global"})
+    target = np.asarray(target, dtype=np.float32)
+    fit = _harmonize(list(ages), refl, usable, index, target, fit_pixels, cfg)
+    moments = None
+    if fit.kind == "global":
+        common = usable[index] & fit_pixels
+        xs, ys = refl[index][:, common].astype(np.float64), target[:, common].astype(np.float64)
+        moments = (tuple(float(v) for v in xs.mean(axis=1)), tuple(float(v) for v in ys.mean(axis=1)),
+                   tuple(float(v) for v in xs.var(axis=1)))
+    return DateFit(fit.kind, fit.common, tuple(float(v) for v in fit.gain), tuple(float(v) for v in fit.offset),
+                   fit.via_age, moments)
+
+
+def _given_fit(given: DateFit, x: np.ndarray, x_ok: np.ndarray, target: np.ndarray, fit_pixels: np.ndarray,
+               cfg: FillConfig) -> _Fit:
+    """A precomputed global fit, with this window's local fit around it where the config asks for one."""
+    gain, offset = np.asarray(given.gain, dtype=np.float64), np.asarray(given.offset, dtype=np.float64)
+    if cfg.fit == "local" and given.kind == "global":
+        common = x_ok & fit_pixels
+        if common.any():
+            return _Fit("local", int(common.sum()), gain, offset,
+                        local=_local_fit(x, target, common, gain, offset, cfg, given.moments))
+    return _Fit(given.kind, given.common, gain, offset, via_age=given.via_age)
+
+
+def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: FillConfig | None = None, *,
+              fits: Mapping[float, DateFit] | None = None) -> FillResult:
     """Fill the pixels the target date does not see clearly from earlier clear dates, harmonized to the target.
 
     ``target`` is the target date's reflectance (C, H, W) with NaN nodata, ``clear`` its clear mask (H, W);
     ``history`` holds ``(age_days, reflectance (C, H, W), clear (H, W))`` of earlier dates on the same grid, in any
     order (age = days before the target, > 0). A pixel is never filled from a date whose mask does not call it
     clear; dates clear beyond ``history_buffer_px`` from their mask's clouds are preferred.
+
+    ``fits`` (by age): global fits computed beforehand for a larger area (``fit_date``), used instead of fitting
+    each date's global line on these pixels; the local fit, where configured, is still fitted here around it.
     """
     cfg = config or FillConfig()
     target, t_clear = _check_pair(target, clear, "target", None)
@@ -349,6 +444,8 @@ def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: F
     hidden &= ~(t_clear & (source < 0))
     observed = ~hidden
     if cfg.feather_px > 0 and hidden.any():
+        from scipy import ndimage
+
         dist = ndimage.distance_transform_edt(observed)
         weight = np.where(hidden, 1.0, np.clip(1.0 - dist / (cfg.feather_px + 1), 0.0, 1.0)).astype(np.float32)
     else:
@@ -364,7 +461,10 @@ def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: F
         where = touched & (source == i)
         if not where.any():
             continue
-        fit = _harmonize(ages, stack, usable, i, target, observed & t_clear, cfg)
+        if fits is not None and ages[i] in fits and cfg.fit != "none":
+            fit = _given_fit(fits[ages[i]], stack[i], usable[i], target, observed & t_clear, cfg)
+        else:
+            fit = _harmonize(ages, stack, usable, i, target, observed & t_clear, cfg)
         fill = _apply(fit, stack[i], where)
         wk = weight[where]
         obs = image[:, where]

@@ -5,11 +5,19 @@ every scene (the source's own laziness applies), masks it with ``mask_scene``, m
 date (first clear, then first valid) and brings the result into the cube's units (``pipeline.normalize``).
 ``pipeline.train.samples.model_arrays`` then applies the input rule training applies (invalid optical -> 0 and
 flagged, cloudy values kept and flagged, SAR without data refused), so the model sees what it was trained on.
+
+``FillLoader`` does the same for the training-free fill (checkpoint ``composite``): a window's target date and
+the history dates a hidden pixel may take its value from, read newest first until every pixel a fill can touch
+has a clear source (each date read and masked once per window). ``SampleFits`` fits every history date's global
+harmonization once for the whole AOI, on a decimated sample grid, so all blocks share it.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+import math
+from collections.abc import Mapping
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -17,10 +25,60 @@ from models.spec import InputSpec
 from pipeline.grid import Grid
 from pipeline.masking.codes import MaskClass, to_cube_codes
 from pipeline.normalize import optical_to_unit, sar_to_unit
+from pipeline.reconstruct.harmonize import (
+    DateFit,
+    FillConfig,
+    fill_reach,
+    fit_date,
+    history_usable,
+    target_fit_pixels,
+)
 from pipeline.reconstruct.plan import InputPlan
-from pipeline.reconstruct.tiling import BlockInputs
+from pipeline.reconstruct.tiling import BlockInputs, FillInputs
+from pipeline.sensors import get_sensor
 from pipeline.sources.base import Scene, Source
 from pipeline.train.samples import model_arrays
+
+log = logging.getLogger(__name__)
+
+FIT_SAMPLE_SIDE = 256  # longest side of the AOI sample the global fits are computed on
+# Once few pixels still wait for a clear date, a history date is read only around them: rows of PARTIAL_TILE px
+# holding waiting pixels, cut to their extent and grown by PARTIAL_MARGIN px of context (more than the fill reaches,
+# like a block's halo), unless that is more than PARTIAL_MAX_SHARE of the window anyway. Pixels a mask calls cloudy
+# on every date (bright roofs, say) would otherwise have a whole window read and masked for each date of a year.
+PARTIAL_TILE = 128
+PARTIAL_MARGIN = 40
+PARTIAL_MAX_SHARE = 0.5
+# least-cloudy ranking of what a date saw at a pixel with no clear observation (lower is less cloudy)
+_NOT_CLEAR_RANK = np.array([0, 3, 2, 255, 1, 0], dtype=np.uint8)  # clear, cloud, shadow, nodata, thin cloud, snow
+_NO_RANK = 255
+
+
+def mosaic_date(source: Source, scenes: Sequence[Scene], sub: Grid, bands: Sequence[str],
+                mask_method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mosaic of one date's scenes on ``sub``: (reflectance (C, h, w) NaN nodata, ``MaskClass`` codes (h, w)).
+
+    The first clear observation wins; a not-clear one only fills pixels no scene has data for yet. Pixels
+    without every band are NODATA.
+    """
+    from pipeline.masking.scene import mask_scene
+
+    refl = np.full((len(bands), sub.height, sub.width), np.nan, np.float32)
+    codes = np.full((sub.height, sub.width), MaskClass.NODATA, np.uint8)
+    for i, sc in enumerate(scenes):
+        da = source.read(sc, sub, None)
+        m = np.asarray(mask_scene(da, sc, method=mask_method).values, dtype=np.uint8)
+        vals = np.asarray(da.sel(band=list(bands)).values, dtype=np.float32)
+        m = np.where(np.isfinite(vals).all(axis=0), m, MaskClass.NODATA).astype(np.uint8)
+        if i == 0:  # nothing to mosaic with yet (and most dates have one scene)
+            refl, codes = np.where(m == MaskClass.NODATA, np.float32(np.nan), vals), m
+            continue
+        clear, seen_clear = to_cube_codes(m) == MaskClass.CLEAR, to_cube_codes(codes) == MaskClass.CLEAR
+        # first clear observation wins; a cloudy one only fills pixels no scene has seen yet
+        take = (clear & ~seen_clear) | ((codes == MaskClass.NODATA) & (m != MaskClass.NODATA))
+        refl[:, take] = vals[:, take]
+        codes[take] = m[take]
+    return refl, codes
 
 
 class MosaicLoader:
@@ -34,21 +92,8 @@ class MosaicLoader:
 
     def _optical(self, scenes: Sequence[Scene], sub: Grid, bands: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Mosaic of one date: (reflectance (C, h, w) NaN nodata, cube mask codes (h, w))."""
-        from pipeline.masking.scene import mask_scene
-
-        refl = np.full((len(bands), sub.height, sub.width), np.nan, np.float32)
-        codes = np.full((sub.height, sub.width), MaskClass.NODATA, np.uint8)
-        for sc in scenes:
-            da = self.source.read(sc, sub, None)
-            m = to_cube_codes(np.asarray(mask_scene(da, sc, method=self.mask_method).values))
-            vals = np.asarray(da.sel(band=list(bands)).values, dtype=np.float32)
-            m = np.where(np.isfinite(vals).all(axis=0), m, MaskClass.NODATA).astype(np.uint8)
-            # first clear observation wins; a cloudy one only fills pixels no scene has seen yet
-            take = ((m == MaskClass.CLEAR) & (codes != MaskClass.CLEAR)) | (
-                (codes == MaskClass.NODATA) & (m != MaskClass.NODATA))
-            refl[:, take] = vals[:, take]
-            codes[take] = m[take]
-        return refl, codes
+        refl, codes = mosaic_date(self.source, scenes, sub, bands, self.mask_method)
+        return refl, to_cube_codes(codes)
 
     def _sar(self, scenes: Sequence[Scene], sub: Grid) -> np.ndarray:
         """Mosaic of one SAR slot in dB (S, h, w), nearest scene first; NaN where no scene has data."""
@@ -106,3 +151,201 @@ class MosaicLoader:
         # SAR sees through clouds: with it every pixel has an input
         nodata = np.zeros(sub.shape, bool) if spec.sar_bands else ~any_valid
         return BlockInputs(arrays, nodata, observed, observed_clear)
+
+
+# --- the training-free fill ---------------------------------------------------------------------------------
+
+
+class FillLoader:
+    """A window's inputs of ``fill_gaps`` (picklable: dask workers call it on their blocks).
+
+    History dates are read newest first and kept only when some pixel a fill can touch (within the target's
+    not-clear mask dilated by ``buffer_px + feather_px + 1``) takes its value from them: the most recent date
+    clear beyond ``history_buffer_px`` there, or, while none is, the most recent date clear at all (the
+    fill's fallback). Reading stops once every such pixel has its date, so ``fill_gaps`` on the kept dates
+    gives what it gives on the whole history, with memory for the dates used only. Once few pixels still wait,
+    a date is read only around them (``date_around``): a date contributes nothing elsewhere.
+    """
+
+    def __init__(self, source: Source, grid: Grid, plan: InputPlan, *, mask_method: str, fill: FillConfig,
+                 least_cloudy: bool = False) -> None:
+        self.source, self.grid, self.plan = source, grid, plan
+        self.mask_method, self.fill, self.least_cloudy = mask_method, fill, least_cloudy
+        self.bands = get_sensor(plan.optical_sensor).reflectance_bands
+        # newest first: (age in days, scenes)
+        self.history = [((plan.target_date - d).days, scenes)
+                        for d, scenes in zip(plan.optical_dates, plan.optical_scenes) if d < plan.target_date][::-1]
+
+    def date(self, scenes: Sequence[Scene], sub: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One date on ``sub``: reflectance in [0, 1] (C, h, w) NaN nodata, ``MaskClass`` codes, clear mask."""
+        refl, codes = mosaic_date(self.source, scenes, sub, self.bands, self.mask_method)
+        refl = optical_to_unit(refl)
+        clear = (to_cube_codes(codes) == MaskClass.CLEAR) & np.isfinite(refl).all(axis=0)
+        return refl, codes, clear
+
+    def date_around(self, scenes: Sequence[Scene], sub: Grid,
+                    waiting: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``date`` on ``sub``, read only around the ``waiting`` pixels when they are few (``PARTIAL_*``): NaN,
+        NODATA and not clear elsewhere."""
+        rects = _rectangles(waiting, PARTIAL_TILE, PARTIAL_MARGIN)
+        if sum((r1 - r0) * (c1 - c0) for (r0, r1, c0, c1), _ in rects) > PARTIAL_MAX_SHARE * waiting.size:
+            return self.date(scenes, sub)
+        refl = np.full((len(self.bands),) + waiting.shape, np.nan, np.float32)
+        codes = np.full(waiting.shape, MaskClass.NODATA, np.uint8)
+        clear = np.zeros(waiting.shape, bool)
+        written = np.zeros(waiting.shape, bool)
+        for (r0, r1, c0, c1), (k0, k1) in rects:
+            part = self.date(scenes, sub.window(r0, c0, r1 - r0, c1 - c0))
+            # a rectangle's core rows (its waiting pixels) are its own; its margin fills only what no one wrote
+            take = ~written[r0:r1, c0:c1]
+            take[k0 - r0:k1 - r0] = True
+            wholes: tuple[np.ndarray, ...] = (refl, codes, clear)
+            for whole, piece in zip(wholes, part):
+                whole[..., r0:r1, c0:c1][..., take] = piece[..., take]
+            written[r0:r1, c0:c1] = True
+        return refl, codes, clear
+
+    def __call__(self, r0: int, r1: int, c0: int, c1: int) -> FillInputs:
+        sub = self.grid.window(r0, c0, r1 - r0, c1 - c0)
+        cfg = self.fill
+        target, t_codes, t_clear = self.date(self.plan.target_scenes, sub)
+        seen = np.isfinite(target).all(axis=0)
+        need = fill_reach(t_clear, cfg)
+        has_usable = np.zeros(sub.shape, bool)
+        has_clear = np.zeros(sub.shape, bool)
+        least = _Least(target, t_codes, seen) if self.least_cloudy else None
+        history: list[tuple[float, np.ndarray, np.ndarray]] = []
+        read = 0
+        for age, scenes in self.history:
+            waiting = need & ~has_usable
+            if age > cfg.max_age_days or not waiting.any():
+                break
+            log.debug("fill window rows %d-%d cols %d-%d: %d px wait for a clear date; reading %d days before",
+                      r0, r1, c0, c1, int(waiting.sum()), age)
+            refl, codes, clear = self.date_around(scenes, sub, waiting)
+            read += 1
+            valid = np.isfinite(refl).all(axis=0)
+            seen |= valid
+            usable = history_usable(refl, clear, cfg)
+            keep = bool((waiting & usable).any())
+            if cfg.history_buffer_fallback and not keep:
+                keep = bool((waiting & clear & ~has_clear).any())
+            has_usable |= usable
+            has_clear |= clear
+            if least is not None:
+                least.update(refl, codes, valid, age)
+            if keep:
+                history.append((float(age), refl, clear))
+        return FillInputs(target, t_clear, history, seen, read,
+                          None if least is None else (least.value, least.age))
+
+
+def _rectangles(waiting: np.ndarray, tile: int, margin: int) -> list[tuple[tuple[int, int, int, int], tuple[int, int]]]:
+    """Windows ``(r0, r1, c0, c1)`` covering the ``waiting`` pixels, one per row of ``tile`` px that holds some: their
+    extent grown by ``margin`` (clipped to the array), each with its core rows ``(k0, k1)`` (the extent's rows)."""
+    h, w = waiting.shape
+    out = []
+    for t0 in range(0, h, tile):
+        band = waiting[t0:t0 + tile]
+        rows, cols = np.flatnonzero(band.any(axis=1)), np.flatnonzero(band.any(axis=0))
+        if not rows.size:
+            continue
+        k0, k1 = t0 + int(rows[0]), t0 + int(rows[-1]) + 1
+        out.append(((max(0, k0 - margin), min(h, k1 + margin), max(0, int(cols[0]) - margin),
+                     min(w, int(cols[-1]) + 1 + margin)), (k0, k1)))
+    return out
+
+
+class _Least:
+    """Per pixel, the least cloudy value any date read has (the most recent among equals), for class-3 pixels."""
+
+    def __init__(self, target: np.ndarray, codes: np.ndarray, valid: np.ndarray) -> None:
+        self.rank = np.where(valid, _NOT_CLEAR_RANK[codes], _NO_RANK).astype(np.uint8)
+        self.value = np.where(valid[None], target, np.nan).astype(np.float32)
+        self.age = np.where(valid, 0, -1).astype(np.int16)
+
+    def update(self, refl: np.ndarray, codes: np.ndarray, valid: np.ndarray, age: int) -> None:
+        rank = np.where(valid, _NOT_CLEAR_RANK[codes], _NO_RANK)
+        better = rank < self.rank
+        self.rank[better] = rank[better]
+        self.value[:, better] = refl[:, better]
+        self.age[better] = age
+
+
+class _LazyDates(Sequence[np.ndarray]):
+    """The sample's history dates (``what``: reflectance or usable mask), read on first access."""
+
+    def __init__(self, owner: "SampleFits", what: str) -> None:
+        self.owner, self.what = owner, what
+
+    def __len__(self) -> int:
+        return len(self.owner.ages)
+
+    def __getitem__(self, j: int) -> np.ndarray:  # type: ignore[override]  # fit_date never slices
+        refl, usable = self.owner.history_date(j)
+        return refl if self.what == "refl" else usable
+
+
+class SampleFits(Mapping[float, DateFit]):
+    """Every history date's global fit onto the target for the whole AOI (by age in days), computed on a sample
+    grid decimated to at most ``max_side`` px a side when first asked for, and kept.
+
+    Only dates some block fills from are read (plus, for a date sharing too few clear pixels with the target,
+    the masks of all dates and the intermediates tried), so the sample costs a small share of the blocks' reads.
+    Buffers shrink with the decimation; the fits are deterministic, so dask workers that each compute their own
+    copy agree.
+    """
+
+    def __init__(self, loader: FillLoader, max_side: int = FIT_SAMPLE_SIDE) -> None:
+        grid = loader.grid
+        self.factor = max(1, math.ceil(max(grid.width, grid.height) / max_side))
+        f = self.factor
+        self.grid = Grid(grid.crs, grid.transform @ grid.transform.scale(f), math.ceil(grid.width / f),
+                         math.ceil(grid.height / f))
+        self.loader = loader
+        cfg = loader.fill
+        self.fill = cfg.model_copy(update={"buffer_px": math.ceil(cfg.buffer_px / f),
+                                           "history_buffer_px": math.ceil(cfg.history_buffer_px / f)})
+        dated = sorted(loader.history)  # oldest last after sort by age: ages ascending, as fill_gaps orders them
+        self.ages = [float(age) for age, _ in dated]
+        self._scenes = [scenes for _, scenes in dated]
+        self._target: tuple[np.ndarray, np.ndarray] | None = None
+        self._dates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._fits: dict[float, DateFit] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_target": None, "_dates": {}}  # workers read their own sample, not the client's
+
+    def target(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._target is None:
+            refl, _, clear = self.loader.date(self.loader.plan.target_scenes, self.grid)
+            self._target = (refl, target_fit_pixels(refl, clear, self.fill))
+        return self._target
+
+    def history_date(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        if j not in self._dates:
+            refl, _, clear = self.loader.date(self._scenes[j], self.grid)
+            self._dates[j] = (refl, history_usable(refl, clear, self.fill))
+        return self._dates[j]
+
+    def __getitem__(self, age: float) -> DateFit:
+        if age not in self._fits:
+            if age not in self.ages:
+                raise KeyError(age)
+            target, fit_pixels = self.target()
+            self._fits[age] = fit_date(self.ages.index(age), self.ages, _LazyDates(self, "refl"),
+                                       _LazyDates(self, "usable"), target, fit_pixels, self.fill)
+        return self._fits[age]
+
+    def __contains__(self, age: object) -> bool:
+        return age in self.ages
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.ages)
+
+    def __len__(self) -> int:
+        return len(self.ages)
+
+    def computed(self) -> dict[float, DateFit]:
+        """The fits computed so far in this process."""
+        return dict(self._fits)

@@ -7,6 +7,10 @@ analyst picks as the prior reference, and the training samples' auxiliary dates 
 of TCSEN12); ``"latest"`` takes the most recent ones. Every impossibility (no scenes, AOI outside the source's
 coverage, bands the checkpoint needs and the source lacks) is one ``SourceError``/``CheckpointError`` line
 naming the fix.
+
+The training-free fill (checkpoint ``composite``) has its own plan (``plan_fill``): the target date's scenes and
+every date of the region's optical family within the fill's maximum age before D, from one search per family
+(one query per AOI on Earth Engine and local folders alike); dates after D are never used.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pipeline.sensors import get_sensor
 from pipeline.sources.base import Scene, Source
 
 LOOKBACK_DAYS = 120  # how far before D optical input dates are searched
+COMPOSITE = "composite"  # the training-free checkpoint
 NEAREST_SHOWN = 6
 
 
@@ -219,3 +224,68 @@ def _sar_scenes(region: Region, dates: Sequence[dt.date], spec: InputSpec, sourc
                 "pick another --date or raise --sar-max-days")
         out.append(near)
     return out
+
+
+# --- the training-free fill ---------------------------------------------------------------------------------
+
+OPTICAL_FAMILIES = ("s2", "landsat")  # in order of preference when a region lists both
+NEAREST_AFTER_DAYS = 60  # how far after D the "nearest dates" of a refusal look
+
+
+def optical_family(region: Region) -> str:
+    """The optical family the fill reads: Sentinel-2 when the region lists it, else Landsat."""
+    for fam in OPTICAL_FAMILIES:
+        if fam in region.sensors:
+            return fam
+    raise SourceError(
+        f"region {region.name} lists sensors {list(region.sensors)}, none optical; the composite needs s2 or landsat "
+        "dates - add one to the region's 'sensors'")
+
+
+def _same_bands(key: str) -> set[str]:
+    """Sensor keys whose scenes mosaic with ``key``'s: the same reflectance bands (Landsat 8 with 9, not with 7)."""
+    from pipeline.sensors import SENSORS
+
+    bands = get_sensor(key).reflectance_bands
+    return {k for k, s in SENSORS.items() if s.reflectance_bands == bands}
+
+
+def plan_fill(region: Region, date: dt.date, source: Source, config: ReconstructConfig | None = None) -> InputPlan:
+    """Scenes of the training-free fill: D's scenes and every earlier date within ``config.fill.max_age_days``.
+
+    ``optical_dates`` lists the history dates oldest first and D last; ``target_scenes`` are D's scenes. Refuses
+    (one ``SourceError`` line) a date without a scene and an archive with no earlier date to fill from.
+    """
+    config = config or ReconstructConfig()
+    src_name = getattr(source, "name", type(source).__name__)
+    family = optical_family(region)
+    grid = region.grid()
+    max_age = config.fill.max_age_days
+    start = date - dt.timedelta(days=max_age)
+    try:
+        found = source.search(region, start, date, family)
+    except SourceError as exc:
+        raise SourceError(f"the composite needs {family} scenes, which the {src_name} source cannot provide "
+                          f"({exc})") from None
+    if not found:
+        _raise_family_missing(source, family, src_name, COMPOSITE)
+        _raise_outside_coverage(source, family, grid, src_name)
+    found = [s for s in _check_coverage(found, grid, src_name, family) if s.date <= date]
+    on_date = sorted((s for s in found if s.date == date), key=lambda s: (s.sensor, s.datetime, s.id))
+    if not on_date:
+        later = source.search(region, date, date + dt.timedelta(days=NEAREST_AFTER_DAYS), family)
+        near = _nearest([s.date for s in found + later], date)
+        raise SourceError(
+            f"no {family} scene on {date} over region {region.name} (the composite fills that day's acquisition); "
+            f"nearest dates with scenes: {near}; pass one of them as --date")
+    sensor_key = on_date[0].sensor
+    compatible = _same_bands(sensor_key)
+    days = _by_date([s for s in found if s.sensor in compatible])
+    earlier = [d for d in sorted(days) if d < date]
+    if not earlier:
+        raise SourceError(
+            f"the composite fills {date} from earlier {family} dates, but the {src_name} source has none within "
+            f"{max_age} days before it over region {region.name} (it needs at least 2 dates: the target and one "
+            "before); pick a later --date or raise --max-age-days")
+    dates = earlier + [date]
+    return InputPlan(date, sensor_key, dates, [days[d] for d in dates], target_scenes=days[date])

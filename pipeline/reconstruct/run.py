@@ -1,45 +1,63 @@
-"""``reconstruct``: AOI + date + checkpoint -> cloud-free COG, provenance, uncertainty, STAC Item, quicklook.
+"""``reconstruct``: AOI + date + checkpoint -> cloud-free COG, provenance, source dates, STAC Item, quicklook.
 
-1. ``load_model`` loads the checkpoint; its ``InputSpec`` says what to read.
+Checkpoint ``composite`` (the default, training-free) fills what the target date does not see clearly from
+the most recent clear earlier date, harmonized to the target (``pipeline.reconstruct.harmonize``):
+
+1. ``pipeline.reconstruct.plan.plan_fill`` picks D's scenes and every date of the region's optical family
+   within ``config.fill.max_age_days`` before D (one search per AOI).
+2. ``pipeline.reconstruct.mosaic.FillLoader`` reads and masks a window's dates, newest first, until every
+   hidden pixel has a clear source; ``SampleFits`` fits each date's global harmonization once for the AOI.
+3. ``pipeline.reconstruct.tiling.compute_fill_block`` fills block by block (with a halo of context), through
+   the same resumable, dask-capable block runner as models, into the COG writers of
+   ``pipeline.reconstruct.cog``: the image, provenance (0 observed clear, 1 filled from another date, 3 no
+   clear observation, 255 nodata) and the source-date layer (days between D and each pixel's date). The
+   fill notes (how each date was harmonized, warnings where no fit was possible) go into the tags and the
+   STAC Item. The fixed two-date torch composite of ``models`` is not reachable from here any more (it
+   stays a baseline of ``cloudfree evaluate``); a run folder of any model, that one included, still is.
+
+A model checkpoint (a training run folder):
+
+1. ``load_model`` loads it; its ``InputSpec`` says what to read.
 2. ``pipeline.reconstruct.plan`` picks the scenes: optical input dates at or before D and the S1 near them.
 3. ``pipeline.reconstruct.mosaic.MosaicLoader`` turns any window of the AOI into model inputs, by the same
    rule as training (``pipeline.train.samples.model_arrays``).
 4. ``pipeline.reconstruct.tiling`` runs the model over the AOI block by block (resumable, optionally on a dask
-   cluster) into the COG writers of ``pipeline.reconstruct.cog``; the STAC Item and the quicklook follow.
+   cluster) into the COG writers; provenance 2 (predicted), 0 where ``keep_clear`` keeps the observation.
 
-Every option (tiling, output format, masking, input dates, device, cluster) is a field of
-``pipeline.reconstruct.config.ReconstructConfig``.
+The STAC Item and the quicklook follow either way. Every option (fill, tiling, output format, masking, input
+dates, device, cluster) is a field of ``pipeline.reconstruct.config.ReconstructConfig``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+import pipeline.reconstruct.tiling as tiling
 from models.spec import InputSpec
 from pipeline import __version__
-from pipeline.errors import DataError, SourceError
+from pipeline.errors import CheckpointError, DataError, SourceError
 from pipeline.files import fingerprint
 from pipeline.grid import Grid
 from pipeline.reconstruct.cog import BlockWriter, RasterSpec, build_vrt, validate_cog
-from pipeline.reconstruct.config import ReconstructConfig
-from pipeline.reconstruct.mosaic import MosaicLoader
-from pipeline.reconstruct.plan import InputPlan, plan_inputs
-from pipeline.reconstruct.tiling import Outputs, Progress, TorchPredictor, plan_blocks, run_blocks
+from pipeline.reconstruct.config import ReconstructConfig, Unobserved
+from pipeline.reconstruct.mosaic import FillLoader, MosaicLoader, SampleFits
+from pipeline.reconstruct.plan import COMPOSITE, InputPlan, plan_fill, plan_inputs
+from pipeline.reconstruct.tiling import Filler, Outputs, Progress, TorchPredictor, plan_blocks, run_blocks
 from pipeline.regions import Region, load_region
 from pipeline.sensors import get_sensor
 from pipeline.sources.base import Source
 
 log = logging.getLogger(__name__)
 
-COMPOSITE = "composite"
 QUICKLOOK_MIN_SIDE = 320
 QUICKLOOK_GAIN = 3.5  # reflectance x 3.5 -> display, the usual Sentinel-2 true-colour gain
 
@@ -58,14 +76,12 @@ class LoadedModel:
 
 
 def load_model(checkpoint: str | Path) -> LoadedModel:
-    """``composite`` (the training-free baseline) or a training run folder (``model.pt`` + ``model.json``)."""
+    """A training run folder (``model.pt`` + ``model.json``); ``composite`` is no model (``reconstruct`` runs the
+    training-free fill for it without loading anything)."""
     if str(checkpoint) == COMPOSITE:
-        from models.registry import build_model, resolve_config
-
-        cfg = resolve_config(COMPOSITE, "small")
-        baseline = build_model(COMPOSITE, cfg).eval()
-        return LoadedModel(baseline, COMPOSITE, baseline.spec, COMPOSITE, "none (training-free baseline)",
-                           {"model": COMPOSITE, "config": cfg})
+        raise CheckpointError(
+            "checkpoint 'composite' is the training-free fill, not a model: pass it to reconstruct() or "
+            "`cloudfree reconstruct --checkpoint composite`, or pass a training run folder to load_model")
     from pipeline.files import sha256_file
     from pipeline.train.checkpoint import MODEL_FILE, load_checkpoint, meta_spec
 
@@ -89,6 +105,9 @@ class ReconstructResult:
     resumed: bool
     plan: InputPlan
     validation: dict[str, Any]
+    source_days: Path | None = None  # the fill's source-date layer (checkpoint composite)
+    warnings: list[str] = field(default_factory=list)  # also logged: e.g. pixels left without a clear observation
+    fill: dict[str, Any] | None = None  # the fill's summary: per-date notes and pixel counts (also in the tags)
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,10 @@ class OutputPaths:
     @property
     def uncertainty(self) -> Path:
         return self._file("_uncertainty.tif")
+
+    @property
+    def source_days(self) -> Path:
+        return self._file("_source_days.tif")
 
     @property
     def stac(self) -> Path:
@@ -193,40 +216,45 @@ def _open_outputs(paths: OutputPaths, grid: Grid, spec: InputSpec, tags: dict[st
     )
 
 
-def _compute(grid: Grid, loader: MosaicLoader, predictor: TorchPredictor, config: ReconstructConfig, outputs: Outputs,
-             progress: Progress, client: Any) -> int:
+def _compute(grid: Grid, loader: Any, predictor: Any, config: ReconstructConfig, outputs: Outputs,
+             progress: Progress, client: Any, compute: tiling.BlockCompute | None = None) -> int:
     """Every block not yet done, locally or on the dask cluster (``client``, else ``config.dask_address``)."""
     own_client = client is None and config.dask_address is not None
     client = client or _client(config.dask_address)
     try:
-        return run_blocks(grid.height, grid.width, loader, predictor, config, outputs, progress, client=client)
+        return run_blocks(grid.height, grid.width, loader, predictor, config, outputs, progress, client=client,
+                          compute=compute)
     finally:
         if own_client:
             client.close()
 
 
-def _commit(outputs: Outputs, progress: Progress, paths: OutputPaths) -> dict[str, Any]:
-    """Finish the rasters (COG conversion), drop the progress file; COG validation per file name."""
+def _commit(outputs: Outputs, progress: Progress, paths: OutputPaths,
+            tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Finish the rasters (COG conversion, ``tags`` added to each), drop the progress file; COG validation per file
+    name."""
     if outputs.resume and outputs.std is None and outputs.std_factory and paths.uncertainty_partial.exists():
         outputs.std = outputs.std_factory(True)  # every block with a variance was written before the interruption
     for w in outputs.all():
-        w.commit()
+        w.commit(tags)
     progress.clear()
-    rasters = [paths.cog, paths.provenance] + ([paths.uncertainty] if outputs.std is not None else [])
+    rasters = [w.path for w in outputs.all()]
     return {p.name: validate_cog(p).ok for p in rasters}
 
 
-def _write_stac(paths: OutputPaths, grid: Grid, date: dt.date, spec: InputSpec, plan: InputPlan, tags: dict[str, str],
-                with_uncertainty: bool) -> dict[str, Any]:
+def _write_stac(paths: OutputPaths, grid: Grid, date: dt.date, bands: Sequence[str], plan: InputPlan,
+                tags: dict[str, str], *, with_uncertainty: bool = False, with_source_days: bool = False,
+                properties: dict[str, Any] | None = None) -> dict[str, Any]:
     """The STAC Item beside the files; returns its core/extension validation."""
     from pipeline.reconstruct.stac import StacAssets, build_item, validate_item, write_item
 
+    assets = StacAssets(paths.cog, paths.provenance, paths.uncertainty if with_uncertainty else None, paths.quicklook,
+                        source_days=paths.source_days if with_source_days else None)
+    props: dict[str, Any] = {f"cloudfree:{k}": v for k, v in tags.items() if k != "simulated"}
+    props.update(properties or {})
     item = build_item(
-        paths.stem, grid, date,
-        StacAssets(paths.cog, paths.provenance, paths.uncertainty if with_uncertainty else None, paths.quicklook),
-        spec.out_bands, sensor=plan.optical_sensor, input_dates=plan.optical_dates + plan.sar_dates,
-        properties={f"cloudfree:{k}": v for k, v in tags.items() if k != "simulated"},
-        simulated=tags["simulated"] == "true",
+        paths.stem, grid, date, assets, bands, sensor=plan.optical_sensor,
+        input_dates=plan.optical_dates + plan.sar_dates, properties=props, simulated=tags["simulated"] == "true",
     )
     result = validate_item(item)
     write_item(item, paths.stac)
@@ -245,6 +273,7 @@ def reconstruct(
 ) -> ReconstructResult:
     """Reconstruct the cloud-free image of ``region`` on ``date`` into the folder ``out``; see the module docstring.
 
+    ``checkpoint``: ``composite`` (the training-free fill, ``config.fill``) or a training run folder.
     ``source``: a source object to read instead of building ``config.source`` (a wrapper or a test double);
     ``client``: a connected ``dask.distributed`` client to run the blocks on instead of ``config.dask_address``.
     """
@@ -254,6 +283,8 @@ def reconstruct(
     out_dir = Path(out)
     _check_writable(out_dir)
     src = source if source is not None else config.source.build()
+    if str(checkpoint) == COMPOSITE:
+        return _reconstruct_fill(region, date, out_dir, config, src, client)
     src_name = getattr(src, "name", type(src).__name__)
     lm = load_model(checkpoint)
     grid = region.grid()
@@ -272,11 +303,134 @@ def reconstruct(
     validation = _commit(outputs, progress, paths)
     with_var = outputs.std is not None
 
-    _write_quicklook(paths.quicklook, paths.cog, src, plan, lm.spec, grid)
-    validation.update(_write_stac(paths, grid, date, lm.spec, plan, tags, with_var))
+    _write_quicklook(paths.quicklook, paths.cog, src, plan, lm.spec.out_bands, grid)
+    validation.update(_write_stac(paths, grid, date, lm.spec.out_bands, plan, tags, with_uncertainty=with_var))
     return ReconstructResult(paths.cog, paths.provenance, paths.stac, paths.quicklook,
                              paths.uncertainty if with_var else None, computed,
                              len(plan_blocks(grid.height, grid.width, config.block)), outputs.resume, plan, validation)
+
+
+# --- the training-free fill -------------------------------------------------------------------------------------
+
+
+def _fill_tags(region: Region, date: dt.date, plan: InputPlan, source_name: str,
+               config: ReconstructConfig) -> dict[str, str]:
+    """Provenance of a fill, written into every raster and the STAC Item (and, with the grid, the resume key:
+    a changed fill config starts over)."""
+    return {
+        "cloudfree_version": __version__,
+        "model": COMPOSITE,
+        "checkpoint": COMPOSITE,
+        "checkpoint_sha256": "none (training-free)",
+        "method": "most recent clear date within fill max_age_days, harmonized to the target date "
+                  "(pipeline.reconstruct.harmonize)",
+        "source": source_name,
+        "simulated": str(source_name == "synthetic").lower(),
+        "target_date": date.isoformat(),
+        "optical_dates": ",".join(d.isoformat() for d in plan.optical_dates),
+        "source_scene_ids": ",".join(plan.scene_ids()),
+        "region": region.name,
+        "normalization": "optical reflectance clipped to [0,1]",
+        "mask_method": config.mask_method,
+        "fill_config": json.dumps(config.fill.model_dump(), sort_keys=True),
+        "fill_unobserved": str(config.fill_unobserved),
+    }
+
+
+def _fill_summary(info: dict[str, Any], date: dt.date) -> dict[str, Any]:
+    """The blocks' fill notes and pixel counts for the whole AOI: per fill date (newest first) how it was
+    harmonized and how many pixels it filled, with any warning."""
+    counts = {"observed": 0, "filled": 0, "no_clear": 0, "nodata": 0}
+    dates: dict[float, dict[str, Any]] = {}
+    dates_read = 0
+    for key in sorted(info):
+        block = info[key]
+        dates_read = max(dates_read, int(block.get("dates_read", 0)))
+        for k, v in block["counts"].items():
+            counts[k] = counts.get(k, 0) + int(v)
+        for note in block["notes"]:
+            age = float(note["age_days"])
+            agg = dates.setdefault(age, {
+                "date": (date - dt.timedelta(days=int(age))).isoformat(), "age_days": int(age),
+                "harmonization": [], "filled_pixels": 0, "gain": note["gain"], "offset": note["offset"]})
+            if note["harmonization"] not in agg["harmonization"]:
+                agg["harmonization"] = sorted([*agg["harmonization"], note["harmonization"]])
+            agg["filled_pixels"] += int(note["filled_pixels"])
+            if "via_age_days" in note:
+                agg["via_date"] = (date - dt.timedelta(days=int(note["via_age_days"]))).isoformat()
+            if "warning" in note:
+                agg["warning"] = note["warning"]
+    # dates_read: the most history dates a block had to read (and mask) before every hidden pixel had a source
+    return {"counts": counts, "dates": [dates[a] for a in sorted(dates)], "dates_read": dates_read}
+
+
+def _percent(part: int, whole: int) -> str:
+    share = 100 * part / max(1, whole)
+    return f"{share:.1f} %" if share >= 1 or share == 0 else f"{share:.2g} %"
+
+
+def _fill_warnings(summary: dict[str, Any], config: ReconstructConfig) -> list[str]:
+    c = summary["counts"]
+    total = sum(c.values())
+    hidden = c["filled"] + c["no_clear"]
+    out = []
+    if c["no_clear"]:
+        share = f"{c['no_clear']} px, {_percent(c['no_clear'], total)} of the AOI"
+        kept = ("the least cloudy value any date has, still provenance 3"
+                if config.fill_unobserved == Unobserved.least_cloudy else "nodata, provenance 3")
+        if not c["filled"]:
+            out.append(f"nothing could be filled: every hidden pixel ({share}) has no clear observation within "
+                       f"{config.fill.max_age_days} days before the date (all history cloudy there); they are {kept}")
+        else:
+            out.append(f"{share} ({_percent(c['no_clear'], hidden)} of the hidden pixels) has no clear observation "
+                       f"within {config.fill.max_age_days} days before the date; those pixels are {kept}")
+    for d in summary["dates"]:
+        if "warning" in d:
+            out.append(f"fill date {d['date']}: {d['warning']}")
+    return out
+
+
+def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: ReconstructConfig, src: Source,
+                      client: Any) -> ReconstructResult:
+    """Checkpoint ``composite``: the harmonized fill, block by block; see the module docstring."""
+    src_name = getattr(src, "name", type(src).__name__)
+    grid = region.grid()
+    plan = plan_fill(region, date, src, config)
+    log.info("reconstruct %s %s with the harmonized fill: %d earlier %s date(s) within %d days (%s .. %s)",
+             region.name, date, len(plan.optical_dates) - 1, plan.optical_sensor, config.fill.max_age_days,
+             plan.optical_dates[0], plan.optical_dates[-2])
+    paths = OutputPaths(out_dir, f"{region.name}_{date:%Y%m%d}_{COMPOSITE}")
+    tags = _fill_tags(region, date, plan, src_name, config)
+    run_key = {**tags, "grid": grid.to_dict(), "block": config.block, "dtype": config.dtype}
+    progress = Progress(paths.progress, fingerprint(run_key, 16))
+    bands = get_sensor(plan.optical_sensor).reflectance_bands
+    resume = bool(progress.done)
+
+    def writer(path: Path, raster: RasterSpec) -> BlockWriter:
+        return BlockWriter(path, grid, raster, compress=config.compress, resume=resume)
+
+    outputs = Outputs(writer(paths.cog, RasterSpec.reflectance(bands, dtype=config.dtype, tags=tags)),
+                      writer(paths.provenance, RasterSpec.provenance(tags)), None, resume,
+                      source_days=writer(paths.source_days, RasterSpec.source_days(tags)))
+    loader = FillLoader(src, grid, plan, mask_method=config.mask_method, fill=config.fill,
+                        least_cloudy=config.fill_unobserved == Unobserved.least_cloudy)
+    filler = Filler(config.fill, SampleFits(loader))
+    computed = _compute(grid, loader, filler, config, outputs, progress, client, compute=tiling.compute_fill_block)
+    summary = _fill_summary(progress.info, date)
+    warnings = _fill_warnings(summary, config)
+    for w in warnings:
+        log.warning("%s %s: %s", region.name, date, w)
+    notes = {"fill_notes": json.dumps(summary["dates"]), "fill_pixels": json.dumps(summary["counts"])}
+    validation = _commit(outputs, progress, paths, notes)
+
+    _write_quicklook(paths.quicklook, paths.cog, src, plan, bands, grid)
+    props = {"cloudfree:fill_config": config.fill.model_dump(), "cloudfree:fill_notes": summary["dates"],
+             "cloudfree:fill_pixels": summary["counts"], "cloudfree:warnings": warnings}
+    validation.update(_write_stac(paths, grid, date, bands, plan, tags, with_source_days=True, properties=props))
+    return ReconstructResult(
+        paths.cog, paths.provenance, paths.stac, paths.quicklook, None, computed,
+        len(plan_blocks(grid.height, grid.width, config.block)), outputs.resume, plan, validation,
+        source_days=paths.source_days, warnings=warnings, fill=summary)
 
 
 def reconstruct_dates(region: str | Region, dates: Sequence[dt.date | str], checkpoint: str | Path,
@@ -293,7 +447,7 @@ def reconstruct_dates(region: str | Region, dates: Sequence[dt.date | str], chec
     return results, vrt
 
 
-def _write_quicklook(path: Path, cog: Path, source: Source, plan: InputPlan, spec: InputSpec, grid: Grid,
+def _write_quicklook(path: Path, cog: Path, source: Source, plan: InputPlan, bands: Sequence[str], grid: Grid,
                      max_side: int = 768) -> None:
     """PNG: the latest optical input as observed (left) | the reconstruction (right), same stretch."""
     import rasterio
@@ -305,13 +459,13 @@ def _write_quicklook(path: Path, cog: Path, source: Source, plan: InputPlan, spe
     h, w = int(np.ceil(grid.height / factor)), int(np.ceil(grid.width / factor))
     coarse = Grid(grid.crs, grid.transform @ grid.transform.scale(factor), w, h)
     sensor = get_sensor(plan.optical_sensor)
-    rgb = list(sensor.rgb or spec.out_bands[:3])
+    rgb = list(sensor.rgb or bands[:3])
     scenes = plan.target_scenes or (plan.optical_scenes[-1] if plan.optical_scenes else [])
     before = np.full((3, h, w), np.nan, np.float32)
     for sc in scenes:  # decimated read of the observed RGB; first valid scene wins
         vals = np.asarray(source.read(sc, coarse, rgb).values, dtype=np.float32)
         before = np.where(np.isnan(before), vals, before)
-    idx = [spec.out_bands.index(b) + 1 for b in rgb] if all(b in spec.out_bands for b in rgb) else [1, 2, 3]
+    idx = [list(bands).index(b) + 1 for b in rgb] if all(b in bands for b in rgb) else [1, 2, 3]
     with rasterio.open(cog) as ds:  # served by the COG's overviews
         after = ds.read(idx, out_shape=(3, h, w), resampling=Resampling.average, masked=True)
         after = after.astype(np.float32).filled(np.nan)

@@ -27,6 +27,7 @@ from rasterio.warp import transform_geom
 from pipeline.errors import DataError
 from pipeline.files import write_text_atomic
 from pipeline.grid import Grid
+from pipeline.reconstruct.cog import PROVENANCE_CODES, SOURCE_DAYS_NODATA
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class StacAssets:
     uncertainty: Path | None = None
     quicklook: Path | None = None
     extra: dict[str, Path] = field(default_factory=dict)
+    source_days: Path | None = None
 
 
 def _densified(grid: Grid, n: int = 8) -> dict[str, Any]:
@@ -133,9 +135,18 @@ def build_item(
     item.add_asset("data", data)
     EOExtension.ext(data, add_if_missing=True).apply(bands=_eo_bands(bands, sensor))
     if assets.provenance:
+        codes = ", ".join(f"{k} {v}" for k, v in PROVENANCE_CODES.items())
         item.add_asset(
             "provenance",
-            pystac.Asset(href(assets.provenance), title="Provenance: 0 observed clear, 1 reconstructed, 255 nodata",
+            pystac.Asset(href(assets.provenance), title=f"Provenance: {codes}", media_type=COG_MEDIA_TYPE,
+                         roles=["metadata"]),
+        )
+    if assets.source_days:
+        item.add_asset(
+            "source_days",
+            pystac.Asset(href(assets.source_days),
+                         title="Source date: days between the target date and the acquisition each pixel's value "
+                         f"came from (0 observed on the date, {SOURCE_DAYS_NODATA} none)",
                          media_type=COG_MEDIA_TYPE, roles=["metadata"]),
         )
     if assets.uncertainty:

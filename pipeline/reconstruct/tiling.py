@@ -11,6 +11,11 @@ the AOI size, and a pixel's value does not depend on how the AOI was cut into bl
 contribute in the same order. Finished blocks are recorded in a sidecar progress file, so an interrupted
 run resumes where it stopped; with a ``dask.distributed`` client the blocks run on the workers and the
 client writes them, producing the same file as one process.
+
+The training-free fill (checkpoint ``composite``) runs on the same blocks, resume and dask machinery with
+``compute_fill_block`` in place of ``compute_block``: each block is filled (``harmonize.fill_gaps``) on a window
+that extends it by a halo wider than the fill's reach (local-fit window, mask buffers, feathering), with global
+fits shared by the whole AOI, then cropped to the block, so block borders do not show.
 """
 
 from __future__ import annotations
@@ -28,8 +33,17 @@ import torch
 from scipy import ndimage
 
 from pipeline.files import write_text_atomic
-from pipeline.reconstruct.cog import PROVENANCE_NODATA, PROVENANCE_OBSERVED, PROVENANCE_RECONSTRUCTED, BlockWriter
+from pipeline.reconstruct.cog import (
+    PROVENANCE_FILLED,
+    PROVENANCE_NO_CLEAR,
+    PROVENANCE_NODATA,
+    PROVENANCE_OBSERVED,
+    PROVENANCE_PREDICTED,
+    SOURCE_DAYS_NODATA,
+    BlockWriter,
+)
 from pipeline.reconstruct.config import ReconstructConfig
+from pipeline.reconstruct.harmonize import DateFit, FillConfig, fill_gaps
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +121,21 @@ class BlockInputs:
     observed_clear: np.ndarray | None = None
 
 
+@dataclass
+class FillInputs:
+    """What a fill loader returns for an AOI window: the target date (reflectance (C, h, w) in [0, 1], NaN
+    nodata, and its clear mask), the history dates a pixel may take its value from (``(age_days, reflectance,
+    clear)``), where any date read has data (``seen``), how many history dates were read, and, for
+    ``fill_unobserved="least-cloudy"``, the least cloudy value of every pixel and its age (-1 none)."""
+
+    target: np.ndarray
+    clear: np.ndarray
+    history: list[tuple[float, np.ndarray, np.ndarray]]
+    seen: np.ndarray
+    dates_read: int = 0
+    least_cloudy: tuple[np.ndarray, np.ndarray] | None = None
+
+
 class Loader(Protocol):
     def __call__(self, r0: int, r1: int, c0: int, c1: int) -> BlockInputs: ...
 
@@ -121,6 +150,8 @@ class BlockResult:
     mean: np.ndarray  # (C, h, w) float32 reflectance, NaN nodata
     provenance: np.ndarray  # (h, w) uint8
     std: np.ndarray | None = None  # (C, h, w) predictive standard deviation
+    source_days: np.ndarray | None = None  # (h, w) int16 days before the target of each pixel's date, -1 none
+    info: dict[str, Any] | None = None  # JSON-able block summary kept in the progress file (fill notes, counts)
 
 
 class TorchPredictor:
@@ -219,7 +250,7 @@ def compute_block(block: Block, height: int, width: int, loader: Loader, predict
         return a[..., q0 - a0 : q1 - a0, p0 - b0 : p1 - b0]
 
     nodata = crop_in(inputs.nodata)
-    prov = np.full((h, w), PROVENANCE_RECONSTRUCTED, dtype=np.uint8)
+    prov = np.full((h, w), PROVENANCE_PREDICTED, dtype=np.uint8)
     if cfg.keep_clear and inputs.observed is not None and inputs.observed_clear is not None:
         observed = crop_in(inputs.observed).astype(np.float32)
         clear = crop_in(inputs.observed_clear) & ~nodata & np.isfinite(observed).all(axis=0)
@@ -259,6 +290,72 @@ def keep_clear_blend(pred: np.ndarray, observed: np.ndarray, clear: np.ndarray, 
     return out
 
 
+# --- the training-free fill ----------------------------------------------------------------------------------
+
+FILL_MASK_HALO = 16  # beyond the fill's own reach: the masks' morphology (cloud dilation) near a window edge
+
+
+class FillLoader(Protocol):
+    def __call__(self, r0: int, r1: int, c0: int, c1: int) -> FillInputs: ...
+
+
+@dataclass
+class Filler:
+    """The training-free fill as ``compute_fill_block`` runs it (it takes a model's place in ``run_blocks``): the
+    fill's settings and the global fit of every history date for the whole AOI, by age in days
+    (``pipeline.reconstruct.mosaic.SampleFits``; None: each block fits its own)."""
+
+    fill: FillConfig
+    fits: Mapping[float, DateFit] | None = None
+
+    @property
+    def halo(self) -> int:
+        """Context read around a block: more than a fill reaches (local-fit window, buffers, feather)."""
+        f = self.fill
+        return f.window_px + f.buffer_px + f.history_buffer_px + f.feather_px + 1 + FILL_MASK_HALO
+
+
+def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader, filler: Filler,
+                       cfg: ReconstructConfig) -> BlockResult:
+    """Fill one output block: ``fill_gaps`` on the block plus a halo of context, cropped to the block.
+
+    Provenance 0 observed clear, 1 filled, 3 no clear observation within the maximum age (NaN, or with
+    ``fill_unobserved="least-cloudy"`` the least cloudy value any date has there), 255 no data on any date;
+    ``source_days`` is the age of each pixel's date. ``info`` holds the block's fill notes and pixel counts.
+    """
+    halo = filler.halo
+    a0, a1 = max(0, block.r0 - halo), min(height, block.r1 + halo)
+    b0, b1 = max(0, block.c0 - halo), min(width, block.c1 + halo)
+    inputs = loader(a0, a1, b0, b1)
+    res = fill_gaps(inputs.target, inputs.clear, inputs.history, filler.fill, fits=filler.fits)
+    crop = (slice(block.r0 - a0, block.r1 - a0), slice(block.c0 - b0, block.c1 - b0))
+    image = np.clip(res.image[(slice(None),) + crop], 0.0, 1.0)  # NaN stays NaN
+    prov = res.provenance[crop].copy()
+    days = res.source_age_days[crop].copy()
+    # the loader drops dates no pixel takes a value from: a pixel only they had data for saw clouds there
+    prov[(prov == PROVENANCE_NODATA) & inputs.seen[crop]] = PROVENANCE_NO_CLEAR
+    unobserved = prov == PROVENANCE_NO_CLEAR
+    if inputs.least_cloudy is not None and unobserved.any():
+        value, age = (a[(...,) + crop] for a in inputs.least_cloudy)
+        take = unobserved & (age >= 0)
+        image[:, take] = value[:, take]
+        days[take] = age[take]
+    days[prov == PROVENANCE_NODATA] = SOURCE_DAYS_NODATA
+    filled_ages, filled_counts = np.unique(days[prov == PROVENANCE_FILLED], return_counts=True)
+    per_age = {float(a): int(n) for a, n in zip(filled_ages, filled_counts)}
+    notes = []
+    for note in res.notes:  # counted on the block, not on its halo (the fallback count, on the window, is left out)
+        n = per_age.get(float(note["age_days"]), 0)
+        if n:
+            notes.append({**{k: v for k, v in note.items() if k != "pixels_within_history_buffer"},
+                          "filled_pixels": n})
+    counts = {name: int((prov == code).sum()) for name, code in (
+        ("observed", PROVENANCE_OBSERVED), ("filled", PROVENANCE_FILLED), ("no_clear", PROVENANCE_NO_CLEAR),
+        ("nodata", PROVENANCE_NODATA))}
+    info = {"counts": counts, "notes": notes, "dates_read": inputs.dates_read}
+    return BlockResult(block, np.ascontiguousarray(image), prov, source_days=days, info=info)
+
+
 # --- running all blocks: writers, progress, dask ---------------------------------------------------------
 
 
@@ -272,14 +369,19 @@ class Outputs:
     std_factory: Callable[[bool], BlockWriter] | None = None
     resume: bool = False
     std: BlockWriter | None = None
+    source_days: BlockWriter | None = None
 
     def all(self) -> list[BlockWriter]:
-        return [w for w in (self.mean, self.provenance, self.std) if w is not None]
+        return [w for w in (self.mean, self.provenance, self.std, self.source_days) if w is not None]
 
     def write(self, res: BlockResult) -> None:
         b = res.block
         self.mean.write(res.mean, b.r0, b.c0)
         self.provenance.write(res.provenance[None], b.r0, b.c0, encoded=True)
+        if res.source_days is not None:
+            if self.source_days is None:
+                raise RuntimeError("the block has a source-date layer but no source-days output was configured")
+            self.source_days.write(res.source_days[None], b.r0, b.c0, encoded=True)
         if res.std is not None:
             if self.std is None:
                 if self.std_factory is None:
@@ -289,12 +391,14 @@ class Outputs:
 
 
 class Progress:
-    """Sidecar JSON listing finished blocks of one run fingerprint; written atomically after each block."""
+    """Sidecar JSON listing finished blocks of one run fingerprint (and each block's ``info``, so a resumed run
+    still summarizes every block); written atomically after each block."""
 
     def __init__(self, path: Path, fingerprint: str) -> None:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.done: set[str] = set()
+        self.info: dict[str, Any] = {}
         self.resumed = False
         if self.path.exists():
             try:
@@ -303,24 +407,34 @@ class Progress:
                 data = {}
             if data.get("fingerprint") == fingerprint:
                 self.done = set(data.get("done", []))
+                self.info = {k: v for k, v in data.get("info", {}).items() if k in self.done}
                 self.resumed = bool(self.done)
 
-    def mark(self, key: str) -> None:
+    def mark(self, key: str, info: dict[str, Any] | None = None) -> None:
         self.done.add(key)
-        write_text_atomic(self.path, json.dumps({"fingerprint": self.fingerprint, "done": sorted(self.done)}))
+        if info is not None:
+            self.info[key] = info
+        data: dict[str, Any] = {"fingerprint": self.fingerprint, "done": sorted(self.done)}
+        if self.info:
+            data["info"] = self.info
+        write_text_atomic(self.path, json.dumps(data))
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 
 
+BlockCompute = Callable[[Block, int, int, Any, Any, ReconstructConfig], BlockResult]
+
+
 def _run_local(todo: Sequence[Block], height: int, width: int, loader: Loader, predictor: Predictor,
-               cfg: ReconstructConfig) -> Iterable[BlockResult]:
+               cfg: ReconstructConfig, compute: BlockCompute) -> Iterable[BlockResult]:
     for b in todo:
-        yield compute_block(b, height, width, loader, predictor, cfg)
+        yield compute(b, height, width, loader, predictor, cfg)
 
 
 def _run_dask(todo: Sequence[Block], height: int, width: int, loader: Loader, predictor: Predictor,
-              cfg: ReconstructConfig, client: Any, max_in_flight: int) -> Iterable[BlockResult]:
+              cfg: ReconstructConfig, client: Any, max_in_flight: int,
+              compute: BlockCompute) -> Iterable[BlockResult]:
     from uuid import uuid4
 
     from distributed import as_completed
@@ -333,7 +447,7 @@ def _run_dask(todo: Sequence[Block], height: int, width: int, loader: Loader, pr
     pending = list(todo)
 
     def submit(b: Block) -> Any:
-        return client.submit(compute_block, b, height, width, loader_f, predictor_f, cfg,
+        return client.submit(compute, b, height, width, loader_f, predictor_f, cfg,
                              key=f"cloudfree-block-{run}-{b.key}", pure=False)
 
     # at most ``max_in_flight`` blocks exist at once, so memory stays bounded on client and workers
@@ -357,26 +471,31 @@ def run_blocks(
     *,
     client: Any = None,
     on_block: Callable[[BlockResult], None] | None = None,
+    compute: BlockCompute | None = None,
 ) -> int:
     """Compute and write every block not yet in ``progress``; returns the number of blocks computed.
 
-    The caller commits the writers and clears the progress file after this returns.
+    ``compute`` makes a block's result from ``(block, height, width, loader, predictor, cfg)``: ``compute_block``
+    (a model) by default, ``compute_fill_block`` for the training-free fill. The caller commits the writers and
+    clears the progress file after this returns.
     """
+    compute = compute or compute_block
     blocks = plan_blocks(height, width, cfg.block)
     todo = [b for b in blocks if b.key not in progress.done]
     if progress.resumed:
         log.info("resuming: %d of %d blocks already written", len(blocks) - len(todo), len(blocks))
     if client is not None:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        results = _run_dask(todo, height, width, loader, predictor, cfg, client, max_in_flight=2 * n_workers)
+        results = _run_dask(todo, height, width, loader, predictor, cfg, client, max_in_flight=2 * n_workers,
+                            compute=compute)
     else:
-        results = _run_local(todo, height, width, loader, predictor, cfg)
+        results = _run_local(todo, height, width, loader, predictor, cfg, compute)
     n = 0
     # distributed.as_completed looks the client up as the "current" one; ours need not be the default
     with client.as_current() if client is not None else contextlib.nullcontext():
         for res in results:
             outputs.write(res)
-            progress.mark(res.block.key)
+            progress.mark(res.block.key, res.info)
             n += 1
             if on_block is not None:
                 on_block(res)

@@ -92,13 +92,38 @@ def test_no_partial_cog_after_failure_and_block_writes(tmp_path, monkeypatch):
 def test_provenance_companion(tmp_path):
     codes = np.ones((1, GRID.height, GRID.width), np.uint8)
     codes[0, :100] = 0
+    codes[0, 100:200] = 2
+    codes[0, 200:300] = 3
     codes[0, -5:] = 255
     path = write_cog(tmp_path / "p.tif", codes, GRID, RasterSpec.provenance())
     validate_cog(path)
     with rasterio.open(path) as ds:
         assert ds.dtypes[0] == "uint8" and ds.nodata == 255
-        assert "reconstructed" in ds.descriptions[0]
+        assert ds.descriptions[0] == ("provenance: 0 observed clear, 1 filled from another date, 2 predicted by a "
+                                      "model, 3 no clear observation, 255 nodata")
+        assert ds.tags()["PROVENANCE_CODES"].startswith("0=observed clear,1=filled from another date,2=")
         np.testing.assert_array_equal(ds.read(), codes)
+
+
+def test_provenance_codes_are_the_fills_codes():
+    from pipeline.reconstruct import cog, harmonize
+
+    for name in ("OBSERVED", "FILLED", "NO_CLEAR", "NODATA"):
+        assert getattr(cog, f"PROVENANCE_{name}") == getattr(harmonize, f"PROVENANCE_{name}"), name
+    assert cog.SOURCE_DAYS_NODATA == harmonize.AGE_NONE
+
+
+def test_source_days_layer_is_int16_with_nodata_minus_one(tmp_path):
+    days = np.full((1, GRID.height, GRID.width), 12, np.int16)
+    days[0, :50] = 0
+    days[0, -5:] = -1
+    path = write_cog(tmp_path / "d.tif", days, GRID, RasterSpec.source_days())
+    assert validate_cog(path).ok
+    with rasterio.open(path) as ds:
+        assert ds.dtypes[0] == "int16" and ds.nodata == -1 and "SOURCE_DAYS" in ds.tags()
+        np.testing.assert_array_equal(ds.read(), days)
+        assert ds.overviews(1)  # nearest overviews: ages stay ages
+        assert set(np.unique(ds.read(1, out_shape=(ds.height // 4, ds.width // 4)))) <= {-1, 0, 12}
 
 
 def test_vrt_mosaic_and_date_stack(tmp_path):

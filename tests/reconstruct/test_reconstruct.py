@@ -1,4 +1,8 @@
-"""``reconstruct`` end to end on the synthetic archive: grid, COG, keep-clear, STAC, dask, resume, errors."""
+"""``reconstruct`` end to end on the synthetic archive: grid, COG, keep-clear, STAC, dask, resume, errors.
+
+Checkpoint ``composite`` is the training-free fill (its own tests: test_fill.py); the model path runs the torch
+composite saved as a training run folder (``composite_run``), a pixel-wise model whose output is known.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from pipeline.reconstruct.plan import plan_inputs
 from pipeline.reconstruct.run import load_model, reconstruct
 from pipeline.reconstruct.stac import validate_item
 from pipeline.regions import parse_region
+from pipeline.sensors import S2_BANDS
 from pipeline.sources.synthetic.source import SyntheticSource
 from pipeline.train.checkpoint import save_model
 
@@ -50,32 +55,60 @@ WIDE = _region("strip", 113.6775, 34.7185)  # ~715 x 95 px: two output blocks of
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def composite_run(tmp_path_factory) -> Path:
+    """The fixed-window torch composite (a ``models`` baseline) saved as a training run folder: a model checkpoint
+    whose output is known (the last clear observation of its input dates, pixel by pixel)."""
+    from models.registry import build_model, resolve_config
+
+    cfg = resolve_config("composite", "small")
+    model = build_model("composite", cfg)
+    run = tmp_path_factory.mktemp("composite-run")
+    save_model(run, model, {"model": "composite", "config": cfg, "spec": model.spec.to_dict()})
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, composite_run):
     out = tmp_path_factory.mktemp("tiny")
-    return reconstruct(SMALL, DATE, "composite", out, fast(keep_clear=True, block=512))
+    return reconstruct(SMALL, DATE, composite_run, out, fast(keep_clear=True, block=512))
 
 
-def test_outputs_on_region_grid_valid_cogs_with_metadata(tiny_run):
+@pytest.fixture(scope="module")
+def tiny_fill(tmp_path_factory):
+    return reconstruct(SMALL, DATE, "composite", tmp_path_factory.mktemp("tiny-fill"), fast(block=512))
+
+
+def test_outputs_on_region_grid_valid_cogs_with_metadata(tiny_run, tiny_fill):
     grid = SMALL.grid()
-    spec = load_model("composite").spec
-    for path in (tiny_run.cog, tiny_run.provenance):
+    for path in (tiny_run.cog, tiny_run.provenance, tiny_fill.cog, tiny_fill.provenance, tiny_fill.source_days):
         rep = validate_cog(path)
         assert rep.ok and rep.layout == "COG"
         with rasterio.open(path) as ds:
             assert ds.crs == rasterio.crs.CRS.from_user_input(grid.crs)
             assert ds.transform == grid.transform and (ds.width, ds.height) == (grid.width, grid.height)
     with rasterio.open(tiny_run.cog) as ds:
-        assert ds.descriptions == spec.out_bands
+        assert ds.descriptions == S2_BANDS
         assert np.isnan(ds.nodata)
         tags = ds.tags()
     assert tags["model"] == "composite" and tags["target_date"] == "2021-07-22" and tags["simulated"] == "true"
-    # the two clearest within 30 days (07-17 is cloudy), then D
+    # the model's input dates: the two clearest within 30 days (07-17 is cloudy), then D
     assert tags["optical_dates"] == "2021-07-07,2021-07-12,2021-07-22"
     assert all(s.id in tags["source_scene_ids"] for group in tiny_run.plan.optical_scenes for s in group)
     assert tags["cloudfree_version"] and tags["checkpoint_sha256"]
-    assert tiny_run.uncertainty is None  # the composite has no variance
-    out_dir = tiny_run.cog.parent
-    assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".")]  # no partials, no progress file
+    assert tiny_run.uncertainty is None and tiny_run.source_days is None  # the torch composite has no variance
+    with rasterio.open(tiny_fill.cog) as ds:
+        assert ds.descriptions == S2_BANDS
+        fill_tags = ds.tags()
+    # the fill: every date within a year before D, D last; its config and notes in the tags
+    dates = fill_tags["optical_dates"].split(",")
+    assert dates[-1] == "2021-07-22" and dates[0] == "2020-07-22" and "2021-07-17" in dates
+    assert fill_tags["checkpoint"] == "composite" and json.loads(fill_tags["fill_config"])["max_age_days"] == 365
+    notes = json.loads(fill_tags["fill_notes"])
+    assert notes and all({"date", "age_days", "harmonization", "filled_pixels", "gain", "offset"} <= set(n)
+                         for n in notes)
+    for run in (tiny_run, tiny_fill):
+        out_dir = run.cog.parent
+        assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".")]  # no partials, no progress file
 
 
 def test_keep_clear_preserves_observed_clear_pixels_bit_exactly(tiny_run):
@@ -84,8 +117,7 @@ def test_keep_clear_preserves_observed_clear_pixels_bit_exactly(tiny_run):
     (scene,) = tiny_run.plan.target_scenes
     raw = src.read(scene, grid)
     codes = to_cube_codes(mask_scene(raw, scene, method="cloudscore").values)
-    spec = load_model("composite").spec
-    observed = optical_to_unit(raw.sel(band=list(spec.out_bands)).values)
+    observed = optical_to_unit(raw.sel(band=list(S2_BANDS)).values)
     clear = codes == MaskClass.CLEAR
     assert 0.05 < clear.mean() < 0.95  # the date is partly cloudy, so both sides are tested
     with rasterio.open(tiny_run.cog) as ds:
@@ -93,19 +125,27 @@ def test_keep_clear_preserves_observed_clear_pixels_bit_exactly(tiny_run):
     with rasterio.open(tiny_run.provenance) as ds:
         prov = ds.read(1)
     assert np.array_equal(out[:, clear].view(np.uint32), observed[:, clear].view(np.uint32))
-    assert (prov[clear] == 0).all() and (prov[~clear] == 1).all()
+    assert (prov[clear] == 0).all() and (prov[~clear] == 2).all()  # 2: predicted by a model
     assert np.isfinite(out).all()
 
 
-def test_stac_item_validates_and_points_at_the_files(tiny_run):
-    d = json.loads(tiny_run.stac.read_text())
-    assert validate_item(d).core
+def test_stac_item_validates_and_points_at_the_files(tiny_run, tiny_fill):
     grid = SMALL.grid()
-    assert d["properties"]["proj:code"] == grid.crs and d["properties"]["proj:shape"] == [grid.height, grid.width]
-    assert d["properties"]["simulated"] is True
-    for asset in d["assets"].values():
-        assert (tiny_run.stac.parent / asset["href"]).is_file()
-    assert {"data", "provenance", "overview"} <= set(d["assets"])
+    for run in (tiny_run, tiny_fill):
+        d = json.loads(run.stac.read_text())
+        assert validate_item(d).core
+        assert d["properties"]["proj:code"] == grid.crs and d["properties"]["proj:shape"] == [grid.height, grid.width]
+        assert d["properties"]["simulated"] is True
+        for asset in d["assets"].values():
+            assert (run.stac.parent / asset["href"]).is_file()
+        assert {"data", "provenance", "overview"} <= set(d["assets"])
+        assert "2 predicted by a model" in d["assets"]["provenance"]["title"]
+    d = json.loads(tiny_fill.stac.read_text())
+    assert d["assets"]["source_days"]["roles"] == ["metadata"]
+    assert d["assets"]["source_days"]["href"] == tiny_fill.source_days.name
+    props = d["properties"]
+    assert props["cloudfree:fill_config"]["fit"] == "local" and props["cloudfree:fill_notes"]
+    assert props["cloudfree:fill_pixels"]["filled"] > 0 and props["cloudfree:warnings"] == []
 
 
 def test_quicklook_is_input_beside_output(tiny_run):
@@ -120,11 +160,11 @@ def test_quicklook_is_input_beside_output(tiny_run):
     assert np.abs(left - right).mean() > 1.0  # clouds on the left, none on the right
 
 
-def test_stitched_mosaic_equals_untiled_model_no_seams(tmp_path):
+def test_stitched_mosaic_equals_untiled_model_no_seams(tmp_path, composite_run):
     """The composite returns its input on clear pixels and works pixel by pixel: tiled + blended output must
     equal one forward over the whole AOI, so any seam at a tile border would show up as a difference."""
-    res = reconstruct(SMALL, DATE, "composite", tmp_path, fast(tile=64, overlap=32, block=512))
-    lm = load_model("composite")
+    res = reconstruct(SMALL, DATE, composite_run, tmp_path, fast(tile=64, overlap=32, block=512))
+    lm = load_model(composite_run)
     grid = SMALL.grid()
     loader = MosaicLoader(SyntheticSource(), grid, res.plan, lm.spec, mask_method="cloudscore")
     inputs = loader(0, grid.height, 0, grid.width)
@@ -162,10 +202,16 @@ def test_checkpoint_the_source_cannot_satisfy():
 
 
 def test_date_without_scenes_lists_nearest_dates():
-    spec = load_model("composite").spec
+    from models.registry import model_spec
+
     needle = r"no s2 scene on 2021-07-20 .*nearest dates with scenes: .*2021-07-17.*2021-07-22"
     with pytest.raises(SourceError, match=needle):
-        plan_inputs(SMALL, dt.date(2021, 7, 20), spec, SyntheticSource(), "composite")
+        plan_inputs(SMALL, dt.date(2021, 7, 20), model_spec("composite"), SyntheticSource(), "composite")
+
+
+def test_composite_is_no_model_to_load():
+    with pytest.raises(CheckpointError, match="training-free fill, not a model"):
+        load_model("composite")
 
 
 def test_auxiliary_dates_are_the_clearest_within_the_gap_or_the_latest():
@@ -280,7 +326,7 @@ def test_dask_cluster_gives_the_same_file(tmp_path, wide_single):
 def test_interrupted_run_leaves_no_cog_and_resumes_by_blocks(tmp_path, wide_single, monkeypatch):
     import pipeline.reconstruct.tiling as stitch
 
-    real = stitch.compute_block
+    real = stitch.compute_fill_block
     calls = {"n": 0}
 
     def dies_on_second_block(*a, **k):
@@ -289,18 +335,44 @@ def test_interrupted_run_leaves_no_cog_and_resumes_by_blocks(tmp_path, wide_sing
             raise KeyboardInterrupt  # the user pressed Ctrl-C (or the node died) mid-run
         return real(*a, **k)
 
-    monkeypatch.setattr(stitch, "compute_block", dies_on_second_block)
+    monkeypatch.setattr(stitch, "compute_fill_block", dies_on_second_block)
     with pytest.raises(KeyboardInterrupt):
         reconstruct(WIDE, DATE, "composite", tmp_path, fast(block=512))
     names = {p.name for p in tmp_path.iterdir()}
-    assert wide_single.cog.name not in names and wide_single.provenance.name not in names
+    for done in (wide_single.cog, wide_single.provenance, wide_single.source_days):
+        assert done.name not in names
     assert any(n.endswith(".progress.json") for n in names)
-    monkeypatch.setattr(stitch, "compute_block", real)
+    monkeypatch.setattr(stitch, "compute_fill_block", real)
     again = reconstruct(WIDE, DATE, "composite", tmp_path, fast(block=512))
     assert again.resumed and again.blocks_computed == 1
-    with rasterio.open(wide_single.cog) as a, rasterio.open(again.cog) as b:
-        assert np.array_equal(a.read(), b.read(), equal_nan=True)
+    for a_path, b_path in ((wide_single.cog, again.cog), (wide_single.provenance, again.provenance),
+                           (wide_single.source_days, again.source_days)):
+        with rasterio.open(a_path) as a, rasterio.open(b_path) as b:
+            assert np.array_equal(a.read(), b.read(), equal_nan=True)
+            assert a.tags() == b.tags()  # the fill notes of the block computed before the interruption count too
+    assert again.fill == wide_single.fill
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_changed_fill_config_does_not_resume(tmp_path, monkeypatch):
+    import pipeline.reconstruct.tiling as stitch
+    from pipeline.reconstruct.harmonize import FillConfig
+
+    real = stitch.compute_fill_block
+    calls = {"n": 0}
+
+    def dies_on_second_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(stitch, "compute_fill_block", dies_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(WIDE, DATE, "composite", tmp_path, fast(block=512))
+    monkeypatch.setattr(stitch, "compute_fill_block", real)
+    again = reconstruct(WIDE, DATE, "composite", tmp_path, fast(block=512, fill=FillConfig(fit="none")))
+    assert not again.resumed and again.blocks_computed == again.blocks_total == 2
 
 
 @pytest.mark.slow

@@ -130,7 +130,7 @@ def test_keep_clear_is_bit_exact_and_feathers_reconstructed_side():
     res = compute_block(plan_blocks(h, w, 1024)[0], h, w, load, biased, cfg)
     keep = clear & ~nodata
     assert np.array_equal(res.mean[:, keep].view(np.uint32), observed[:, keep].view(np.uint32))
-    assert (res.provenance[keep] == 0).all() and (res.provenance[~clear] == 1).all()
+    assert (res.provenance[keep] == 0).all() and (res.provenance[~clear] == 2).all()  # 2: predicted by a model
     assert (res.provenance[nodata] == 255).all()
     assert np.isnan(res.mean[:, nodata]).all()
     err = res.mean - observed
