@@ -78,6 +78,9 @@ VARIANTS: dict[str, FillConfig] = {
     "local no feather": FillConfig(feather_px=0),
     "local no buf fallback": FillConfig(history_buffer_fallback=False),
     "local max age 30": FillConfig(max_age_days=30),
+    "local max age 60": FillConfig(max_age_days=60),
+    "local max age 90": FillConfig(max_age_days=90),
+    "local max age 120": FillConfig(max_age_days=120),
 }
 
 

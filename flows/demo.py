@@ -82,6 +82,8 @@ def run_demo(cfg: DemoConfig, step: Callable[[str], None] = lambda s: None) -> D
             source="synthetic",
             out=str(cfg.out),
             mask_method=cfg.mask_method,
+            # an analyst expects the pixels the date saw clearly back as observed (provenance 0), not re-predicted
+            keep_clear=True,
         )
     )
     seconds["reconstruct-aoi"] = time.perf_counter() - t

@@ -12,6 +12,7 @@ from pipeline.cli import preview  # noqa: F401  (preview)
 from pipeline.cli import dataset  # noqa: F401  (build-dataset)
 from pipeline.cli import train  # noqa: F401  (train, evaluate, export-model)
 from pipeline.cli import reconstruct  # noqa: F401  (reconstruct)
+from pipeline.cli import benchmark  # noqa: F401  (benchmark)
 # isort: on
 
 __all__ = ["app", "main"]

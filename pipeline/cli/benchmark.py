@@ -34,6 +34,9 @@ def benchmark_cmd(
         "before each target (0: the standard cases only)."),
     target: Optional[List[str]] = typer.Option(
         None, "--target", help="Only this clear target date YYYY-MM-DD; repeat for several (default: every one)."),
+    simulator: bool = typer.Option(
+        True, "--simulator/--no-simulator", help="Where the source knows its truth (synthetic): also score each "
+        "cloudy date under its own cloud against the simulator's cloud-free truth (variant 'simulator')."),
     max_cases: Optional[int] = typer.Option(
         None, "--max-cases", help="Run only this many (target, cloud) pairs, spread evenly over all of them."),
 ) -> None:
@@ -53,7 +56,7 @@ def benchmark_cmd(
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
     with console.status("benchmark ...") as status:
         report = run_benchmark(aoi, spec.build(), out, methods=chosen, persistent=persistent, max_cases=max_cases,
-                               targets=targets,
+                               targets=targets, simulator=simulator,
                                progress=lambda text: status.update(f"benchmark: {text}"))
 
     from rich.table import Table

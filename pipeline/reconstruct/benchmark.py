@@ -10,6 +10,10 @@ from a date whose product mask calls that pixel not clear (through the source-da
 benchmark computed once per date; 0 expected), and taken from under a pasted cloud that the product's mask
 of the pasted pixels let through (the donor's own mask calls it not clear; filled or kept as observed).
 
+On a source that knows its truth (the synthetic archive) the ``simulator`` variant also reconstructs each cloudy
+date under its own cloud and scores it against the simulator's cloud-free truth of that overpass, on the pixels
+its true mask calls cloud, thin cloud or shadow (``kept_hidden`` then counts those the product's mask missed).
+
 Methods: ``composite`` is the training-free default of ``reconstruct``; ``last-clear`` and ``global-fit`` are
 its fill with ``fit="none"`` / ``fit="global"`` (``ReconstructConfig.fill``); any other name is a training run
 folder (a checkpoint). Outputs, written atomically and only once every case has run: ``benchmark.json`` (every
@@ -52,7 +56,10 @@ from pipeline.reconstruct.cases import (
     case_dates,
     load_series,
     make_case,
+    make_simulated_case,
     remask,
+    simulated_targets,
+    truth_reader,
 )
 from pipeline.reconstruct.config import ReconstructConfig
 from pipeline.regions import Region
@@ -68,7 +75,7 @@ BASELINE = "last-clear"
 FILL_VARIANTS: dict[str, str | None] = {COMPOSITE: None, BASELINE: "none", "global-fit": "global"}
 METRICS = ("psnr", "ssim", "sam", "mae")
 CHECKS = ("unfilled", "filled_from_cloudy", "from_pasted_cloud", "kept_hidden")
-VARIANTS = ("standard", "persistent")
+VARIANTS = ("standard", "persistent", "simulator")
 
 # provenance codes of reconstruct's provenance layer, read by value
 PROV_OBSERVED, PROV_FILLED, PROV_PREDICTED, PROV_NO_CLEAR, PROV_NODATA = 0, 1, 2, 3, 255
@@ -309,10 +316,13 @@ def quicklook_png(case: Case, outputs: dict[str, Output], scores: dict[str, dict
     rgb = get_sensor(series.sensor).rgb or series.bands[:3]
     s = case.spec
     top = [_rgb(case.truth, series.bands, rgb), _rgb(case.image, series.bands, rgb)]
-    top_labels = [f"truth {case.target_date}", f"input: cloud of {series.dates[s.donor]}"]
+    own = s.variant == "simulator"
+    top_labels = [f"{'simulator truth' if own else 'truth'} {case.target_date}",
+                  "input: its own cloud" if own else f"input: cloud of {series.dates[s.donor]}"]
     hidden = np.where(case.hidden[..., None], np.uint8(255), np.uint8(0)).repeat(3, axis=-1)
     bottom = [hidden, _paint(case.product_codes_on(s.target), MASK_COLOURS)]
-    bottom_labels = [f"scored: {int(case.hidden.sum())} hidden px", "input's mask (white cloud, purple shadow)"]
+    bottom_labels = [f"scored: {int(case.hidden.sum())} hidden px" + (" (true mask)" if own else ""),
+                     "input's mask (white cloud, purple shadow)"]
     for name, out in outputs.items():
         psnr = scores[name]["hidden"]["psnr"]
         top.append(_rgb(out.image, out.bands, rgb))
@@ -489,6 +499,8 @@ def _check_writable(out: Path) -> None:
 
 def _quicklook_name(i: int, case: Case) -> str:
     s, d = case.spec, case.series.dates
+    if s.variant == "simulator":
+        return f"quicklooks/{s.variant}-{i:02d}-{d[s.target]:%Y%m%d}.png"
     return f"quicklooks/{s.variant}-{i:02d}-{d[s.target]:%Y%m%d}-cloud-{d[s.donor]:%Y%m%d}.png"
 
 
@@ -501,6 +513,7 @@ def run_benchmark(
     persistent: int = PERSISTENT_K,
     max_cases: int | None = None,
     targets: Sequence[dt.date] | None = None,
+    simulator: bool = True,
     config: ReconstructConfig | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchmarkReport:
@@ -509,8 +522,9 @@ def run_benchmark(
 
     ``persistent``: K dates before each target also clouded (0: the standard cases only); ``targets``: only these
     target dates; ``max_cases``: that many (target, donor) pairs spread over all of them, each run in every
-    variant. Bad input raises one ``BenchmarkError`` (or another ``CloudfreeError``) line before anything is
-    written.
+    variant; ``simulator``: where the source knows its truth (synthetic), also score each cloudy date under its own
+    cloud against the simulator's truth. Bad input raises one ``BenchmarkError`` (or another ``CloudfreeError``)
+    line before anything is written.
     """
     t0 = time.perf_counter()
     say = progress or (lambda text: None)
@@ -526,14 +540,19 @@ def run_benchmark(
     cached = SearchCache(source)
     region = region if region is not None else archive_region(source)
     series = load_series(region, cached, mask_method=config.mask_method, progress=say)
-    specs = build_cases(series, persistent, max_cases, targets)
+    truth = truth_reader(cached, series) if simulator else None
+    specs = build_cases(series, persistent, max_cases, targets, simulated_targets(series, truth))
 
     out_dir = Path(out)
     results: list[CaseResult] = []
     pngs: dict[str, bytes] = {}
     for i, spec in enumerate(specs):
-        case = make_case(series, spec)
-        remask(case)
+        if spec.variant == "simulator":
+            assert truth is not None  # simulator cases exist only with a truth
+            case = make_simulated_case(series, spec, truth)
+        else:
+            case = make_case(series, spec)
+            remask(case)
         outputs: dict[str, Output] = {}
         scores: dict[str, dict[str, Any]] = {}
         for m in resolved:

@@ -12,6 +12,10 @@ window) hidden, the rest delegated, so the method under test runs exactly the co
 ``remask`` masks the pasted dates as the product will (a pasted cloud is not masked exactly as on its own
 date), so a method's use of each pixel can be checked against the mask it should have respected.
 
+A source that knows its truth (the synthetic archive's ``truth(scene, grid)``) adds the ``simulator`` variant:
+each cloudy date as it is, nothing pasted, scored against the simulator's cloud-free truth of that overpass on
+the pixels its true mask calls cloud, thin cloud or shadow (``simulated_case``) - the demo date, say.
+
 ``archive_region`` turns a local archive without a region into one (the first scene's footprint, the archive's
 date range and sensor families).
 """
@@ -41,6 +45,7 @@ MIN_EARLIER = 2  # a target needs a history to be filled from
 DONOR_NOT_CLEAR = (0.20, 0.90)  # a donor cloud hides enough to score, and leaves enough clear to harmonize on
 PERSISTENT_MIN_NOT_CLEAR = 0.20  # clouds pasted onto the history; overcast dates too (they blot a date out)
 PERSISTENT_K = 3
+SIMULATED_MIN_HIDDEN = 0.05  # a simulator case scores a date whose true mask hides at least this share
 MAX_SERIES_BYTES = 2 << 30  # the series is held in memory: a benchmark AOI is a few km, not a scene
 _QA_UNITS = ("bitmask", "class")
 
@@ -169,15 +174,18 @@ def load_series(region: Region, source: Source, *, mask_method: str = "auto",
 
 @dataclass(frozen=True)
 class CaseSpec:
-    """One case: the target date hidden under the donor's cloud; ``history`` pastes (date, donor) pairs too."""
+    """One case: the target date hidden under the donor's cloud; ``history`` pastes (date, donor) pairs too.
+    A ``simulator`` case is the target under its own cloud (``donor == target``), scored on the simulator's truth."""
 
-    variant: str  # "standard" | "persistent"
+    variant: str  # "standard" | "persistent" | "simulator"
     target: int  # date indices into the series
     donor: int
     history: tuple[tuple[int, int], ...] = ()
 
     def name(self, series: Series) -> str:
         d = series.dates
+        if self.variant == "simulator":
+            return f"{d[self.target]} under its own cloud (simulator truth)"
         text = f"{d[self.target]} <- cloud {d[self.donor]}"
         if self.history:
             text += " + " + ", ".join(f"{d[j]:%m-%d}<-{d[p]:%m-%d}" for j, p in self.history)
@@ -217,19 +225,29 @@ def _subset(items: list[Any], n: int | None) -> list[Any]:
     return [items[i] for i in idx]
 
 
+def simulated_targets(series: Series, truth: Callable[[int], tuple[np.ndarray, np.ndarray]] | None) -> list[int]:
+    """Dates a ``simulator`` case can score: at least ``SIMULATED_MIN_HIDDEN`` hidden by the true mask, with at
+    least ``MIN_EARLIER`` earlier dates (none without a truth)."""
+    if truth is None:
+        return []
+    return [t for t in range(MIN_EARLIER, len(series.dates))
+            if series.not_clear[t] >= SIMULATED_MIN_HIDDEN and truth(t)[1].mean() >= SIMULATED_MIN_HIDDEN]
+
+
 def build_cases(series: Series, persistent: int = PERSISTENT_K, max_cases: int | None = None,
-                targets: Sequence[dt.date] | None = None) -> list[CaseSpec]:
+                targets: Sequence[dt.date] | None = None, simulated: Sequence[int] = ()) -> list[CaseSpec]:
     """Every (clear target, cloudy donor) pair, standard and (``persistent`` > 0) persistent; see the module.
 
     ``targets`` limits the cases to those target dates (each must be a clear target date); ``max_cases`` keeps
     that many pairs, spread over the list, each run in every variant. Persistent donors for the
     ``persistent`` dates before the target are the dates >= ``PERSISTENT_MIN_NOT_CLEAR`` not clear other than the
     target, the pasted date and (where another exists) the target's donor, taken in turn from an offset given by
-    the target's index, so neighbouring cases get different clouds.
+    the target's index, so neighbouring cases get different clouds. ``simulated`` (``simulated_targets``) adds a
+    ``simulator`` case per date (``max_cases`` of them at most), for the dates in ``targets`` if given.
     """
     clear, donors = case_dates(series)
     if targets is not None:
-        wrong = [day for day in targets if series.index(day) not in clear]
+        wrong = [day for day in targets if series.index(day) not in clear and series.index(day) not in simulated]
         if wrong:
             by_day = dict(zip(series.dates, series.not_clear))
             why = ", ".join(f"{day} ({100 * by_day[day]:.0f} % not clear)" if day in by_day else f"{day} (no date)"
@@ -237,8 +255,11 @@ def build_cases(series: Series, persistent: int = PERSISTENT_K, max_cases: int |
             raise BenchmarkError(
                 f"--target {why}: not a clear target date of the archive; use one of "
                 f"{', '.join(series.dates[t].isoformat() for t in clear)} (<= {100 * TARGET_MAX_NOT_CLEAR:.0f} % "
-                f"not clear with >= {MIN_EARLIER} earlier dates)")
+                f"not clear with >= {MIN_EARLIER} earlier dates)"
+                + (f", or a cloudy date the simulator's truth scores: "
+                   f"{', '.join(series.dates[t].isoformat() for t in simulated)}" if simulated else ""))
         clear = [t for t in clear if series.dates[t] in set(targets)]
+        simulated = [t for t in simulated if series.dates[t] in set(targets)]
     pairs = _subset([(t, d) for t in clear for d in donors if d != t], max_cases)
     share = series.not_clear
     overcast = [i for i, s in enumerate(share) if s >= PERSISTENT_MIN_NOT_CLEAR]
@@ -251,6 +272,7 @@ def build_cases(series: Series, persistent: int = PERSISTENT_K, max_cases: int |
                 if pool:
                     history.append((j, pool[(t + k) % len(pool)]))
             out.append(CaseSpec("persistent", t, d, tuple(history)))
+    out += [CaseSpec("simulator", t, t) for t in _subset(list(simulated), max_cases)]
     return out
 
 
@@ -319,6 +341,41 @@ def remask(case: Case) -> None:
         spectral = [series.bands.index(b) for b in series.reflectance_bands]
         codes[~np.isfinite(case.pasted[i][spectral]).all(axis=0)] = MaskClass.NODATA
         case.product_codes[i] = codes
+
+
+def truth_reader(source: Source, series: Series) -> Callable[[int], tuple[np.ndarray, np.ndarray]] | None:
+    """For a source that knows its truth (``truth(scene, grid)``, the synthetic archive): date index -> (the
+    cloud-free truth laid out like ``series.refl``, NaN in bands it has no truth for; the pixels its true mask calls
+    cloud, thin cloud or shadow), computed once per date. None for any other source."""
+    inner = getattr(source, "inner", source)  # SearchCache wraps the archive
+    truth = getattr(inner, "truth", None)
+    if not callable(truth):
+        return None
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def read(t: int) -> tuple[np.ndarray, np.ndarray]:
+        if t not in cache:
+            ds = truth(series.scenes[t][0], series.grid)
+            names = [str(b) for b in ds["clear"]["band"].values]
+            values = np.full(series.refl[t].shape, np.nan, np.float32)
+            for k, band in enumerate(series.bands):
+                if band in names:
+                    values[k] = ds["clear"].values[names.index(band)]
+            mask = np.asarray(ds["mask"].values)
+            hidden = np.isin(mask, (MaskClass.CLOUD, MaskClass.THIN_CLOUD, MaskClass.SHADOW))
+            cache[t] = (values, hidden)
+        return cache[t]
+
+    return read
+
+
+def make_simulated_case(series: Series, spec: CaseSpec, truth: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> Case:
+    """A ``simulator`` case: the date as the archive has it, its truth from the simulator; nothing pasted."""
+    values, hidden = truth(spec.target)
+    image = series.refl[spec.target]
+    spectral = [series.bands.index(b) for b in series.reflectance_bands]
+    hidden = hidden & np.isfinite(values[spectral]).all(axis=0) & np.isfinite(image[spectral]).all(axis=0)
+    return Case(spec, series, values, image, hidden)
 
 
 def make_case(series: Series, spec: CaseSpec) -> Case:

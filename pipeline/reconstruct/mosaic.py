@@ -42,13 +42,6 @@ from pipeline.train.samples import model_arrays
 log = logging.getLogger(__name__)
 
 FIT_SAMPLE_SIDE = 256  # longest side of the AOI sample the global fits are computed on
-# Once few pixels still wait for a clear date, a history date is read only around them: rows of PARTIAL_TILE px
-# holding waiting pixels, cut to their extent and grown by PARTIAL_MARGIN px of context (more than the fill reaches,
-# like a block's halo), unless that is more than PARTIAL_MAX_SHARE of the window anyway. Pixels a mask calls cloudy
-# on every date (bright roofs, say) would otherwise have a whole window read and masked for each date of a year.
-PARTIAL_TILE = 128
-PARTIAL_MARGIN = 40
-PARTIAL_MAX_SHARE = 0.5
 # least-cloudy ranking of what a date saw at a pixel with no clear observation (lower is less cloudy)
 _NOT_CLEAR_RANK = np.array([0, 3, 2, 255, 1, 0], dtype=np.uint8)  # clear, cloud, shadow, nodata, thin cloud, snow
 _NO_RANK = 255
@@ -163,8 +156,10 @@ class FillLoader:
     not-clear mask dilated by ``buffer_px + feather_px + 1``) takes its value from them: the most recent date
     clear beyond ``history_buffer_px`` there, or, while none is, the most recent date clear at all (the
     fill's fallback). Reading stops once every such pixel has its date, so ``fill_gaps`` on the kept dates
-    gives what it gives on the whole history, with memory for the dates used only. Once few pixels still wait,
-    a date is read only around them (``date_around``): a date contributes nothing elsewhere.
+    gives what it gives on the whole history, with memory for the dates used only. A date is always read and
+    masked on the whole window, even when few pixels still wait: a mask computed on a smaller cut loses the
+    clouds whose shadows fall inside it (shadow projection reaches kilometres), and the fill would then take
+    shadowed pixels as clear.
     """
 
     def __init__(self, source: Source, grid: Grid, plan: InputPlan, *, mask_method: str, fill: FillConfig,
@@ -181,28 +176,6 @@ class FillLoader:
         refl, codes = mosaic_date(self.source, scenes, sub, self.bands, self.mask_method)
         refl = optical_to_unit(refl)
         clear = (to_cube_codes(codes) == MaskClass.CLEAR) & np.isfinite(refl).all(axis=0)
-        return refl, codes, clear
-
-    def date_around(self, scenes: Sequence[Scene], sub: Grid,
-                    waiting: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``date`` on ``sub``, read only around the ``waiting`` pixels when they are few (``PARTIAL_*``): NaN,
-        NODATA and not clear elsewhere."""
-        rects = _rectangles(waiting, PARTIAL_TILE, PARTIAL_MARGIN)
-        if sum((r1 - r0) * (c1 - c0) for (r0, r1, c0, c1), _ in rects) > PARTIAL_MAX_SHARE * waiting.size:
-            return self.date(scenes, sub)
-        refl = np.full((len(self.bands),) + waiting.shape, np.nan, np.float32)
-        codes = np.full(waiting.shape, MaskClass.NODATA, np.uint8)
-        clear = np.zeros(waiting.shape, bool)
-        written = np.zeros(waiting.shape, bool)
-        for (r0, r1, c0, c1), (k0, k1) in rects:
-            part = self.date(scenes, sub.window(r0, c0, r1 - r0, c1 - c0))
-            # a rectangle's core rows (its waiting pixels) are its own; its margin fills only what no one wrote
-            take = ~written[r0:r1, c0:c1]
-            take[k0 - r0:k1 - r0] = True
-            wholes: tuple[np.ndarray, ...] = (refl, codes, clear)
-            for whole, piece in zip(wholes, part):
-                whole[..., r0:r1, c0:c1][..., take] = piece[..., take]
-            written[r0:r1, c0:c1] = True
         return refl, codes, clear
 
     def __call__(self, r0: int, r1: int, c0: int, c1: int) -> FillInputs:
@@ -222,7 +195,7 @@ class FillLoader:
                 break
             log.debug("fill window rows %d-%d cols %d-%d: %d px wait for a clear date; reading %d days before",
                       r0, r1, c0, c1, int(waiting.sum()), age)
-            refl, codes, clear = self.date_around(scenes, sub, waiting)
+            refl, codes, clear = self.date(scenes, sub)
             read += 1
             valid = np.isfinite(refl).all(axis=0)
             seen |= valid
@@ -238,22 +211,6 @@ class FillLoader:
                 history.append((float(age), refl, clear))
         return FillInputs(target, t_clear, history, seen, read,
                           None if least is None else (least.value, least.age))
-
-
-def _rectangles(waiting: np.ndarray, tile: int, margin: int) -> list[tuple[tuple[int, int, int, int], tuple[int, int]]]:
-    """Windows ``(r0, r1, c0, c1)`` covering the ``waiting`` pixels, one per row of ``tile`` px that holds some: their
-    extent grown by ``margin`` (clipped to the array), each with its core rows ``(k0, k1)`` (the extent's rows)."""
-    h, w = waiting.shape
-    out = []
-    for t0 in range(0, h, tile):
-        band = waiting[t0:t0 + tile]
-        rows, cols = np.flatnonzero(band.any(axis=1)), np.flatnonzero(band.any(axis=0))
-        if not rows.size:
-            continue
-        k0, k1 = t0 + int(rows[0]), t0 + int(rows[-1]) + 1
-        out.append(((max(0, k0 - margin), min(h, k1 + margin), max(0, int(cols[0]) - margin),
-                     min(w, int(cols[-1]) + 1 + margin)), (k0, k1)))
-    return out
 
 
 class _Least:

@@ -312,7 +312,8 @@ class Filler:
     def halo(self) -> int:
         """Context read around a block: more than a fill reaches (local-fit window, buffers, feather)."""
         f = self.fill
-        return f.window_px + f.buffer_px + f.history_buffer_px + f.feather_px + 1 + FILL_MASK_HALO
+        # the local fit's coarse grid (cells of up to 5 px) reaches a cell beyond the window
+        return f.window_px + 5 + f.buffer_px + f.history_buffer_px + f.feather_px + 1 + FILL_MASK_HALO
 
 
 def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader, filler: Filler,
@@ -327,7 +328,7 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
     a0, a1 = max(0, block.r0 - halo), min(height, block.r1 + halo)
     b0, b1 = max(0, block.c0 - halo), min(width, block.c1 + halo)
     inputs = loader(a0, a1, b0, b1)
-    res = fill_gaps(inputs.target, inputs.clear, inputs.history, filler.fill, fits=filler.fits)
+    res = fill_gaps(inputs.target, inputs.clear, inputs.history, filler.fill, fits=filler.fits, origin=(a0, b0))
     crop = (slice(block.r0 - a0, block.r1 - a0), slice(block.c0 - b0, block.c1 - b0))
     image = np.clip(res.image[(slice(None),) + crop], 0.0, 1.0)  # NaN stays NaN
     prov = res.provenance[crop].copy()

@@ -72,6 +72,31 @@ def test_known_linear_change_is_undone_exactly(fit: str) -> None:
     assert np.abs(raw.image - truth)[:, cloud].mean() > 0.02
 
 
+def test_a_changed_surface_is_not_fitted_onto_every_filled_pixel() -> None:
+    """A flood: most of the target's clear pixels turned to water since the fill date. A line fitted on them would
+    darken the whole fill (gains clamp at gain_min); the correlation guard refuses it, notes why, and the fill
+    stays the old date's radiometry away from the water while windows next to it follow their own fit."""
+    old = _texture(seed=3)
+    cloud = _disk(48, 48, 20)
+    flooded = ~cloud & ~_disk(48, 48, 34)  # everything clear around the cloud is now water
+    rng = np.random.default_rng(1)
+    water = (0.03 + 0.01 * rng.random((4, H, W))).astype(np.float32)
+    target = np.where(flooded[None], water, old).astype(np.float32)
+    target[:, cloud] = 0.8
+    history = [(10, old, np.ones((H, W), bool))]
+    res = fill_gaps(target, ~cloud, history, FillConfig(fit="global"))
+    (note,) = res.notes
+    assert note["harmonization"] == "identity" and "surface changed" in note["not_fitted_directly"]
+    core = _disk(48, 48, 12)  # hidden, far from the water
+    np.testing.assert_allclose(res.image[:, core], old[:, core], atol=1e-6)
+    forced = fill_gaps(target, ~cloud, history, FillConfig(fit="global", min_correlation=-1.0))
+    assert forced.notes[0]["harmonization"] == "global"
+    assert np.abs(forced.image[:, core] - old[:, core]).mean() > 0.02  # the flood carried onto dry land
+    local = fill_gaps(target, ~cloud, history, FillConfig())
+    assert local.notes[0]["harmonization"] == "identity" and "local_fit" in local.notes[0]
+    assert np.abs(local.image[:, core] - old[:, core]).mean() < 0.01
+
+
 def test_observed_pixels_away_from_the_border_are_returned_exactly() -> None:
     cfg = FillConfig()
     truth = _texture(seed=1)
@@ -289,3 +314,115 @@ def test_real_series_harmonized_beats_last_clear(real_data: Path) -> None:
         assert psnr["harmonized"] > 36.0, psnr
     # measured 3.2 and 3.4 dB (bench/harmonize_real.py: +3.7 dB over 16 cases)
     assert min(gains) >= 2.0, gains
+
+
+# -- the local fit's lattice, the block path, the fast morphology ---------------------------------------------
+
+
+def _changed_date(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An earlier date and the target's truth: a per-band change whose gain and offset drift across the scene
+    (as haze and phenology do), so the local fit differs from the global one."""
+    old = _texture(seed=seed)
+    y, x = np.mgrid[0:H, 0:W] / H
+    gain = GAIN * (1 + 0.25 * np.sin(3 * x + 2 * y))[None]
+    truth = (gain * old + OFFSET + 0.02 * np.cos(4 * y)[None]).astype(np.float32)
+    return old, truth
+
+
+def _reference_local(x: np.ndarray, y: np.ndarray, common: np.ndarray, a_g: np.ndarray, b_g: np.ndarray,
+                     cfg: FillConfig) -> np.ndarray:
+    """The local fit at every pixel, the guided-filter construction written out with box filters."""
+    size = cfg.window_px
+
+    def box(v: np.ndarray) -> np.ndarray:
+        return ndimage.uniform_filter(v, size=size, mode="constant") * float(size * size)
+
+    n = np.rint(box(common.astype(np.float64)))
+    enough = n >= cfg.window_min_pixels
+    n = np.where(enough, n, 0.0)
+    n_all = np.rint(box(np.ones(common.shape)))
+    out = np.empty(x.shape)
+    for k in range(x.shape[0]):
+        xs, ys = x[k][common].astype(np.float64), y[k][common].astype(np.float64)
+        cx, cy, gv = xs.mean(), ys.mean(), xs.var()
+        xc, yc = np.where(common, x[k] - cx, 0.0), np.where(common, y[k] - cy, 0.0)
+        g_my = a_g[k] * cx + b_g[k] - cy
+        tot = n + cfg.prior_pixels
+        sx, sy, sxx, sxy = (np.where(enough, box(v), 0.0) for v in (xc, yc, xc * xc, xc * yc))
+        mx, my = sx / tot, (sy + cfg.prior_pixels * g_my) / tot
+        vx = (sxx + cfg.prior_pixels * gv) / tot - mx * mx
+        cxy = (sxy + cfg.prior_pixels * a_g[k] * gv) / tot - mx * my
+        a = np.where(vx > cfg.min_variance, cxy / np.maximum(vx, 1e-30), a_g[k]).clip(cfg.gain_min, cfg.gain_max)
+        b = my - a * mx
+        out[k] = box(a) / n_all * (x[k] - cx) + box(b) / n_all + cy
+    return out
+
+
+def test_local_fit_on_the_lattice_follows_the_fit_at_every_pixel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.reconstruct import harmonize
+
+    old, truth = _changed_date(seed=12)
+    cloud = _disk(50, 45, 25)
+    target = np.where(cloud[None], 0.9, truth).astype(np.float32)
+    history = [(10, old, np.ones((H, W), bool))]
+    cfg = FillConfig(buffer_px=0, history_buffer_px=0, feather_px=0, robust_sigma=None)
+    a_g, b_g = harmonize._global_fit(old[:, ~cloud].astype(np.float64), truth[:, ~cloud].astype(np.float64), cfg)
+    reference = _reference_local(old, target, ~cloud, a_g, b_g, cfg)[:, cloud]
+    globally = fill_gaps(target, ~cloud, history, cfg.model_copy(update={"fit": "global"})).image[:, cloud]
+
+    monkeypatch.setattr(harmonize, "_LATTICE_MAX_STEP", 1)  # a window at every pixel: the construction itself
+    np.testing.assert_allclose(fill_gaps(target, ~cloud, history, cfg).image[:, cloud], reference, atol=1e-5)
+    monkeypatch.undo()
+    assert harmonize._lattice_step(cfg.window_px) == (5, 3)
+    lattice = fill_gaps(target, ~cloud, history, cfg).image[:, cloud]
+    off = np.sqrt(((lattice - reference) ** 2).mean())
+    # the lattice costs a small share of what the local fit gains over the global one
+    assert off < 0.1 * np.sqrt(((globally - reference) ** 2).mean()), off
+    assert np.sqrt(((lattice - truth[:, cloud]) ** 2).mean()) < np.sqrt(((globally - truth[:, cloud]) ** 2).mean())
+
+
+def test_a_block_fills_as_the_whole_image_when_it_says_where_it_lies() -> None:
+    from pipeline.reconstruct.harmonize import fit_date, history_usable, target_fit_pixels
+
+    old, truth = _changed_date(seed=13)
+    cloud = _disk(75, 78, 12)
+    target = np.where(cloud[None], 0.9, truth).astype(np.float32)
+    recent_cloud = _disk(70, 90, 6)
+    recent = np.where(recent_cloud[None], 0.8, 0.95 * truth + 0.01).astype(np.float32)
+    history = [(5.0, recent, ~recent_cloud), (20.0, old, np.ones((H, W), bool))]
+    cfg = FillConfig()
+    ages = [a for a, _, _ in history]
+    refl = [r for _, r, _ in history]
+    usable = [history_usable(r, c, cfg) for _, r, c in history]
+    fit_pixels = target_fit_pixels(target, ~cloud, cfg)
+    fits = {a: fit_date(i, ages, refl, usable, target, fit_pixels, cfg) for i, a in enumerate(ages)}
+    whole = fill_gaps(target, ~cloud, history, cfg, fits=fits)
+    r0, c0 = 23, 37  # not on the lattice (5 px)
+    cut = [(a, r[:, r0:, c0:], c[r0:, c0:]) for a, r, c in history]
+    block = fill_gaps(target[:, r0:, c0:], ~cloud[r0:, c0:], cut, cfg, fits=fits, origin=(r0, c0))
+    inner = (slice(None), slice(30, None), slice(30, None))  # beyond the reach of the block's edge
+    mine = whole.image[:, r0:, c0:][inner]
+    assert {n["age_days"] for n in whole.notes} == {5.0, 20.0} and block.notes[0]["harmonization"] == "local"
+    assert np.array_equal(block.provenance[inner[1:]], whole.provenance[r0:, c0:][inner[1:]])
+    assert np.abs(block.image[inner] - mine).max() < 1e-6
+    # anchored at the block's own first pixel instead, the lattice moves and the fill with it
+    shifted = fill_gaps(target[:, r0:, c0:], ~cloud[r0:, c0:], cut, cfg, fits=fits)
+    assert np.abs(shifted.image[inner] - mine).max() > 1e-4
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_morphology_matches_ndimage(seed: int) -> None:
+    from pipeline.reconstruct.harmonize import _dilate, _feather
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(1, 50, 2))
+    mask = ndimage.gaussian_filter(rng.random(shape), rng.uniform(0.5, 3)) > rng.uniform(0.4, 0.6)
+    for radius in range(1, 8):
+        r = np.arange(-radius, radius + 1)
+        disk = (r[:, None] ** 2 + r[None, :] ** 2) <= radius * radius
+        assert np.array_equal(_dilate(mask, radius), ndimage.binary_dilation(mask, structure=disk)), radius
+    if mask.any():
+        dist = ndimage.distance_transform_edt(~mask)
+        for f in range(1, 6):
+            want = np.where(mask, 1.0, np.clip(1.0 - dist / (f + 1), 0.0, 1.0)).astype(np.float32)
+            assert np.array_equal(_feather(mask, f), want), f

@@ -99,10 +99,10 @@ def test_outputs_on_region_grid_valid_cogs_with_metadata(tiny_run, tiny_fill):
     with rasterio.open(tiny_fill.cog) as ds:
         assert ds.descriptions == S2_BANDS
         fill_tags = ds.tags()
-    # the fill: every date within a year before D, D last; its config and notes in the tags
+    # the fill: every date within the maximum age (90 days) before D, D last; its config and notes in the tags
     dates = fill_tags["optical_dates"].split(",")
-    assert dates[-1] == "2021-07-22" and dates[0] == "2020-07-22" and "2021-07-17" in dates
-    assert fill_tags["checkpoint"] == "composite" and json.loads(fill_tags["fill_config"])["max_age_days"] == 365
+    assert dates[-1] == "2021-07-22" and dates[0] == "2021-04-23" and "2021-07-17" in dates
+    assert fill_tags["checkpoint"] == "composite" and json.loads(fill_tags["fill_config"])["max_age_days"] == 90
     notes = json.loads(fill_tags["fill_notes"])
     assert notes and all({"date", "age_days", "harmonization", "filled_pixels", "gain", "offset"} <= set(n)
                          for n in notes)

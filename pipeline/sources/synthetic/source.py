@@ -297,9 +297,9 @@ class SyntheticSource:
     def truth(self, scene: Scene, grid: Grid) -> xr.Dataset:
         """The true cloud-free scene of that date and its true cloud / thin cloud / shadow mask.
 
-        Variables: ``clear`` (band, y, x) reflectance bands of the sensor without clouds, haze or
-        shadow (speckle-free dB for S1), ``mask`` (y, x) ``MaskClass`` codes, ``landcover`` (y, x)
-        codes of ``synth_world.LANDCOVER``, ``flooded`` (y, x), ``dem`` (y, x) metres and, for S2,
+        Variables: ``clear`` (band, y, x) reflectance bands of the sensor without clouds, cirrus, their
+        shadows or sensor noise (the overpass's atmosphere and aerosol haze kept; speckle-free dB for S1),
+        ``mask`` (y, x) ``MaskClass`` codes, ``landcover`` (y, x) codes of ``synth_world.LANDCOVER``, ``flooded`` (y, x), ``dem`` (y, x) metres and, for S2,
         ``cloud_optical_thickness``.
         """
         self._check_scene(scene)
@@ -595,10 +595,19 @@ class _Render:
             s2names = names if self.family == "s2" else [R.LANDSAT_FROM_S2[n] for n in names]
             idx = self._s2_idx(s2names)
             surf = self.surface(idx)
-            # the overpass's atmosphere and illumination, without clouds and without sensor noise; new arrays
-            # either way, so the cached surface stays private
+            # what the sensor would have seen on this overpass without clouds, cirrus and their shadows, and without
+            # its noise: the overpass's atmosphere, illumination and aerosol haze stay. Haze is not cloud (the
+            # masks call it clear, a real clear date carries its own), so a reconstruction of the date must match
+            # it; a truth without it scored observed clear pixels at 30 dB and rewarded fills that keep another
+            # day's atmosphere. New arrays either way, so the cached surface stays private.
             atm = self.atmosphere
-            clear = R.toa_clear(surf, idx, atm) if self.scene.sensor == "s2_l1c" else surf * np.float32(atm.gain)
+            clear = R.toa_clear(surf, idx, atm)
+            haze = self.sky.haze
+            for i, b in enumerate(idx):
+                if R.HAZE[b]:
+                    clear[i] += haze * R.HAZE[b]
+            if self.scene.sensor != "s2_l1c":  # surface reflectance products, as the observed bands are made
+                clear = R.to_surface(clear, idx, atm)
             clear = self._expand(clear)
             mask = self._expand(self.sky.mask())
 
