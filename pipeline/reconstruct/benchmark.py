@@ -98,14 +98,9 @@ class Method:
     config: ReconstructConfig
 
 
-def has_fill() -> bool:
-    """Whether ``reconstruct`` has the harmonized fill, and with it the last-clear / global-fit variants."""
-    return "fill" in ReconstructConfig.model_fields
-
-
 def default_methods() -> list[str]:
-    """Every training-free variant this version of ``reconstruct`` offers."""
-    return list(FILL_VARIANTS) if has_fill() else [COMPOSITE]
+    """Every training-free variant of ``reconstruct``."""
+    return list(FILL_VARIANTS)
 
 
 def resolve_methods(names: Sequence[str], base: ReconstructConfig | None = None) -> list[Method]:
@@ -120,10 +115,6 @@ def resolve_methods(names: Sequence[str], base: ReconstructConfig | None = None)
             if fit is None:
                 out.append(Method(name, COMPOSITE, base))
                 continue
-            if not has_fill():
-                raise BenchmarkError(
-                    f"--methods {name!r} is a variant of the harmonized fill (ReconstructConfig.fill), which this "
-                    f"version of reconstruct does not have; use --methods {COMPOSITE} or a checkpoint run folder")
             from pipeline.reconstruct.harmonize import FillConfig
 
             fill = FillConfig.model_validate({**base.fill.model_dump(), "fit": fit})
@@ -481,7 +472,7 @@ def report_json(report: BenchmarkReport, methods: Sequence[Method]) -> dict[str,
                                  "255": "nodata"},
         },
         "methods": [{"name": m.name, "checkpoint": m.checkpoint,
-                     "fill": (m.config.fill.model_dump() if has_fill() else None)} for m in methods],
+                     "fill": m.config.fill.model_dump()} for m in methods],
         "means": report.means,
         "cases": [c.to_json() for c in report.cases],
         "seconds": report.seconds,

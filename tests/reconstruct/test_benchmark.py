@@ -142,16 +142,15 @@ def test_on_grid_warps_what_is_not_a_window():
     assert out.shape == (1, 3, 4) and np.isfinite(out).all() and 0 <= out.min() and out.max() <= 47
 
 
-def test_methods_resolve_or_fail_in_one_line(tmp_path, monkeypatch):
+def test_methods_resolve_or_fail_in_one_line(tmp_path):
     assert [m.name for m in bm.resolve_methods(["composite", str(tmp_path)])] == ["composite", str(tmp_path)]
     with pytest.raises(BenchmarkError, match="neither a training-free method .* nor a training run folder"):
         bm.resolve_methods(["nope"])
     with pytest.raises(BenchmarkError, match="twice"):
         bm.resolve_methods(["composite", "composite"])
-    monkeypatch.setattr(bm, "has_fill", lambda: False)
-    assert bm.default_methods() == ["composite"]
-    with pytest.raises(BenchmarkError, match="harmonized fill .* does not have; use --methods composite"):
-        bm.resolve_methods(["last-clear"])
+    assert bm.default_methods() == ["composite", "last-clear", "global-fit"]
+    fits = {m.name: m.config.fill.fit for m in bm.resolve_methods(bm.default_methods())}
+    assert fits == {"composite": "local", "last-clear": "none", "global-fit": "global"}
 
 
 # --- the real series ------------------------------------------------------------------------------------------
@@ -163,7 +162,7 @@ def real_report(real_data, tmp_path_factory):
     target under one real cloud, standard and persistent (K=3: the 3 dates before it under the other cloud)."""
     from pipeline.sources.registry import get_source
 
-    methods = ["composite", "last-clear"] if bm.has_fill() else ["composite"]
+    methods = ["composite", "last-clear"]
     out = tmp_path_factory.mktemp("bench") / "out"
     src = get_source("local", root=real_data / SERIES_DIR)
     region = archive_region(src)
@@ -197,8 +196,6 @@ def test_real_benchmark_writes_table_json_and_quicklooks(real_report):
 
 def test_real_benchmark_fills_nothing_from_a_cloudy_pixel(real_report):
     report, methods, _ = real_report
-    if not bm.has_fill():
-        pytest.skip("reconstruct writes no source-date layer before the harmonized fill (ReconstructConfig.fill)")
     for case in report.cases:
         for name in methods:
             assert case.methods[name]["filled_from_cloudy"] == 0, (case.name, name)
@@ -206,8 +203,6 @@ def test_real_benchmark_fills_nothing_from_a_cloudy_pixel(real_report):
 
 def test_real_benchmark_composite_beats_last_clear(real_report):
     report, _, _ = real_report
-    if not bm.has_fill():
-        pytest.skip("last-clear is a variant of the harmonized fill (ReconstructConfig.fill), not there yet")
     for case in report.cases:
         gain = case.methods["composite"]["hidden"]["psnr"] - case.methods["last-clear"]["hidden"]["psnr"]
         assert gain >= FLOOR_DB, (case.name, gain)
@@ -220,7 +215,7 @@ runner = CliRunner()
 
 def test_benchmark_command_on_the_synthetic_archive(tmp_path):
     region = {"name": "bench-tiny", "bbox": [113.640, 34.740, 113.668, 34.763], "sensors": ["s2"],
-              "window": {"start": "2022-03-20", "end": "2022-04-10"}}  # 4 dates: 2 cloudy, then 04-08 clear
+              "window": {"start": "2022-03-20", "end": "2022-04-20"}}  # 2 cloudy, 04-03 and 04-08 clear, 04-13 overcast
     parse_region(region, "bench-tiny")  # the dict is a valid region
     path = tmp_path / "bench-tiny.yaml"
     path.write_text(yaml.safe_dump(region))
@@ -230,9 +225,16 @@ def test_benchmark_command_on_the_synthetic_archive(tmp_path):
     assert r.exit_code == 0, r.output
     assert "standard" in r.output and "persistent" in r.output and "composite" in r.output
     data = json.loads((out / "benchmark.json").read_text())
-    assert data["archive"]["source"] == "synthetic" and len(data["cases"]) == 2
+    assert data["archive"]["source"] == "synthetic"
+    assert [c["variant"] for c in data["cases"]] == ["standard", "persistent", "simulator"]
     assert [m["name"] for m in data["methods"]] == ["composite"]
     assert all((out / c["quicklook"]).exists() for c in data["cases"])
+    # the simulator case: a cloudy date under its own cloud, scored on the simulator's truth where its true mask
+    # hides the ground; the product fills what its own mask calls cloudy
+    sim = data["cases"][2]
+    assert sim["name"].endswith("under its own cloud (simulator truth)") and sim["hidden_share"] >= 0.05
+    scores = sim["methods"]["composite"]
+    assert scores["hidden"]["psnr"] > 20 and scores["provenance"].get("1", 0) > 0 and scores["filled_from_cloudy"] == 0
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------

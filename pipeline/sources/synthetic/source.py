@@ -299,8 +299,8 @@ class SyntheticSource:
 
         Variables: ``clear`` (band, y, x) reflectance bands of the sensor without clouds, cirrus, their
         shadows or sensor noise (the overpass's atmosphere and aerosol haze kept; speckle-free dB for S1),
-        ``mask`` (y, x) ``MaskClass`` codes, ``landcover`` (y, x) codes of ``synth_world.LANDCOVER``, ``flooded`` (y, x), ``dem`` (y, x) metres and, for S2,
-        ``cloud_optical_thickness``.
+        ``mask`` (y, x) ``MaskClass`` codes, ``landcover`` (y, x) codes of ``synth_world.LANDCOVER``,
+        ``flooded`` (y, x), ``dem`` (y, x) metres and, for S2, ``cloud_optical_thickness``.
         """
         self._check_scene(scene)
         if not self._native_frame(grid):
