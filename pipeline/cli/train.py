@@ -76,7 +76,8 @@ def train_cmd(
     result = train(cfg, data, out, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         best = "-" if result.best_value is None else f"{result.best_value:.4f}"
-        console.print(f"trained {model} for {result.epochs_run} epoch(s) in {result.seconds:.0f} s "
+        total = f", {result.total_seconds:.0f} s in all sessions" if resume else ""
+        console.print(f"trained {model} for {result.epochs_run} epoch(s) in {result.seconds:.0f} s{total} "
                       f"({result.samples_per_s:.1f} samples/s); best {result.monitor} {best} "
                       f"at epoch {result.best_epoch}{' (early stop)' if result.stopped_early else ''}; "
                       f"checkpoint {out / 'model.pt'}", highlight=False)
@@ -90,11 +91,14 @@ def evaluate_cmd(
     split: str = typer.Option("test", "--split", help="train | val | test"),
     out: Optional[Path] = typer.Option(None, "--out",
                                        help="where metrics.json and metrics.md go (default RUN/eval-SPLIT)"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: int = typer.Option(8, "--batch-size", help="samples per forward pass (at least 1)"),
 ) -> None:
     """Metrics on all and cloud-covered pixels, per band group, next to the composite baseline."""
+    from pipeline.train.config import TrainConfigError
     from pipeline.train.evaluate import evaluate, markdown_table
 
+    if batch_size < 1:
+        raise TrainConfigError(f"--batch-size {batch_size}: must be at least 1 (e.g. 8; lower it if memory runs out)")
     result = evaluate(checkpoint, data, split, out, batch_size=batch_size)
     console.print(markdown_table(result), markup=False, highlight=False)
     console.print(f"written: {(out or checkpoint / f'eval-{split}') / 'metrics.json'}", highlight=False)

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -58,13 +56,20 @@ def safe_load(path: Path, what: str) -> Any:
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError,
-            AttributeError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - junk bytes make torch.load fail in many ways (IndexError, KeyError...)
         raise CheckpointError(
-            f"{path} is not a readable {what} ({type(exc).__name__}: {reason}); the file is corrupt or not written by "
-            "`cloudfree train` - copy it again or retrain"
+            f"{path} is not a readable {what} ({type(exc).__name__}: {_first_sentence(str(exc))}); the file is corrupt "
+            "or not written by `cloudfree train` - copy it again or retrain"
         ) from None
+
+
+def _first_sentence(text: str, limit: int = 120) -> str:
+    """The library's reason without its multi-paragraph advice, cut at a word so the line never stops mid-word."""
+    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
+    line = line.split(". ")[0].rstrip(".")
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return line
 
 
 def save_model(run_dir: Path, model: torch.nn.Module, meta: Mapping[str, Any]) -> dict:
@@ -91,6 +96,11 @@ def _json_default(o: Any) -> Any:
 def read_meta(run_dir: Path) -> dict:
     """``model.json`` of a run, checked for the keys inference and evaluation need."""
     path = Path(run_dir) / META_FILE
+    if Path(run_dir).is_file():
+        raise CheckpointError(
+            f"{run_dir} is a file; --checkpoint takes the run folder that holds it (the --out folder of `cloudfree "
+            f"train`, with {MODEL_FILE} and {META_FILE}), e.g. {Path(run_dir).parent}"
+        )
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"checkpoint folder {run_dir} does not exist; pass the --out folder of `cloudfree train`")
     if not path.is_file():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -165,6 +166,14 @@ def _max_diff(a: tuple, b: tuple) -> float:
     return max(float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b))
 
 
+def _publish(tmp_path: Path, path: Path) -> None:
+    # NamedTemporaryFile creates 0600 files; an exported model is shared like the run's other outputs (umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp_path.chmod(0o666 & ~umask)
+    tmp_path.replace(path)
+
+
 def _torchscript(adapter: nn.Module, ex: tuple, check: tuple, expected: tuple, path: Path) -> float:
     try:
         with torch.no_grad():
@@ -181,7 +190,7 @@ def _torchscript(adapter: nn.Module, ex: tuple, check: tuple, expected: tuple, p
         with torch.no_grad():
             got = loaded(*check)
         got = got if isinstance(got, tuple) else (got,)
-        tmp_path.replace(path)
+        _publish(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -210,7 +219,7 @@ def _onnx(adapter: nn.Module, ex: tuple, check: tuple, expected: tuple, path: Pa
         # inputs the model ignores (e.g. the mask of a model without needs_mask) are dropped from the graph
         declared = {i.name for i in sess.get_inputs()}
         got = sess.run(None, {n: x.numpy() for n, x in zip(names_in, check) if n in declared})
-        tmp_path.replace(path)
+        _publish(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

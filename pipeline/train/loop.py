@@ -333,8 +333,9 @@ class TrainResult:
     monitor: str
     history: list[dict[str, float]]
     stopped_early: bool
-    seconds: float
+    seconds: float  # this invocation (a resumed run does not count the earlier sessions' time)
     samples_per_s: float
+    total_seconds: float = 0.0  # every session of the run, what time_limit_s is compared with
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -392,6 +393,7 @@ class _Run:
     t_start: float  # perf_counter of a straight run's start: a resumed run counts its earlier time
     samples_seen: int = 0
     t_train: float = 0.0
+    t_session: float = field(default_factory=time.perf_counter)  # this invocation's start, resumed or not
 
 
 def train(
@@ -540,8 +542,9 @@ def _checkpoint(run: _Run, epoch_logs: dict[str, float], metrics: dict[str, floa
 def _result(run: _Run, stopped_early: bool) -> TrainResult:
     st = run.st
     return TrainResult(run.out, st.epoch - run.start_epoch, st.best_epoch, st.best_value, run.cfg.monitor, st.history,
-                       stopped_early, time.perf_counter() - run.t_start,
-                       run.samples_seen / run.t_train if run.t_train else 0.0)
+                       stopped_early, time.perf_counter() - run.t_session,
+                       run.samples_seen / run.t_train if run.t_train else 0.0,
+                       total_seconds=time.perf_counter() - run.t_start)
 
 
 def _validate_epoch(parts: Parts, loader: DataLoader, rt: Runtime, cfg: TrainConfig, writer: Any, epoch: int,

@@ -404,3 +404,18 @@ def test_same_scene_twice_is_an_error(tmp_path, real_data):
         shutil.copy(real_data / "sen12mscr" / "s1" / f"{FALL}.tif", dst)
     with pytest.raises(DataError, match=f"scene {FALL}_s1 is also at"):
         LocalSource(tmp_path)
+
+
+def test_an_unreadable_file_beside_good_ones_is_skipped_with_a_warning(tmp_path, real_data, caplog):
+    # One broken download among many (often outside the AOI) must not stop the run: its scene is skipped, named.
+    for name in (FALL, WINTER):
+        src_file = real_data / "sen12mscr" / "s2_cloudy" / f"{name}.tif"
+        (tmp_path / "s2_cloudy").mkdir(exist_ok=True)
+        (tmp_path / "s2_cloudy" / f"{name}.tif").write_bytes(src_file.read_bytes())
+    bad = tmp_path / "s2_cloudy" / f"{WINTER}.tif"
+    bad.write_bytes(b"not a tiff at all")
+    with caplog.at_level("WARNING", logger="pipeline.sources.local.source"):
+        src = LocalSource(tmp_path)
+    assert len(src.scenes()) == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and f"{bad}: not a readable GeoTIFF" in warned[0] and "skipped 1 scene(s)" in warned[0]

@@ -52,11 +52,15 @@ def test_trains_logs_and_checkpoints(tmp_path, data):
 def test_resume_is_exact(tmp_path, data):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(_cfg(epochs=2), None, straight, train_data=data[0], val_data=data[1], progress=False)
-    train(_cfg(epochs=1), None, split, train_data=data[0], val_data=data[1], progress=False)
+    first = train(_cfg(epochs=1), None, split, train_data=data[0], val_data=data[1], progress=False)
+    first_elapsed = _final_state(split)["loop"]["elapsed_s"]
     with pytest.raises(CheckpointError, match="--resume"):
         train(_cfg(epochs=2), None, split, train_data=data[0], val_data=data[1], progress=False)
     res = train(_cfg(epochs=2), None, split, resume=True, train_data=data[0], val_data=data[1], progress=False)
     assert res.epochs_run == 1
+    # the resumed call reports its own time; the run's total (what --time-limit counts) adds the first session's
+    assert res.total_seconds == pytest.approx(res.seconds + first_elapsed, abs=0.5)
+    assert first_elapsed <= first.seconds and res.seconds < res.total_seconds
     a, b = _final_state(straight), _final_state(split)
     assert a["loop"]["epoch"] == b["loop"]["epoch"] == 2
     for k in a["model"]:

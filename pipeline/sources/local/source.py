@@ -59,11 +59,20 @@ def _describe(exc: BaseException) -> str:
     return f"{exc}: {cause}" if cause else str(exc)
 
 
+class UnusableFile(DataError):
+    """A file of the archive that cannot be indexed (unreadable, no CRS, wrong band count).
+
+    Indexing skips its scene with a warning: one bad file among thousands outside the AOI must not stop a run.
+    """
+
+
 def _open(path: Path) -> rasterio.io.DatasetReader:
     try:
         return rasterio.open(path)
     except RasterioError as exc:
-        raise DataError(f"{path}: not a readable GeoTIFF ({_describe(exc)}); re-download or delete the file") from None
+        raise UnusableFile(
+            f"{path}: not a readable GeoTIFF ({_describe(exc)}); re-download or delete the file"
+        ) from None
 
 
 class LocalSource:
@@ -84,6 +93,7 @@ class LocalSource:
     # -- indexing ---------------------------------------------------------------------------------
     def _index(self) -> None:
         claimed: set[Path] = set()
+        skipped: list[str] = []
         for lay in self.layouts:
             groups_by_scene: dict[str, list[tuple[Path, dict[str, str]]]] = defaultdict(list)
             for path in sorted(self.root.glob(lay.filename_glob)):
@@ -101,9 +111,19 @@ class LocalSource:
                     raise DataError(
                         f"{files[0][0]}: scene {scene_id} is also at {other}; keep one copy under {self.root}"
                     )
-                self._entries[scene_id] = self._make_entry(lay, scene_id, files)
+                try:
+                    self._entries[scene_id] = self._make_entry(lay, scene_id, files)
+                except UnusableFile as exc:
+                    skipped.append(str(exc))
+        if skipped and not self._entries:
+            raise UnusableFile(skipped[0] + (f" (and {len(skipped) - 1} more file(s) like it)" if skipped[1:] else ""))
         if not self._entries:
             self._raise_empty()
+        if skipped:
+            others = [line.split(": ", 1)[0] for line in skipped[1:]]
+            more = f"; also {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}" if others else ""
+            log.warning("local source %s: skipped %d scene(s) that cannot be used: %s%s", self.root, len(skipped),
+                        skipped[0], more)
         log.info(
             "local source %s: %d scenes (%s)",
             self.root,
@@ -142,12 +162,12 @@ class LocalSource:
                     what = (
                         f"one band ({g['band']})" if lay.band_per_file else f"{expected} bands ({', '.join(declared)})"
                     )
-                    raise DataError(
+                    raise UnusableFile(
                         f"{path}: has {src.count} band(s) but layout {lay.name} expects {what}; "
                         f"move the file out of {self.root} or pass the right layout"
                     )
                 if src.crs is None:
-                    raise DataError(
+                    raise UnusableFile(
                         f"{path}: GeoTIFF has no CRS; it cannot be placed on a grid - re-export it with its CRS"
                     )
                 if footprint is None:
