@@ -8,6 +8,8 @@
   points at files that are gone is rerun with ``refresh_cache`` (see ``run_cached``).
 - Concurrency: tasks that talk to Earth Engine carry the ``earthengine`` tag; ``make serve`` creates a
   tag concurrency limit for it (production servers: ``prefect concurrency-limit create earthengine N``).
+- Secrets: importing this module (every flow does) installs ``pipeline.redact`` on the root and Prefect log
+  handlers, so a library message holding a key or token is scrubbed before it reaches the Prefect database.
 - Task runner: threads by default; ``CLOUDFREE_DASK=local`` for a local dask cluster, or
   ``CLOUDFREE_DASK=tcp://host:8786`` for an existing ``dask.distributed`` scheduler (read at import, so a
   deployment sets it in its job variables ``env``).
@@ -24,9 +26,14 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from pipeline import redact
 from pipeline.errors import CloudfreeError
 
 EE_TAG = "earthengine"
+
+# At import, not in a flow body: Prefect has configured its loggers by now (``import prefect`` does), and a flow
+# can log before its first line runs (parameter validation, the engine's own exception report).
+redact.install()
 
 
 def _software_version(context: Any, parameters: dict[str, Any]) -> str:
@@ -44,8 +51,11 @@ def is_transient_error(exc: BaseException | None) -> bool:
     """Worth retrying later: network/quota/server trouble, never a deterministic ``CloudfreeError``."""
     if exc is None:
         return False
+    from pipeline.sources.earthengine.auth import EarthEngineUnreachable
     from pipeline.sources.earthengine.pixels import EarthEngineRequestError, is_transient
 
+    if isinstance(exc, EarthEngineUnreachable):  # a CloudfreeError for its one-line message, but the network's fault
+        return True
     if isinstance(exc, EarthEngineRequestError):
         # the source already backed off; retrying the task later helps only if the cause was transient
         cause = exc.__cause__

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.errors import CloudfreeError, DataError
+from pipeline.redact import install as install_redaction
 
 app = typer.Typer(
     name="cloudfree",
@@ -67,6 +68,7 @@ def describe_os_error(exc: OSError) -> str | None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_redaction()  # after basicConfig: the filter goes on the root handler it creates
     try:
         app()
     except CloudfreeError as exc:
