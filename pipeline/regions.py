@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -21,6 +22,7 @@ from rasterio.warp import transform_bounds
 
 from pipeline.errors import RegionError
 from pipeline.grid import Grid
+from pipeline.sensors import DEFAULT_SENSOR, SENSORS, s1_max_days
 
 PROJECT_REGIONS = Path(__file__).resolve().parents[1] / "regions"
 SENSOR_FAMILIES = ("s1", "s2", "landsat")
@@ -77,6 +79,13 @@ class Splits(_Strict):
         return self
 
 
+_SAR_MAX_DAYS_HELP = (
+    "S1 must lie within this many days of each optical date. Left out of a region file, it follows the S1 "
+    "constellation over the window: half the revisit, 3 days while two satellites fly (2016-09-26..2021-12-23, from "
+    "2025-05), 6 days with S1A alone (see pipeline.sensors.s1_max_days)."
+)
+
+
 class TCSEN12Rule(_Strict):
     """TCSEN12: a reference (target) date under 5 % cloud; earlier optical may be contaminated; S1 near each."""
 
@@ -87,7 +96,7 @@ class TCSEN12Rule(_Strict):
         1, ge=1, le=4, description="Auxiliary optical dates before the reference (1: pairs, 2: three-date samples)."
     )
     max_gap_days: int = Field(30, ge=1, description="Max days between the reference and the oldest auxiliary date.")
-    sar_max_days: int = Field(3, ge=0, description="S1 must lie within this many days of each optical date.")
+    sar_max_days: int = Field(3, ge=0, description=_SAR_MAX_DAYS_HELP)
     min_valid: float = Field(0.99, ge=0, le=1, description="Min fraction of valid (non-nodata) pixels per date.")
 
 
@@ -109,6 +118,7 @@ class SEN12MSCRTSRule(_Strict):
     n_inputs: int = Field(3, ge=1)
     coverage_min: float = Field(0.0, ge=0, le=1)
     coverage_max: float = Field(1.0, ge=0, le=1)
+    sar_max_days: int = Field(3, ge=0, description=_SAR_MAX_DAYS_HELP)
     min_valid: float = Field(0.99, ge=0, le=1)
 
 
@@ -144,6 +154,23 @@ class Region(_Strict):
         for s in v if isinstance(v, (list, tuple)) else [v]:
             if s not in SENSOR_FAMILIES:
                 raise ValueError(f"unknown sensor {s!r}; use some of {list(SENSOR_FAMILIES)}")
+        return v
+
+    @field_validator("geometry", mode="before")
+    @classmethod
+    def _geometry_is_a_path(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "bbox" in v:
+            raise ValueError(
+                f"got a mapping with a bbox ({v!r}); 'geometry' is a GeoJSON file path - for a box write "
+                f"'bbox: {list(v['bbox']) if isinstance(v['bbox'], (list, tuple)) else v['bbox']}' at the top level "
+                "and drop 'geometry'"
+            )
+        if isinstance(v, dict):
+            raise ValueError(
+                f"got inline GeoJSON (type {v.get('type')!r}); 'geometry' is the path of a GeoJSON file relative to "
+                "the region file - save it as e.g. aoi.geojson and write 'geometry: aoi.geojson', or run "
+                "'cloudfree regions new NAME --geojson FILE ...'"
+            )
         return v
 
     @field_validator("resolution")
@@ -201,6 +228,12 @@ class Region(_Strict):
                 f"event_date {self.event_date} is outside the window {self.window.start}..{self.window.end}; widen the "
                 "window or fix the date"
             )
+        rule = self.selection
+        if isinstance(rule, (TCSEN12Rule, SEN12MSCRTSRule)) and "sar_max_days" not in rule.model_fields_set:
+            # the default follows the S1 revisit of the region's dates: a fixed 3 days rejected every patch of
+            # every event after S1B's failure (12-day revisit)
+            resolved = rule.model_copy(update={"sar_max_days": s1_max_days(self.window.start, self.window.end)})
+            object.__setattr__(self, "selection", resolved)  # frozen model; this is still its construction
         return self
 
     # -- geometry ---------------------------------------------------------------------------------
@@ -399,6 +432,52 @@ def parse_region(data: Any, source: str = "<region>") -> Region:
         raise RegionError(_format_errors(source, exc)) from None
 
 
+class _RegionLoader(yaml.SafeLoader):
+    """Safe YAML, except that a date-looking value that is no date stays text (see ``_date_or_text``)."""
+
+
+def _date_or_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    # An unquoted 2021-13-01 makes PyYAML's own constructor raise a bare ValueError with no field or line;
+    # as text it reaches pydantic, whose error names the field and the value.
+    try:
+        return yaml.SafeLoader.construct_yaml_timestamp(loader, node)
+    except ValueError:
+        return loader.construct_scalar(node)
+
+
+_RegionLoader.add_constructor("tag:yaml.org,2002:timestamp", _date_or_text)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's text spans several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        text = f"{exc.problem or exc.context} at line {mark.line + 1}, column {mark.column + 1}"
+        if exc.context and exc.problem and exc.context_mark is not None:  # where the unclosed [ or { began
+            text = f"{exc.context} from line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1}: {text}"
+        return text
+    return " ".join(str(exc).split())
+
+
+def read_region_yaml(path: Path) -> Any:
+    """The parsed YAML of a region file; unreadable, binary or malformed files are one ``RegionError`` line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RegionError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8); a region is a YAML text file - pass the "
+            ".yaml file, not an image or archive (make one with 'cloudfree regions new')"
+        ) from None
+    except IsADirectoryError:
+        raise RegionError(f"{path}: is a folder; pass a region YAML file inside it") from None
+    except OSError as exc:
+        raise RegionError(f"{path}: cannot be read ({exc.strerror}); check the path and its permissions") from None
+    try:
+        return yaml.load(text, Loader=_RegionLoader)  # noqa: S506 - _RegionLoader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise RegionError(f"{path}: not valid YAML ({_yaml_problem(exc)}); fix the file") from None
+
+
 def load_region(name_or_path: str | Path) -> Region:
     """Load a region by name (``regions/NAME.yaml``) or by path to a YAML file."""
     path = Path(name_or_path)
@@ -409,11 +488,7 @@ def load_region(name_or_path: str | Path) -> Region:
             f"region '{name_or_path}' not found (looked for {path}); known regions: "
             f"{', '.join(list_regions()) or 'none'}"
         )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RegionError(f"{path}: not valid YAML ({exc}); fix the file") from None
-    region = parse_region(data, str(path))
+    region = parse_region(read_region_yaml(path), str(path))
     if path.stem != region.name and path.parent == regions_dir():
         raise RegionError(
             f"{path}: field 'name' is {region.name!r} but the file is named {path.stem!r}; make them equal"
@@ -422,3 +497,114 @@ def load_region(name_or_path: str | Path) -> Region:
         region = region.model_copy(update={"geometry": str((path.parent / region.geometry).resolve())})
         _geojson_bounds(Path(str(region.geometry)), path)  # a broken GeoJSON fails here, not at the first grid() call
     return region
+
+
+# -- size guard ---------------------------------------------------------------------------------------
+MAX_MEGAPIXELS_ENV = "CLOUDFREE_MAX_MEGAPIXELS"
+# 10 Mpx is 1,000 km² at 10 m (about 32 x 32 km; 9,000 km² at 30 m): a city or river-reach flood AOI, and what a
+# 16 GB machine builds with room to spare (~7.5 GB build-dataset peak, measured below; ~0.3 GB of hidden reconstruct
+# intermediates in uint16, 0.55 GB in float32). A larger AOI needs --yes or a machine-wide CLOUDFREE_MAX_MEGAPIXELS.
+DEFAULT_MAX_MEGAPIXELS = 10.0
+# build-dataset reads and masks each scene on the whole region grid. Peak RSS measured with the synthetic source
+# (2 cores, 2022 Sindh windows): 1.66 GB at 1.1 Mpx, 7.07 GB at 9.1 Mpx. Modelled as the interpreter and libraries,
+# ~443 bytes a pixel of whole-grid rendering, reading and masking, and the scene cache (BuildConfig.cache_bytes,
+# 2 GiB) filling at ~237 bytes a pixel until it is full.
+BUILD_BASE_BYTES = 900_000_000
+BUILD_BYTES_PER_PIXEL = 443
+BUILD_CACHE_BYTES_PER_PIXEL = 237
+BUILD_CACHE_BYTES = 2 << 30
+# the reconstruct composite's hidden .partial.tif files are uncompressed: the reflectance bands in the output
+# dtype, the uint8 provenance and the int16 source-days layer. RECONSTRUCT_DTYPE is ReconstructConfig.dtype's
+# default (a foundation cannot import the reconstruct stage; tests/cli/test_cli_guards.py checks they agree).
+RECONSTRUCT_DTYPE = "uint16"
+_DTYPE_BYTES = {"uint16": 2, "float32": 4}
+_EXTRA_LAYER_BYTES = 1 + 2
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """What a region costs: its grid, the reconstruct outputs on disk and build-dataset's peak memory."""
+
+    width: int
+    height: int
+    resolution: float
+    bands: int
+    dtype: str
+    intermediate_bytes: int
+    cog_bytes: int
+    build_peak_bytes: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def megapixels(self) -> float:
+        return self.pixels / 1e6
+
+    @property
+    def area_km2(self) -> float:
+        return self.pixels * self.resolution**2 / 1e6
+
+    def lines(self) -> list[str]:
+        return [
+            f"size: {self.width:,} x {self.height:,} px at {self.resolution:g} m = {self.megapixels:,.1f} Mpx "
+            f"({self.area_km2:,.0f} km²)",
+            f"disk: reconstruct writes ~{_gb(self.intermediate_bytes)} of hidden uncompressed intermediates "
+            f"({self.bands} {self.dtype} bands + provenance + source days) and a COG of up to "
+            f"~{_gb(self.cog_bytes)} per date",
+            f"memory: build-dataset peaks near ~{_gb(self.build_peak_bytes)} (whole-grid scene reads)",
+        ]
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.0f} MB"
+
+
+def _optical_bands(region: Region) -> int:
+    family = "s2" if "s2" in region.sensors or "landsat" not in region.sensors else "landsat"
+    return len(SENSORS[DEFAULT_SENSOR[family]].reflectance_bands)
+
+
+def estimate_size(region: Region, dtype: str = RECONSTRUCT_DTYPE) -> SizeEstimate:
+    """Pixels of the region's grid, the reconstruct composite's disk use per date (``dtype``: its output type) and
+    build-dataset's peak memory."""
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not a reconstruct output type; use one of {', '.join(_DTYPE_BYTES)}")
+    g = region.grid()
+    px = g.width * g.height
+    bands = _optical_bands(region)
+    intermediate = px * (bands * _DTYPE_BYTES[dtype] + _EXTRA_LAYER_BYTES)
+    build = BUILD_BASE_BYTES + BUILD_BYTES_PER_PIXEL * px + min(BUILD_CACHE_BYTES, BUILD_CACHE_BYTES_PER_PIXEL * px)
+    return SizeEstimate(g.width, g.height, region.resolution, bands, dtype, intermediate, intermediate, build)
+
+
+def max_megapixels() -> float:
+    """The size limit: ``CLOUDFREE_MAX_MEGAPIXELS`` or ``DEFAULT_MAX_MEGAPIXELS``."""
+    raw = os.environ.get(MAX_MEGAPIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_MEGAPIXELS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or math.isinf(value):
+        raise RegionError(
+            f"{MAX_MEGAPIXELS_ENV}={raw!r} is not a positive number of megapixels; set it to e.g. 100, or unset it "
+            f"for the default {DEFAULT_MAX_MEGAPIXELS:g}"
+        )
+    return value
+
+
+def check_size(region: Region, *, yes: bool = False, dtype: str = RECONSTRUCT_DTYPE) -> SizeEstimate:
+    """The region's ``SizeEstimate``; a one-line ``RegionError`` when it is over the limit and ``yes`` is False."""
+    est = estimate_size(region, dtype)
+    limit = max_megapixels()
+    if est.megapixels > limit and not yes:
+        raise RegionError(
+            f"region {region.name} is {est.area_km2:,.0f} km² = {est.megapixels:,.1f} Mpx at {region.resolution:g} m "
+            f"(~{_gb(est.intermediate_bytes)} of reconstruct intermediates, ~{_gb(est.build_peak_bytes)} build "
+            f"memory), over the {limit:g} Mpx limit ({MAX_MEGAPIXELS_ENV}); pass --yes to run it anyway, or use a "
+            "smaller bbox or a coarser resolution"
+        )
+    return est

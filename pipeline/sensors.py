@@ -12,6 +12,7 @@ Landsat QA_PIXEL bits follow USGS Collection 2 (LSDS-1619): 0 fill, 1 dilated cl
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -296,6 +297,43 @@ SENSORS: dict[str, Sensor] = {
 
 # The default sensor for each region sensor family.
 DEFAULT_SENSOR = {"s1": "s1_grd", "s2": "s2_l1c", "landsat": "landsat8_l2"}
+
+# Sentinel-1 satellites: first and last day of routine IW data (None = still flying). One satellite repeats its
+# ground track every 12 days (175 orbits); two in opposite orbit slots halve that. S1B's commissioning ended in
+# September 2016 and its SAR power supply failed on 2021-12-23, so from then until S1C joined S1A (routine data
+# from May 2025) every AOI had a 12-day S1 revisit. The synthetic archive flies exactly these periods.
+S1_SATELLITES: dict[str, tuple[dt.date, dt.date | None]] = {
+    "SENTINEL-1A": (dt.date(2014, 10, 3), None),
+    "SENTINEL-1B": (dt.date(2016, 9, 26), dt.date(2021, 12, 23)),
+    "SENTINEL-1C": (dt.date(2025, 5, 1), None),
+}
+S1_REPEAT_DAYS = 12
+
+
+def s1_satellites(day: dt.date) -> tuple[str, ...]:
+    """The Sentinel-1 satellites delivering data on ``day``."""
+    return tuple(p for p, (first, last) in S1_SATELLITES.items() if first <= day and (last is None or day <= last))
+
+
+def s1_revisit_days(day: dt.date) -> int | None:
+    """Days between S1 overpasses of one ground track on ``day`` (6 with two satellites, 12 with one; None: none)."""
+    n = len(s1_satellites(day))
+    return S1_REPEAT_DAYS // n if n else None
+
+
+def s1_max_days(start: dt.date, end: dt.date | None = None) -> int:
+    """Default S1 pairing tolerance over ``start..end``: half the longest revisit, so every optical date has an S1
+    scene within it (3 days with two satellites, 6 with one).
+
+    A window that straddles a constellation change takes the single-satellite value: a tighter tolerance would
+    reject every date on the sparse side. Before any S1 data the value is moot (there is nothing to pair).
+    """
+    end = end or start
+    days = [start] + [d for first, last in S1_SATELLITES.values() for d in (first, last and last + dt.timedelta(1))
+                      if d is not None and start < d <= end]
+    revisits = [r for r in map(s1_revisit_days, days) if r is not None]
+    return max(revisits, default=S1_REPEAT_DAYS) // 2
+
 
 S2_BANDS = tuple(b for b in SENSORS["s2_l1c"].reflectance_bands)  # the 13 bands of SEN12MS-CR
 S1_BANDS = ("VV", "VH")

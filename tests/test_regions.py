@@ -11,7 +11,15 @@ import pytest
 import yaml
 
 from pipeline.errors import RegionError
-from pipeline.regions import PROJECT_REGIONS, list_regions, load_region, utm_crs
+from pipeline.regions import (
+    PROJECT_REGIONS,
+    check_size,
+    estimate_size,
+    list_regions,
+    load_region,
+    max_megapixels,
+    utm_crs,
+)
 
 SHIPPED = sorted(p.stem for p in PROJECT_REGIONS.glob("*.yaml"))
 DEMO = yaml.safe_load((PROJECT_REGIONS / "zhengzhou-demo.yaml").read_text())
@@ -260,3 +268,109 @@ def test_geojson_file_missing(tmp_path):
 def test_bbox_and_geometry_are_exclusive(tmp_path):
     msg = _error(tmp_path, lambda d: d.update(geometry="aoi.geojson"))
     assert "exactly one of 'bbox'" in msg
+
+
+# -- hand-written mistakes that used to be tracebacks or unhelpful ----------------------------------------------------
+
+
+def test_unquoted_impossible_date_names_the_field_and_value(tmp_path):
+    # YAML reads an unquoted 2021-13-01 as a date and its own constructor raised a bare ValueError
+    text = (PROJECT_REGIONS / "zhengzhou-demo.yaml").read_text().replace("name: zhengzhou-demo", "name: bad-region")
+    msg = _error(tmp_path, text=text.replace("event_date: 2021-07-20", "event_date: 2021-13-01"))
+    assert "\n" not in msg
+    assert "field 'event_date'" in msg and "'2021-13-01'" in msg and "YYYY-MM-DD" in msg and "month" in msg
+
+
+def test_binary_file_is_not_a_region(tmp_path):
+    path = tmp_path / "scene.yaml"
+    path.write_bytes(b"II*\x00\x08\x00\x00\x00\xff\xfe\x00\x01" * 20)  # a TIFF header is no UTF-8 text
+    with pytest.raises(RegionError) as info:
+        load_region(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and "not a text file" in msg and "YAML text file" in msg
+
+
+def test_geometry_given_a_bbox_mapping_says_where_bbox_goes(tmp_path):
+    def edit(d):
+        d.pop("bbox")
+        d["geometry"] = {"bbox": [113.6, 34.71, 113.71, 34.8]}
+
+    msg = _error(tmp_path, edit)
+    assert "\n" not in msg and "field 'geometry'" in msg and "[113.6, 34.71, 113.71, 34.8]" in msg
+    assert "'bbox: [113.6, 34.71, 113.71, 34.8]' at the top level" in msg and "valid string" not in msg
+
+
+def test_geometry_given_inline_geojson_says_to_save_a_file(tmp_path):
+    def edit(d):
+        d.pop("bbox")
+        d["geometry"] = {"type": "Polygon", "coordinates": [[[113.6, 34.71], [113.7, 34.71], [113.7, 34.8]]]}
+
+    msg = _error(tmp_path, edit)
+    assert "field 'geometry'" in msg and "inline GeoJSON" in msg and "geometry: aoi.geojson" in msg
+
+
+def test_yaml_error_is_one_line_with_its_position(tmp_path):
+    msg = _error(tmp_path, text="name: bad-region\nwindow: {start: 2021-01-01\nbbox: [1, 2, 3, 4]\n")
+    assert "\n" not in msg and "not valid YAML" in msg and "line 3" in msg
+
+
+# -- S1 pairing default follows the constellation ------------------------------------------------------------------
+
+
+def _rule(tmp_path: Path, start: str, end: str, event: str, **selection) -> object:
+    data = copy.deepcopy(DEMO)
+    data.update(name="s1-rule", event_date=event, window={"start": start, "end": end})
+    data["selection"] = {"rule": "tcsen12", **selection}
+    return load_region(_write(tmp_path, data, name="s1-rule")).selection
+
+
+def test_sar_max_days_default_follows_the_s1_revisit_of_the_window(tmp_path):
+    assert _rule(tmp_path, "2021-07-01", "2021-08-31", "2021-07-20").sar_max_days == 3  # S1A + S1B
+    assert _rule(tmp_path, "2022-08-13", "2022-09-28", "2022-08-29").sar_max_days == 6  # S1A alone
+    assert _rule(tmp_path, "2025-06-01", "2025-07-31", "2025-06-15").sar_max_days == 3  # S1A + S1C
+    # a value written in the file is kept whatever the dates
+    assert _rule(tmp_path, "2022-08-13", "2022-09-28", "2022-08-29", sar_max_days=2).sar_max_days == 2
+    assert _rule(tmp_path, "2022-08-13", "2022-09-28", "2022-08-29", rule="sen12mscr_ts").sar_max_days == 6
+
+
+# -- size estimate and guard -------------------------------------------------------------------------------------
+
+# about 100 x 100 km around Zhengzhou: the 10,000 km² region that validated "ok" and grew build-dataset to 8.8 GB
+HUGE_BBOX = [113.0, 34.3, 114.1, 35.2]
+
+
+def test_size_estimate_of_the_demo():
+    r = load_region("zhengzhou-demo")
+    est = estimate_size(r)
+    px = 1035 * 1026
+    assert (est.width, est.height, est.pixels, est.bands, est.dtype) == (1035, 1026, px, 13, "uint16")
+    assert est.area_km2 == pytest.approx(px * 100 / 1e6)
+    assert est.intermediate_bytes == px * (13 * 2 + 1 + 2)  # 13 uint16 bands, uint8 provenance, int16 days
+    assert estimate_size(r, "float32").intermediate_bytes == px * (13 * 4 + 1 + 2)
+    assert 1.0e9 < est.build_peak_bytes < 2.5e9  # ~1.6 GB measured on this size
+    assert any("1.1 Mpx" in line for line in est.lines())
+    landsat = estimate_size(load_region("nsw-landsat"))
+    assert landsat.bands == 7 and landsat.resolution == 30
+
+
+def test_size_guard_refuses_a_10000_km2_region_unless_yes(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLOUDFREE_MAX_MEGAPIXELS", raising=False)
+    data = copy.deepcopy(DEMO)
+    data.update(name="huge", bbox=HUGE_BBOX)
+    r = load_region(_write(tmp_path, data, name="huge"))
+    with pytest.raises(RegionError) as info:
+        check_size(r)
+    msg = str(info.value)
+    assert "\n" not in msg and "region huge is 10," in msg and "km²" in msg and "Mpx at 10 m" in msg
+    assert "over the 10 Mpx limit (CLOUDFREE_MAX_MEGAPIXELS)" in msg and "--yes" in msg and "smaller bbox" in msg
+    est = check_size(r, yes=True)
+    assert 9_500 < est.area_km2 < 11_000 and 2.5e9 < est.intermediate_bytes < 3.5e9
+    assert 5.5e9 < estimate_size(r, "float32").intermediate_bytes < 6e9  # 5.7 GB measured with float32 output
+    monkeypatch.setenv("CLOUDFREE_MAX_MEGAPIXELS", "200")
+    assert check_size(r).megapixels > 90  # a machine-wide limit lets it through
+    monkeypatch.setenv("CLOUDFREE_MAX_MEGAPIXELS", "0.5")
+    with pytest.raises(RegionError, match="over the 0.5 Mpx limit"):
+        check_size(load_region("zhengzhou-demo"))
+    monkeypatch.setenv("CLOUDFREE_MAX_MEGAPIXELS", "lots")
+    with pytest.raises(RegionError, match="CLOUDFREE_MAX_MEGAPIXELS='lots' is not a positive number"):
+        max_megapixels()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,9 @@ from pipeline.sensors import (
     SENSORS,
     QAPixel,
     get_sensor,
+    s1_max_days,
+    s1_revisit_days,
+    s1_satellites,
     to_dn,
     to_physical,
 )
@@ -157,3 +162,39 @@ def test_real_qa_pixel_statistics_match_the_readme(real_qa):
     assert frac(greenland, QAPixel.SNOW) == pytest.approx(0.40, abs=0.08)
     # clear and cloud are exclusive in C2 QA
     assert not np.any(QAPixel.bit(tropics, QAPixel.CLEAR) & QAPixel.bit(tropics, QAPixel.CLOUD))
+
+
+@pytest.mark.parametrize(
+    ("day", "satellites", "revisit"),
+    [
+        ("2015-06-01", ("SENTINEL-1A",), 12),
+        ("2016-09-26", ("SENTINEL-1A", "SENTINEL-1B"), 6),
+        ("2021-07-20", ("SENTINEL-1A", "SENTINEL-1B"), 6),
+        ("2021-12-23", ("SENTINEL-1A", "SENTINEL-1B"), 6),  # S1B's last day
+        ("2021-12-24", ("SENTINEL-1A",), 12),
+        ("2022-08-29", ("SENTINEL-1A",), 12),
+        ("2025-04-30", ("SENTINEL-1A",), 12),
+        ("2025-05-01", ("SENTINEL-1A", "SENTINEL-1C"), 6),
+        ("2014-06-01", (), None),
+    ],
+)
+def test_s1_constellation_by_date(day, satellites, revisit):
+    d = dt.date.fromisoformat(day)
+    assert s1_satellites(d) == satellites
+    assert s1_revisit_days(d) == revisit
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "days"),
+    [
+        ("2021-07-01", "2021-08-31", 3),  # S1A + S1B: 6-day revisit
+        ("2022-08-13", "2022-09-28", 6),  # S1A alone: 12-day revisit
+        ("2021-12-01", "2022-01-31", 6),  # straddles S1B's failure: the sparse side decides
+        ("2016-09-01", "2016-10-31", 6),  # S1B not yet routine at the start
+        ("2025-06-01", "2025-07-31", 3),  # S1A + S1C
+        ("2025-04-15", "2025-05-15", 6),
+        ("2013-01-01", "2013-12-31", 6),  # no S1 at all: moot, but a defined number
+    ],
+)
+def test_s1_max_days_is_half_the_longest_revisit_of_the_window(start, end, days):
+    assert s1_max_days(dt.date.fromisoformat(start), dt.date.fromisoformat(end)) == days

@@ -11,10 +11,14 @@ from rich.table import Table
 from pipeline.cli.app import app, console
 from pipeline.dataset.config import BuildConfig
 from pipeline.errors import cli_option
+from pipeline.regions import DEFAULT_MAX_MEGAPIXELS, MAX_MEGAPIXELS_ENV, check_size, load_region
 from pipeline.sources.registry import SourceName, SourceSpec
 
 if TYPE_CHECKING:
     from pipeline.dataset.build import BuildReport
+
+YES_HELP = (f"Run even when the region is over the size limit ({MAX_MEGAPIXELS_ENV}, default "
+            f"{DEFAULT_MAX_MEGAPIXELS:g} Mpx = 1,000 km² at 10 m; `regions validate` prints the estimate).")
 
 # Kept light at import time (BuildConfig is pydantic only): `cloudfree --help` and `regions list` must not
 # pay for torch and zarr; the build itself is imported in the command body.
@@ -84,11 +88,13 @@ def build_dataset_cmd(
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of GeoTIFFs for --source local."),
     seed: int = typer.Option(0, "--seed", help="Simulator seed for --source synthetic."),
     progress: bool = _option("progress", "--progress/--no-progress"),
+    yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
 ) -> None:
     """Select patches, export GeoTIFFs + manifest.parquet, write Zarr cubes and report.md."""
     spec = SourceSpec.parse(source, root, {"seed": seed} if source is SourceName.synthetic else None)
     config = BuildConfig.parse(cli_option, source=spec, max_patches=max_patches, workers=workers,
                                mask_method=mask_method, progress=progress)
+    check_size(load_region(region), yes=yes)  # before any scene is read: a too large AOI fails in seconds
     from pipeline.dataset.build import run_build
 
     print_summary(run_build(region, out, config))

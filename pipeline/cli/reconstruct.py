@@ -14,10 +14,12 @@ from typing import Any, List, Optional
 
 import typer
 
-from pipeline.cli.app import app, console, parse_date
-from pipeline.errors import cli_option
+from pipeline.cli.app import app, console, err_console, parse_date
+from pipeline.cli.dataset import YES_HELP
+from pipeline.errors import DataError, cli_option
 from pipeline.reconstruct.config import AuxDates, Compression, OutType, ReconstructConfig, Unobserved
 from pipeline.reconstruct.harmonize import FillConfig
+from pipeline.regions import check_size, load_region
 from pipeline.sources.registry import SourceName, SourceSpec
 
 
@@ -70,12 +72,16 @@ def reconstruct_cmd(
     max_age_days: int = _fill_option("max_age_days"),
     fit: Fit = _fill_option("fit"),
     fill_unobserved: Unobserved = _option("fill_unobserved"),
+    yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
 ) -> None:
     """Reconstruct cloud-free imagery for REGION on --date: COG, provenance, source dates, STAC Item, quicklook.
 
     --checkpoint composite (the default, no training) fills what the date does not see clearly from the most recent
     clear earlier date, harmonized to the date's radiometry; a training run folder runs its model instead.
     """
+    if sar_max_days < 0:
+        raise DataError(f"--sar-max-days {sar_max_days}: a number of days cannot be negative; pass 0 (S1 on the same "
+                        f"day) or more, e.g. the default {ReconstructConfig.model_fields['sar_max_days'].default}")
     config = ReconstructConfig.parse({
         "source": SourceSpec.parse(source, root), "keep_clear": keep_clear, "dask_address": dask_address, "tile": tile,
         "overlap": overlap, "batch_size": batch_size, "block": block, "dtype": dtype, "compress": compress,
@@ -83,6 +89,17 @@ def reconstruct_cmd(
         "fill": {"max_age_days": max_age_days, "fit": Fit(fit).value}, "fill_unobserved": fill_unobserved,
     }, option=_spelled)
     dates = [parse_date(d) for d in date]
+    aoi = load_region(region)
+    # before any scene is read: the hidden intermediates alone can fill a disk
+    check_size(aoi, yes=yes, dtype=OutType(config.dtype).value)
+    for d in dates:
+        if not aoi.window.start <= d <= aoi.window.end:
+            # a date outside the window is allowed (reconstruct searches back from the date itself), but it is
+            # often a typo, and a model trained on the window has not seen that season
+            err_console.print(
+                f"[yellow]warning:[/] --date {d} is outside region {aoi.name}'s window {aoi.window.start}.."
+                f"{aoi.window.end} (its dataset's dates); reconstructing anyway - check the date, or widen the window",
+                highlight=False, soft_wrap=True)
     from pipeline.reconstruct.run import reconstruct_dates  # torch, rasterio: only once a command runs
 
     with console.status(f"reconstructing {region} on {', '.join(map(str, dates))} ..."):

@@ -1,24 +1,39 @@
-"""``cloudfree regions list|show|validate`` and ``cloudfree scenes``."""
+"""``cloudfree regions list|show|validate|new`` and ``cloudfree scenes``."""
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, List, Optional, Tuple
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from pipeline.cli.app import app, console, err_console
+from pipeline.cli.app import app, console, err_console, parse_date
 from pipeline.errors import CloudfreeError, RegionError
-from pipeline.regions import Region, list_regions, load_region, regions_dir
+from pipeline.regions import (
+    MAX_MEGAPIXELS_ENV,
+    SENSOR_FAMILIES,
+    Region,
+    estimate_size,
+    geojson_bounds,
+    list_regions,
+    load_region,
+    max_megapixels,
+    parse_region,
+    regions_dir,
+)
 from pipeline.sources.registry import SourceName, SourceSpec
 
-regions_app = typer.Typer(help="Areas of interest: list, show and validate region files.", no_args_is_help=True)
+regions_app = typer.Typer(help="Areas of interest: list, show, validate and create region files.",
+                          no_args_is_help=True)
 app.add_typer(regions_app, name="regions")
 
 
@@ -54,7 +69,7 @@ def list_cmd() -> None:
             r = load_region(name)
         except RegionError as exc:
             # one broken file must not hide the others; `regions validate` prints the full reason
-            table.add_row(name, f"[red]invalid: {str(exc).splitlines()[0]}[/]", "", "", "", "", "")
+            table.add_row(name, f"[red]invalid: {escape(str(exc).splitlines()[0])}[/]", "", "", "", "", "")
             continue
         table.add_row(
             r.name,
@@ -75,7 +90,8 @@ def show_cmd(name: str = typer.Argument(..., help="Region name (regions/NAME.yam
     dumped = yaml.safe_dump(
         r.model_dump(mode="json", exclude_none=True), sort_keys=False, default_flow_style=None, width=10_000
     )
-    console.print(dumped.rstrip(), highlight=False, soft_wrap=True)
+    # markup=False: rich would take "[s1, s2]" for a style tag and print "sensors:" empty
+    console.print(dumped.rstrip(), highlight=False, soft_wrap=True, markup=False)
     g = r.grid()
     size, stride = r.patch.size, r.patch.stride or r.patch.size
     left, bottom, right, top = g.bounds
@@ -87,19 +103,149 @@ def show_cmd(name: str = typer.Argument(..., help="Region name (regions/NAME.yam
         f"patches: {len(r.patches())} of {size} px, stride {stride}",
         highlight=False,
         soft_wrap=True,
+        markup=False,
     )
+
+
+def _print_size(region: Region) -> None:
+    """The region's size estimate and, over the limit, what build-dataset and reconstruct will do about it."""
+    est = estimate_size(region)
+    for line in est.lines():
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+    limit = max_megapixels()
+    if est.megapixels > limit:
+        err_console.print(
+            f"[yellow]warning:[/] {est.megapixels:,.1f} Mpx is over the {limit:g} Mpx limit ({MAX_MEGAPIXELS_ENV}): "
+            "build-dataset and reconstruct refuse it without --yes; shrink the bbox or use a coarser resolution",
+            highlight=False, soft_wrap=True)
 
 
 @regions_app.command("validate")
 def validate_cmd(file: Path = typer.Argument(..., help="Region YAML file to check.")) -> None:
-    """Exit 0 and print "ok" when FILE is a valid region; otherwise print why and exit 2."""
+    """Exit 0 and print "ok" and the region's size (pixels, disk, memory) when FILE is a valid region; otherwise print
+    why and exit 2."""
     try:
-        load_region(file)  # also opens a GeoJSON geometry file, so a broken one fails here
+        region = load_region(file)  # also opens a GeoJSON geometry file, so a broken one fails here
+        console.print("ok")
+        _print_size(region)
     except RegionError as exc:
         # the error IS this command's answer, so it is printed here rather than left to main()
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    console.print("ok")
+
+
+def _sensor_list(values: List[str]) -> list[str]:
+    """``--sensors s1,s2`` or ``--sensors s1 --sensors s2`` -> ["s1", "s2"]."""
+    out = [s.strip().lower() for v in values for s in v.split(",") if s.strip()]
+    unknown = [s for s in out if s not in SENSOR_FAMILIES]
+    if unknown or not out:
+        raise RegionError(f"--sensors {','.join(values)!r}: unknown sensor(s) {unknown or 'none given'}; use some of "
+                          f"{', '.join(SENSOR_FAMILIES)}, e.g. --sensors s1,s2")
+    return list(dict.fromkeys(out))
+
+
+def _geojson_geometry(path: Path, out: Path) -> tuple[str, tuple[float, float, float, float]]:
+    """A region's ``geometry`` value (the GeoJSON path relative to the region file) and the AOI's bounds."""
+    where = f"--geojson {path}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegionError(f"{where}: file not found; pass the path of a GeoJSON file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise RegionError(f"{where}: not valid GeoJSON ({why}); pass a .geojson file with a Polygon") from None
+    bounds = geojson_bounds(data, where)
+    try:
+        rel = os.path.relpath(path.resolve(), out.resolve().parent)
+    except ValueError:  # another drive on Windows: only an absolute path reaches it
+        rel = str(path.resolve())
+    return Path(rel).as_posix(), bounds
+
+
+@regions_app.command("new")
+def new_cmd(
+    name: str = typer.Argument(..., help="Region name: a lower-case slug (letters, digits, '-'), also the file name."),
+    bbox: Optional[Tuple[float, float, float, float]] = typer.Option(
+        None, "--bbox", help="AOI as W S E N in degrees (EPSG:4326), e.g. --bbox 67.9 26.4 68.0 26.5."),
+    geojson: Optional[Path] = typer.Option(
+        None, "--geojson", help="AOI from a GeoJSON Polygon/MultiPolygon file instead of --bbox (the region refers "
+        "to the file, relative to the region file)."),
+    event_date: str = typer.Option(..., "--event-date", help="Date of the event, YYYY-MM-DD."),
+    days_before: int = typer.Option(
+        30, "--days-before", help="Search window starts this many days before the event (pre-event references and "
+        "TCSEN12's 30-day input gap)."),
+    days_after: int = typer.Option(30, "--days-after", help="Search window ends this many days after the event."),
+    sensors: List[str] = typer.Option(
+        ["s1", "s2"], "--sensors", help="Sensor families, comma-separated or repeated: s1, s2, landsat."),
+    resolution: Optional[float] = typer.Option(
+        None, "--resolution", help="Pixel size in metres (default: 10, or 30 for a Landsat-only region)."),
+    description: str = typer.Option("", "--description", help="One line about the AOI and the event."),
+    active: bool = typer.Option(
+        False, "--active/--inactive", help="Let the nightly build-dataset/new-aoi deployment build its dataset."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Region file to write (default: NAME.yaml in the regions folder)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a region file for a new AOI from a bbox or a GeoJSON file and an event date; its defaults (the TCSEN12
+    rule, S1 tolerance following the S1 constellation of the dates) build a dataset as they are.
+
+    A place-name lookup (geocoding) needs the network and is not offered: look the bbox up and pass --bbox.
+    """
+    if (bbox is None) == (geojson is None):
+        raise RegionError("give exactly one of --bbox W S E N or --geojson FILE for the AOI")
+    event = parse_date(event_date, "--event-date")
+    for option, days in (("--days-before", days_before), ("--days-after", days_after)):
+        if days < 0:
+            raise RegionError(f"{option} {days}: a number of days cannot be negative; pass 0 or more, e.g. 30")
+    families = _sensor_list(sensors)
+    path = out or regions_dir() / f"{name}.yaml"
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise RegionError(f"--out {path}: a region file ends in .yaml; pass e.g. --out {path.with_suffix('.yaml')}")
+    if path.exists() and not force:
+        raise RegionError(f"{path} exists; pass --force to overwrite it or choose another --out / NAME")
+    data: dict[str, Any] = {"name": name}
+    if description:
+        data["description"] = description
+    data["active"] = active
+    if geojson is not None:
+        data["geometry"], bounds = _geojson_geometry(geojson, path)
+    else:
+        assert bbox is not None
+        bounds = bbox
+        data["bbox"] = list(bbox)
+    data.update({
+        "crs": "auto",
+        "resolution": resolution if resolution is not None else (10 if "s2" in families or "landsat" not in families
+                                                                   else 30),
+        "event_date": event,
+        "window": {"start": event - dt.timedelta(days=days_before), "end": event + dt.timedelta(days=days_after)},
+        "sensors": families,
+    })
+    # checked before anything is written; a GeoJSON AOI is checked (and sized) by its bounds, as its grid is made
+    plain = {k: v for k, v in data.items() if k != "geometry"}
+    region = parse_region({**plain, "bbox": bounds}, str(path))
+    if path.parent.resolve() == regions_dir().resolve() and path.stem != name:
+        raise RegionError(f"--out {path}: files in the regions folder are named after the region; use "
+                          f"--out {path.with_name(name + '.yaml')} or NAME {path.stem}")
+    aoi = f"--geojson {geojson}" if geojson is not None else "--bbox " + " ".join(f"{v:g}" for v in bounds)
+    header = (f"# cloudfree regions new {name} {aoi} --event-date {event} --days-before {days_before} "
+              f"--days-after {days_after}\n# selection, patch and splits are the defaults; the S1 tolerance "
+              "(selection.sar_max_days) follows the S1 revisit over the window unless set here.\n")
+    body = yaml.safe_dump(_plain(data), sort_keys=False, default_flow_style=None, width=10_000)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + body, encoding="utf-8")
+    load_region(path)  # the file as written, GeoJSON path included
+    console.print(f"wrote {path}", highlight=False, soft_wrap=True, markup=False)
+    _print_size(region)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists: YAML's safe dumper has no tuples."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _parse_date(value: Optional[dt.datetime]) -> Optional[dt.date]:

@@ -175,12 +175,35 @@ def test_s1_mission_dates(region, src):
     assert set(_platforms(after)) == {"SENTINEL-1A"} and _gaps(after) == {12}
     gap = src.search(region, dt.date(2023, 1, 1), dt.date(2023, 12, 31), "s1")
     assert set(_platforms(gap)) == {"SENTINEL-1A"} and _gaps(gap) == {12}
-    c = src.search(region, dt.date(2025, 3, 1), dt.date(2025, 4, 30), "s1")
+    # S1C was launched 2024-12-05 but delivers routine data from 2025-05 (pipeline.sensors.S1_SATELLITES)
+    commissioning = src.search(region, dt.date(2025, 1, 1), dt.date(2025, 4, 30), "s1")
+    assert set(_platforms(commissioning)) == {"SENTINEL-1A"} and _gaps(commissioning) == {12}
+    c = src.search(region, dt.date(2025, 5, 1), dt.date(2025, 6, 30), "s1")
     assert set(_platforms(c)) == {"SENTINEL-1A", "SENTINEL-1C"} and _gaps(c) == {6}
     assert all(s.id.startswith("S1C_") for s in c if s.properties["platform"] == "SENTINEL-1C")
     # S1C flies S1B's ground track: same relative orbits over the region
     assert {s.properties["relative_orbit"] for s in c if s.properties["platform"] == "SENTINEL-1C"} == \
         {s.properties["relative_orbit"] for s in b}
+
+
+def test_s1_dates_follow_the_constellation_rule(region, src):
+    """The archive and the pairing default (pipeline.sensors) agree: 12-day gaps in 2022, 6 while two satellites fly,
+    and S1B only in its routine period."""
+    from pipeline.sensors import S1_SATELLITES, s1_revisit_days
+
+    y2022 = src.search(region, dt.date(2022, 1, 1), dt.date(2022, 12, 31), "s1")
+    assert len(y2022) >= 30 and _gaps(y2022) == {12} and set(_platforms(y2022)) == {"SENTINEL-1A"}
+    assert all(s1_revisit_days(s.date) == 12 for s in y2022)
+    y2019 = src.search(region, dt.date(2019, 1, 1), dt.date(2019, 12, 31), "s1")
+    assert _gaps(y2019) == {6} and set(_platforms(y2019)) == {"SENTINEL-1A", "SENTINEL-1B"}
+    b_first, b_last = S1_SATELLITES["SENTINEL-1B"]
+    y2016 = src.search(region, dt.date(2016, 6, 1), dt.date(2016, 12, 31), "s1")
+    b = [s.date for s in y2016 if s.properties["platform"] == "SENTINEL-1B"]
+    assert b and min(b) >= b_first and _gaps([s for s in y2016 if s.date < b_first]) == {12}
+    # the relative orbit of S1B's slot is anchored on its launch, not on its first routine day
+    assert {s.properties["relative_orbit"] for s in y2016 if s.properties["platform"] == "SENTINEL-1B"} <= \
+        {s.properties["relative_orbit"] for s in y2019 if s.properties["platform"] == "SENTINEL-1B"}
+    assert b_last == dt.date(2021, 12, 23)
 
 
 def test_every_scene_was_acquired_while_its_platform_operated(region, src):

@@ -11,7 +11,8 @@ clouds. Per-scene weather is drawn at search time from a July monsoon climatolog
 
 ``search`` flies only the platforms that were operating on each date (``MISSIONS``): the revisit follows
 (Sentinel-2 10 days with S2A alone, 5 with A + B; Landsat 16 days with L8 alone, 8 with L8 + L9;
-Sentinel-1 12 days with one satellite, 6 with two), and a window before a mission returns no scenes.
+Sentinel-1 12 days with one satellite, 6 with two: S1A + S1B 2016-09-26..2021-12-23, S1A alone after S1B's failure,
+S1A + S1C from 2025-05, as ``pipeline.sensors.S1_SATELLITES``), and a window before a mission returns no scenes.
 ``read`` and ``truth`` of one scene on one grid share the landscape, sky and surface through a small
 bounded LRU (``RENDER_CACHE_PIXELS``), because masking and evaluation ask for both.
 """
@@ -34,7 +35,7 @@ from rasterio.crs import CRS
 from pipeline.errors import SourceError
 from pipeline.grid import Grid
 from pipeline.regions import Region, utm_crs
-from pipeline.sensors import S2_BANDS, get_sensor
+from pipeline.sensors import S1_SATELLITES, S2_BANDS, get_sensor
 from pipeline.sources.base import Scene, raster_attrs
 from pipeline.sources.synthetic import render as R
 from pipeline.sources.synthetic import world as synth_world
@@ -58,10 +59,13 @@ MISSIONS: dict[str, tuple[dt.date, dt.date | None]] = {
     "SENTINEL-2C": (dt.date(2025, 1, 21), None),
     "LANDSAT_8": (dt.date(2013, 4, 11), None),
     "LANDSAT_9": (dt.date(2021, 10, 31), None),
-    "SENTINEL-1A": (dt.date(2014, 10, 3), None),
-    "SENTINEL-1B": (dt.date(2016, 4, 25), dt.date(2021, 12, 23)),  # failed 2021-12-23
-    "SENTINEL-1C": (dt.date(2024, 12, 5), None),  # launch date; fills S1B's slot opposite S1A
+    # S1A, S1B (failed 2021-12-23) and S1C (in S1B's slot opposite S1A): the periods the S1 pairing defaults
+    # (pipeline.sensors.s1_max_days) assume, so a default-rule build of any date finds S1 near every optical date
+    **S1_SATELLITES,
 }
+# Absolute orbit numbers count from launch, not from the first archived day.
+_S1_LAUNCH = {"SENTINEL-1A": dt.date(2014, 4, 3), "SENTINEL-1B": dt.date(2016, 4, 25),
+              "SENTINEL-1C": dt.date(2024, 12, 5)}
 # The two orbit slots of each Sentinel constellation (even / odd acquisition index) and who filled them.
 _S2_SLOTS = (("SENTINEL-2A", "SENTINEL-2C"), ("SENTINEL-2B",))
 _S1_SLOTS = (("SENTINEL-1A",), ("SENTINEL-1B", "SENTINEL-1C"))
@@ -239,12 +243,11 @@ class SyntheticSource:
             t1 = t0 + dt.timedelta(seconds=25)
             # absolute orbits count from launch (S1A 2014-04-03); the relative orbit is the ground track,
             # so S1C, in S1B's slot, flies S1B's relative orbits
-            launch = dt.date(2014, 4, 3) if mission == "S1A" else MISSIONS[platform][0]
-            absolute = max(1, int((day - launch).days * 175 / 12) + orbit0)
+            absolute = max(1, int((day - _S1_LAUNCH[platform]).days * 175 / 12) + orbit0)
             if mission == "S1A":
                 relative = (absolute - 73) % 175 + 1
             else:
-                track = max(1, int((day - MISSIONS["SENTINEL-1B"][0]).days * 175 / 12) + orbit0)
+                track = max(1, int((day - _S1_LAUNCH["SENTINEL-1B"]).days * 175 / 12) + orbit0)
                 relative = (track - 27) % 175 + 1
             datatake = int(_u(self.seed, "s1dt", cell, index) * 0xFFFFFF)
             uid = int(_u(self.seed, "s1uid", cell, index) * 0xFFFF)
