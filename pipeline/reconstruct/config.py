@@ -89,8 +89,11 @@ class ReconstructConfig(BaseModel):
         description="Smallest tile blending weight, so tile edges still count where nothing else covers.")
     bf16: bool = Field(True, description="Autocast the model to bfloat16 on CUDA.")
     dtype: OutType = Field(
-        OutType.float32, description="float32 reflectance or uint16 DN (reflectance x 10000, scale 1e-4).")
-    compress: Compression = Field(Compression.deflate, description="COG compression.")
+        OutType.uint16, description="uint16 DN as Sentinel-2 products store them (reflectance = DN x 1e-4, DN 0 "
+        "nodata; about half the size of float32, within 1e-4 of it) or float32 reflectance (NaN nodata).")
+    compress: Compression = Field(
+        Compression.deflate, description="COG compression: deflate (every GeoTIFF reader) or zstd (about 10 % "
+        "smaller uint16 files; needs GDAL 2.3 or newer).")
     mask_method: str = Field(
         "auto", description=f"Cloud mask method of the inputs: {', '.join(METHODS)} (cloudscore is fast; the "
         "synthetic and Earth Engine S2 archives carry its cs_cdf band).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -45,7 +46,7 @@ def test_errors_use_the_cli_spelling_and_are_all_reported():
 def test_defaults_and_frozen():
     cfg = ReconstructConfig()
     assert (cfg.tile, cfg.overlap, cfg.batch_size, cfg.block, cfg.feather) == (256, 64, 8, 1024, 16)
-    assert cfg.dtype == "float32" and cfg.compress == "deflate" and cfg.aux_dates == "clearest"
+    assert cfg.dtype == "uint16" and cfg.compress == "deflate" and cfg.aux_dates == "clearest"
     assert cfg.source.name == "synthetic" and type(cfg.source.build()).__name__ == "SyntheticSource"
     with pytest.raises(ValidationError):
         cfg.tile = 512  # type: ignore[misc]
@@ -90,3 +91,34 @@ def test_config_module_imports_no_heavy_library():
     code = f"import sys, pipeline.reconstruct.config; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize("compress", ["deflate", "zstd"])
+def test_default_dtype_round_trips_within_one_dn(tmp_path, compress):
+    """The default output (uint16 DN, scale 1e-4) reads back within 1e-4 of the float32 reflectance: half a DN of
+    rounding elsewhere, one DN at reflectance 0 (DN 0 is nodata, so 0 is stored as DN 1, as in S2 products)."""
+    import rasterio
+    from affine import Affine
+
+    from pipeline.grid import Grid
+    from pipeline.reconstruct.cog import RasterSpec, write_cog
+
+    cfg = ReconstructConfig.parse({"compress": compress})
+    grid = Grid("EPSG:32650", Affine(10, 0, 200_000, 0, -10, 3_000_000), 96, 64)
+    rng = np.random.default_rng(3)
+    refl = rng.uniform(0, 1.2, (3, 64, 96)).astype(np.float32)
+    refl[0, 0, :8] = [0.0, 0.00004, 0.00005, 0.00015, 0.12345, 0.99995, 1.0, 6.5535]
+    refl[1, :4, :4] = np.nan
+    path = write_cog(tmp_path / "r.tif", refl, grid, RasterSpec.reflectance(["B4", "B3", "B2"], dtype=cfg.dtype),
+                     compress=cfg.compress)
+    with rasterio.open(path) as ds:
+        assert ds.dtypes[0] == "uint16" and ds.nodata == 0 and ds.compression.name.lower() == compress
+        dn = ds.read()
+        back = dn * np.float32(ds.scales[0]) + np.float32(ds.offsets[0])  # as a reader decodes it, in float32
+    valid = ~np.isnan(refl)
+    assert np.array_equal(dn == 0, ~valid)  # nodata stays nodata, nothing else becomes nodata
+    err = np.abs(back[valid] - refl[valid])
+    assert err.max() <= 1e-4 + 1e-7
+    away = valid & (refl >= 0.5e-4)
+    assert np.abs(back[away] - refl[away]).max() <= 0.5e-4 + 1e-7
+    assert dn[0, 0, 0] == 1 and dn[0, 0, 7] == 65535

@@ -31,8 +31,9 @@ DATE = dt.date(2021, 7, 22)  # partly cloudy over Zhengzhou; 07-17 overcast, 07-
 
 
 def fast(**options) -> ReconstructConfig:
-    """s2cloudless costs ~10 s per Mpx and date here; masking is tested elsewhere."""
-    return ReconstructConfig(mask_method="cloudscore", **options)
+    """s2cloudless costs ~10 s per Mpx and date here; masking is tested elsewhere. float32 so pixels compare
+    exactly (the uint16 default's rounding is tested in test_config)."""
+    return ReconstructConfig(**{"mask_method": "cloudscore", "dtype": "float32", **options})
 
 
 def _region(name: str, east: float, north: float, sensors=("s1", "s2", "landsat")):
@@ -251,7 +252,8 @@ def test_local_dates_on_other_grids_are_read_onto_the_aoi_grid(tmp_path, history
                            "sensors": ["s2"]})
     grid = region.grid()
     res = reconstruct(region, dt.date(2018, 7, 21), "composite", tmp_path / "out",
-                      ReconstructConfig(source={"name": "local", "root": str(tmp_path)}, mask_method="s2cloudless"),
+                      ReconstructConfig(source={"name": "local", "root": str(tmp_path)}, mask_method="s2cloudless",
+                                        dtype="float32"),
                       source=LocalSource(tmp_path))
     prov, days, image = _read(res.provenance)[0], _read(res.source_days)[0], _read(res.cog)
     assert (prov == 1).sum() >= 400 and set(np.unique(days[prov == 1])) == {10}

@@ -38,8 +38,9 @@ DATE = dt.date(2021, 7, 22)  # a partly cloudy synthetic S2 date over Zhengzhou 
 
 
 def fast(**options) -> ReconstructConfig:
-    """s2cloudless takes ~20 s per 512^2 on this machine; masking is tested elsewhere."""
-    return ReconstructConfig(mask_method="cloudscore", **options)
+    """s2cloudless takes ~20 s per 512^2 on this machine; masking is tested elsewhere. float32 so pixels compare
+    exactly (the uint16 default's rounding is tested in test_config)."""
+    return ReconstructConfig(**{"mask_method": "cloudscore", "dtype": "float32", **options})
 
 
 def _region(name: str, east: float, north: float):
