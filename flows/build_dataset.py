@@ -19,12 +19,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.futures import wait
 
-from flows.artifacts import build_summary_markdown, publish_markdown, publish_table
+from flows.artifacts import build_summary_markdown, library_logs_to_runs, publish_markdown, publish_table
 from flows.common import CACHED, SOURCE_TASK, run_cached, source_tags, task_runner
 from flows.params import BuildDatasetParams
 from pipeline.dataset.config import BuildConfig
+from pipeline.errors import RegionError
 from pipeline.masking.config import MaskConfig
-from pipeline.regions import Region
+from pipeline.regions import Region, check_size
 from pipeline.sources.base import Scene
 from pipeline.sources.registry import SourceSpec, get_source
 
@@ -126,6 +127,7 @@ def build_region(region: Region, params: BuildDatasetParams, out: str | None = N
 @flow(name="build-dataset", task_runner=task_runner())
 def build_dataset_flow(params: BuildDatasetParams = BuildDatasetParams()) -> list[dict[str, Any]]:
     """Build training datasets: one region, or every active region without one (scheduled)."""
+    library_logs_to_runs()
     logger = get_run_logger()
     targets = params.targets()
     if not targets:
@@ -136,7 +138,18 @@ def build_dataset_flow(params: BuildDatasetParams = BuildDatasetParams()) -> lis
                          "build-dataset: nothing to do")
         return []
     logger.info("building %d dataset(s): %s", len(targets), ", ".join(r.name for r in targets))
-    return [build_region(r, params) for r in targets]
+    built = []
+    for region in targets:
+        try:
+            check_size(region, yes=params.allow_large)
+        except RegionError as exc:
+            if params.region is not None:  # asked for by name: the run fails with the reason
+                raise
+            # the nightly run: one oversized region file must not stop the others
+            logger.warning("skipping %s: %s (or set allow_large)", region.name, exc)
+            continue
+        built.append(build_region(region, params))
+    return built
 
 
 # the name prefect.yaml's entrypoint uses

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 
@@ -43,14 +44,19 @@ def demo_cmd(
     data_root: Path = typer.Option(Path("data"), "--data-root", help="Datasets go to DATA_ROOT/zhengzhou-demo."),
     run: Path = typer.Option(Path("runs/zhengzhou-demo-unet"), "--run", help="Training run folder."),
     out: Path = typer.Option(Path("out/demo"), "--out", help="Folder of the COG, provenance, STAC item and quicklook."),
-    quiet: bool = typer.Option(False, "--quiet", help="Only warnings from Prefect (no flow/task log lines)."),
+    quiet: bool = typer.Option(
+        False, "--quiet", help="Only warnings on the console (the flow runs' log lines are still stored by Prefect)."),
 ) -> None:
     """Run build-dataset -> train-model -> reconstruct-aoi on zhengzhou-demo (synthetic, offline) and report."""
     import logging
 
-    # before Prefect is imported: its log handler reads the level once
-    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING" if quiet else "INFO"
-    logging.getLogger("pipeline").setLevel(logging.WARNING if quiet else logging.INFO)
+    # Before Prefect is imported (it reads the level once). The runs' INFO lines always reach Prefect's database
+    # (`prefect server start` shows them afterwards); --quiet only raises the console handlers' level below.
+    if os.environ.get("PREFECT_LOGGING_LEVEL", "").upper() != "DEBUG":
+        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    if quiet:  # Prefect's console handler, here and in the temporary server it starts
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
 
     from prefect.settings import PREFECT_HOME
 
@@ -74,8 +80,26 @@ def demo_cmd(
     def step(text: str) -> None:
         console.rule(f"[bold cyan]{text}[/]  [dim]({time.perf_counter() - t0:.0f} s)[/]", align="left")
 
-    result = run_demo(cfg, step)
+    with _console_level(logging.WARNING if quiet else None):
+        result = run_demo(cfg, step)
     _report(result, time.perf_counter() - t0)
+
+
+@contextmanager
+def _console_level(level: int | None) -> Iterator[None]:
+    """Raise the root logger's handlers (the console: Prefect's or the CLI's own) to ``level`` for the block; the
+    loggers keep their levels, so Prefect's API handler still stores every INFO line of the runs."""
+    import logging
+
+    handlers = logging.getLogger().handlers if level is not None else []
+    before = [h.level for h in handlers]
+    for h in handlers:
+        h.setLevel(max(h.level, level or 0))
+    try:
+        yield
+    finally:
+        for h, lv in zip(handlers, before):
+            h.setLevel(lv)
 
 
 def _report(result: "DemoResult", total: float) -> None:

@@ -191,6 +191,8 @@ class BuildDatasetParams(_Params):
     # default and description from the build's own config; BuildConfig validates them (see _checks)
     max_patches: int | None = Field(_BUILD["max_patches"].default, description=_BUILD["max_patches"].description)
     mask_method: str = Field(_BUILD["mask_method"].default, description=_BUILD["mask_method"].description)
+    allow_large: bool = Field(
+        False, description="Build regions over the size limit (CLOUDFREE_MAX_MEGAPIXELS) anyway, like the CLI's --yes.")
 
     @model_validator(mode="after")
     def _checks(self) -> "BuildDatasetParams":

@@ -1,20 +1,33 @@
 """``reconstruct-aoi``: AOI + date + checkpoint -> cloud-free COG, provenance, source dates, STAC Item, quicklook.
 
-``pipeline.reconstruct.run.reconstruct`` does the work block by block (resumable through its progress file, on a
-dask cluster when ``CLOUDFREE_DASK`` names one). On the synthetic archive, with ``score_truth``, a second task
-scores the COG against the simulator's true cloud-free scene (all pixels and pixels under cloud on the date).
+One Prefect task, ``reconstruct``, runs ``pipeline.reconstruct.run.reconstruct`` over the whole AOI: the blocks
+are computed inside it (one after the other, or on a dask cluster when ``CLOUDFREE_DASK`` names one), not as
+Prefect tasks of their own. A watcher thread follows the sidecar progress file that reconstruct rewrites after
+every block (``.<stem>.progress.json`` in the output folder, the same file that makes a rerun resume) and turns
+it into a progress artifact and "block i of n written" lines in the run's log. On the synthetic archive, with
+``score_truth``, a second task scores the COG against the simulator's true cloud-free scene (all pixels and
+pixels under cloud on the date); a checkpoint's own evaluation (``eval-<split>/metrics.json`` of train-model)
+joins the metrics table.
+
+Artifact keys name the region, the date and the model (``reconstruct-<region>-<yyyymmdd>-<model>``), so a run
+of one model never replaces another model's latest artifacts.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
+import json
+import math
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.artifacts import publish_markdown, publish_quicklook, publish_table
+from flows.artifacts import BlockProgress, library_logs_to_runs, publish_markdown, publish_quicklook, publish_table
 from flows.common import CACHED, SOURCE_TASK, run_cached, source_tags, task_runner
 from flows.params import ReconstructParams
 from pipeline.reconstruct.config import ReconstructConfig
@@ -22,6 +35,7 @@ from pipeline.regions import Region
 
 METRICS = ("psnr", "ssim", "sam", "mae", "rmse")  # reported against the simulator's truth
 PIXEL_GROUPS = (("all", ""), ("cloud-covered", "cloud_"))  # label, prefix of the metric keys
+PROGRESS_POLL_S = 1.0  # how often the watcher reads the progress file (a few hundred bytes per block)
 
 
 def _dask_address() -> str | None:
@@ -29,15 +43,77 @@ def _dask_address() -> str | None:
     return spec if spec and spec != "local" else None
 
 
+def model_name(checkpoint: str) -> str:
+    """The model's name as reconstruct puts it in the output file names: ``composite`` or the run's ``model``."""
+    if checkpoint == "composite":
+        return "composite"
+    from pipeline.train.checkpoint import read_meta
+
+    return str(read_meta(Path(checkpoint))["model"])
+
+
+def progress_file(region: Region, date: dt.date, checkpoint: str, out: str) -> Path:
+    """Where reconstruct records its finished blocks (``pipeline.reconstruct.run.OutputPaths.progress``)."""
+    from pipeline.reconstruct.run import OutputPaths
+
+    return OutputPaths(Path(out), f"{region.name}_{date:%Y%m%d}_{model_name(checkpoint)}").progress
+
+
+def _blocks_done(path: Path) -> tuple[str, frozenset[str]] | None:
+    try:
+        data = json.loads(path.read_text())
+        return str(data.get("fingerprint")), frozenset(data.get("done", []))
+    except (OSError, ValueError, AttributeError, TypeError):  # not there yet, or gone (the run committed)
+        return None
+
+
+def _watch(path: Path, before: tuple[str, frozenset[str]] | None, progress: BlockProgress, stop: threading.Event,
+           poll_s: float) -> None:
+    """Report the progress file's block count whenever it changes, until ``stop`` is set. The file as it was
+    before the run (``before``: an interrupted run's, maybe of other settings) counts once this run rewrites it."""
+    started = time.monotonic()
+    ours = False
+    reported = resumed = -1
+    while not stop.wait(poll_s):
+        now = _blocks_done(path)
+        if now is None or (not ours and now == before) or len(now[1]) == reported:
+            continue
+        if not ours:  # the same settings as the file before: a resumed run, those blocks were already there
+            resumed = len(before[1]) if before is not None and before[0] == now[0] else 0
+        ours = True
+        reported = len(now[1])
+        progress.update(reported, time.monotonic() - started, resumed)
+
+
 @task(name="reconstruct", **SOURCE_TASK, **CACHED)
 def reconstruct_task(region: Region, date: dt.date, checkpoint: str, out: str, config: ReconstructConfig,
                      checkpoint_sha256: str) -> dict[str, Any]:
-    """Run the block-wise reconstruction; returns output paths, input dates and COG/STAC validation."""
+    """Run the block-wise reconstruction (every block in this one task, tracked by a progress artifact); returns
+    output paths, input dates and COG/STAC validation."""
     from pipeline.reconstruct.run import reconstruct
+    from pipeline.reconstruct.tiling import plan_blocks
 
     logger = get_run_logger()
-    # the scheduler is where this task runs, not what it computes: chosen here, so it stays out of the cache key
-    r = reconstruct(region, date, checkpoint, out, config.model_copy(update={"dask_address": _dask_address()}))
+    grid = region.grid()
+    total = len(plan_blocks(grid.height, grid.width, config.block))
+    model = model_name(checkpoint)
+    what = f"{region.name} {date} {model}"
+    logger.info("%s: %d block(s) of up to %d x %d px over %d x %d px", what, total, config.block, config.block,
+                grid.width, grid.height)
+    progress = BlockProgress(f"reconstruct-progress-{region.name}-{date:%Y%m%d}-{model}", total, what, logger)
+    stop = threading.Event()
+    path = progress_file(region, date, checkpoint, out)
+    # the thread gets this task's context: the API client settings (a test harness's temporary server included)
+    watcher = threading.Thread(target=contextvars.copy_context().run, name="reconstruct-progress", daemon=True,
+                               args=(_watch, path, _blocks_done(path), progress, stop, PROGRESS_POLL_S))
+    watcher.start()
+    try:
+        # the scheduler is where this task runs, not what it computes: chosen here, so it stays out of the cache key
+        r = reconstruct(region, date, checkpoint, out, config.model_copy(update={"dask_address": _dask_address()}))
+    finally:
+        stop.set()
+        watcher.join()
+    progress.update(r.blocks_total)
     logger.info("%s: %d of %d blocks computed%s", r.cog, r.blocks_computed, r.blocks_total,
                 " (resumed)" if r.resumed else "")
     for warning in r.warnings:
@@ -46,8 +122,9 @@ def reconstruct_task(region: Region, date: dt.date, checkpoint: str, out: str, c
         "cog": str(r.cog), "provenance": str(r.provenance), "stac": str(r.stac), "quicklook": str(r.quicklook),
         "uncertainty": str(r.uncertainty) if r.uncertainty else None,
         "source_days": str(r.source_days) if r.source_days else None, "warnings": list(r.warnings),
-        "fill": r.fill,
-        "blocks": r.blocks_total, "optical_dates": [d.isoformat() for d in r.plan.optical_dates],
+        "fill": r.fill, "model": model,
+        "blocks": r.blocks_total, "blocks_computed": r.blocks_computed, "resumed": r.resumed,
+        "optical_dates": [d.isoformat() for d in r.plan.optical_dates],
         "sar_dates": [d.isoformat() for d in r.plan.sar_dates], "scene_ids": r.plan.scene_ids(),
         "target_scene_ids": [s.id for s in r.plan.target_scenes], "optical_sensor": r.plan.optical_sensor,
         "validation": r.validation,
@@ -71,7 +148,8 @@ def truth_metrics_task(region: Region, result: dict[str, Any], source_options: d
     grid = region.grid()
     with rasterio.open(result["cog"]) as ds:
         names = list(ds.descriptions)
-        pred = ds.read(masked=True).filled(np.nan).astype(np.float32)
+        # float before filling: a uint16 COG (DN, 0 = nodata) has no NaN
+        pred = ds.read(masked=True).astype(np.float32).filled(np.nan)
         if ds.dtypes[0] == "uint16":
             pred = pred * np.float32(ds.scales[0]) + np.float32(ds.offsets[0])
     wanted = set(result["target_scene_ids"])
@@ -109,17 +187,82 @@ def _checkpoint_sha(checkpoint: str) -> str:
     return sha256_file(Path(checkpoint) / "model.pt")
 
 
+def _validation_lines(validation: dict[str, Any]) -> list[str]:
+    """reconstruct's check results (``{file: COG ok, 'stac_core': ok, 'stac_extensions': {schema: verdict}}``)
+    as a readable list."""
+    lines = []
+    for name, ok in validation.items():
+        if name == "stac_core":
+            lines.append(f"- STAC Item core schema: {'valid' if ok else '**INVALID**'}")
+        elif name == "stac_extensions":
+            for uri, verdict in (ok or {}).items():
+                # .../projection/v2.0.0/schema.json -> projection v2.0.0
+                parts = [p for p in str(uri).split("/") if p]
+                label = " ".join(parts[-3:-1]) if len(parts) >= 3 else str(uri)
+                lines.append(f"- STAC extension {label}: {verdict}")
+        else:
+            lines.append(f"- `{name}`: {'valid Cloud Optimized GeoTIFF' if ok else '**NOT a valid COG**'}")
+    return lines
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+
+
+def benchmark(checkpoint: str) -> list[dict[str, Any]]:
+    """The checkpoint's own scores from train-model (``eval-<split>/metrics.json``: the model and the composite
+    baseline on a held-out split), if they belong to these weights; [] for ``composite`` or none."""
+    if checkpoint == "composite":
+        return []
+    from pipeline.train.checkpoint import read_meta
+
+    sha = read_meta(Path(checkpoint)).get("model_sha256")
+    out = []
+    for f in sorted(Path(checkpoint).glob("eval-*/metrics.json")):
+        try:
+            ev = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(ev, dict) and "results" in ev and (sha is None or ev.get("model_sha256") == sha):
+            out.append(ev)
+    return out
+
+
+def metrics_table(model: str, truth: dict[str, Any] | None, evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (what was scored, method, pixel set): this COG against the simulator's truth, and the
+    checkpoint's evaluation next to the composite baseline."""
+    rows: list[dict[str, Any]] = []
+    if truth:
+        m = truth["metrics"]
+        for label, pre in PIXEL_GROUPS:
+            rows.append({"scored on": f"this COG vs true clear scene {truth['scene_id']}", "method": model,
+                         "pixels": label, **{k: round(float(m.get(pre + k, math.nan)), 4) for k in METRICS}})
+    for ev in evaluations:
+        where = f"{ev.get('split', '?')} split of {ev.get('data', '?')} ({ev.get('n_samples', '?')} samples)"
+        for who, method in (("model", ev.get("model", model)), ("composite", "composite (recent clear)")):
+            s = ev["results"].get(who, {}).get("all", {})
+            for label, pre in PIXEL_GROUPS:
+                rows.append({"scored on": where, "method": method, "pixels": label,
+                             **{k: round(float(s.get(pre + k, math.nan)), 4) for k in METRICS}})
+    return rows
+
+
 def summary_markdown(params: ReconstructParams, region: Region, result: dict[str, Any],
-                     truth: dict[str, Any] | None) -> str:
+                     truth: dict[str, Any] | None, evaluations: list[dict[str, Any]] | None = None) -> str:
+    """The run's report: inputs, output files, checks, provenance shares, metrics."""
     simulated = " (SIMULATED archive)" if params.source == "synthetic" else ""
-    lines = [f"# Reconstruction of {region.name} on {params.date}", "",
+    model = result.get("model") or model_name(params.checkpoint)
+    blocks = f"{result['blocks']} block(s)"
+    if "blocks_computed" in result and result["blocks_computed"] != result["blocks"]:
+        blocks += f", {result['blocks_computed']} computed in this run (the rest resumed)"
+    lines = [f"# Reconstruction of {region.name} on {params.date} ({model})", "",
              f"- checkpoint: `{params.checkpoint}`; source: `{params.source}`{simulated}",
              f"- optical input dates ({result['optical_sensor']}): {', '.join(result['optical_dates']) or 'none'}",
              f"- S1 dates: {', '.join(result['sar_dates']) or 'none'}",
-             f"- scenes used: {len(result['scene_ids'])}", "", "| output | path |", "|---|---|"]
+             f"- scenes used: {len(result['scene_ids'])}; {blocks}", "", "| output | path |", "|---|---|"]
     lines += [f"| {k} | `{result[k]}` |" for k in ("cog", "provenance", "source_days", "uncertainty", "stac",
                                                   "quicklook") if result.get(k)]
-    lines += ["", "Validation: " + ", ".join(f"{k}: {v}" for k, v in result["validation"].items())]
+    lines += ["", "## Checks", "", *_validation_lines(result["validation"])]
     if result.get("warnings"):
         lines += ["", "**Warnings:**", ""] + [f"- {w}" for w in result["warnings"]]
     fill = result.get("fill")
@@ -139,13 +282,22 @@ def summary_markdown(params: ReconstructParams, region: Region, result: dict[str
         lines += ["", f"## Against the simulator's true clear scene ({cover})", "",
                   "| pixels | PSNR | SSIM | SAM | MAE | RMSE |", "|---|---:|---:|---:|---:|---:|"]
         for label, pre in PIXEL_GROUPS:
-            lines.append(f"| {label} | " + " | ".join(f"{m.get(pre + k, float('nan')):.4f}" for k in METRICS) + " |")
+            lines.append(f"| {label} | " + " | ".join(_fmt(m.get(pre + k)) for k in METRICS) + " |")
+    for ev in evaluations or []:
+        lines += ["", f"## The checkpoint's evaluation: {ev.get('split')} split of `{ev.get('data')}` "
+                      f"({ev.get('n_samples')} samples)", "",
+                  "| method | pixels | PSNR | SSIM | SAM | MAE | RMSE |", "|---|---|---:|---:|---:|---:|---:|"]
+        for who, method in (("model", ev.get("model", model)), ("composite", "composite (recent clear)")):
+            s = ev["results"].get(who, {}).get("all", {})
+            for label, pre in PIXEL_GROUPS:
+                lines.append(f"| {method} | {label} | " + " | ".join(_fmt(s.get(pre + k)) for k in METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
 @flow(name="reconstruct-aoi", task_runner=task_runner())
 def reconstruct_aoi(params: ReconstructParams) -> dict[str, Any]:
-    """Cloud-free COG + provenance + STAC Item + quicklook of an AOI on a date."""
+    """Cloud-free COG + provenance + STAC Item + quicklook of an AOI on a date (one task runs all blocks)."""
+    library_logs_to_runs()
     logger = get_run_logger()
     region = params.resolved_region()
     logger.info("reconstructing %s on %s with %s from the %s source into %s", region.name, params.date,
@@ -154,17 +306,20 @@ def reconstruct_aoi(params: ReconstructParams) -> dict[str, Any]:
     result = run_cached(task_, _outputs, region, params.date, params.checkpoint, params.out, params.config(),
                         _checkpoint_sha(params.checkpoint))
     truth = truth_metrics_task(region, result, params.source_options) if params.score_truth else None
-    key = f"{region.name}-{params.date:%Y%m%d}"
-    publish_markdown(f"reconstruct-{key}", summary_markdown(params, region, result, truth),
-                     f"Reconstruction of {region.name} on {params.date}")
-    if truth:
-        m = truth["metrics"]
-        rows = [{"pixels": label, **{k: round(float(m.get(pre + k, float("nan"))), 4) for k in METRICS}}
-                for label, pre in PIXEL_GROUPS]
-        publish_table(f"reconstruct-metrics-{key}", rows, f"COG vs true clear scene, {region.name} {params.date}")
-    publish_quicklook(f"quicklook-{key}", result["quicklook"], f"{region.name} {params.date}: observed | reconstructed")
+    evaluations = benchmark(params.checkpoint)
+    model = result["model"]
+    key = f"{region.name}-{params.date:%Y%m%d}-{model}"
+    what = f"{region.name} on {params.date} ({model})"
+    publish_markdown(f"reconstruct-{key}", summary_markdown(params, region, result, truth, evaluations),
+                     f"Reconstruction of {what}")
+    rows = metrics_table(model, truth, evaluations)
+    if rows:
+        publish_table(f"reconstruct-metrics-{key}", rows, f"Metrics of {what}: PSNR dB, SSIM, SAM degrees, MAE, RMSE")
+    elif params.source == "synthetic":
+        logger.info("no metrics table: pass score_truth=true to score the COG against the simulator's true scene")
+    size = publish_quicklook(f"quicklook-{key}", result["quicklook"], f"{what}: observed | reconstructed")
     logger.info("COG: %s", result["cog"])
     logger.info("STAC item: %s", result["stac"])
-    logger.info("quicklook: %s", result["quicklook"])
+    logger.info("quicklook: %s (artifact %.0f kB with its thumbnail)", result["quicklook"], size / 1e3)
     result["truth"] = truth
     return result

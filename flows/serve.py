@@ -53,6 +53,9 @@ def server_env(port: int) -> dict[str, str]:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
         PREFECT_CLI_PROMPT="false",
         CLOUDFREE_ROOT=str(ROOT),
+        # The worker's own lines (flow run submitted, process exited) in worker.log and the UI; the flow runs get
+        # INFO from prefect.yaml's job variables either way. A WARNING inherited from a shell or CI hid both.
+        PREFECT_LOGGING_LEVEL="INFO",
     )
     return env
 
@@ -201,6 +204,7 @@ def start_cmd(port: int = typer.Option(4200, help="Server port (0: any free one)
     )
     typer.echo(f"export PREFECT_API_URL={state['api_url']}  # or PREFECT_HOME={prefect_home()}, whose profile has it")
     typer.echo("then: prefect deployment run 'reconstruct-aoi/default' --watch")
+    typer.echo("its log (INFO, a line per block): prefect flow-run logs <flow run id>, or the run's page in the UI")
 
 
 @cli.command("stop")

@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.artifacts import metrics_rows, publish_markdown, publish_table
+from flows.artifacts import library_logs_to_runs, metrics_rows, publish_markdown, publish_table
 from flows.common import CACHED, run_cached, task_runner
 from flows.params import TrainParams
 
@@ -60,6 +60,7 @@ def train_model(params: TrainParams) -> dict[str, Any]:
     from pipeline.files import sha256_file
     from pipeline.train.evaluate import markdown_table
 
+    library_logs_to_runs()
     logger = get_run_logger()
     logger.info("training %s (%s, %d epochs) on %s into %s", params.model, params.config, params.epochs, params.data,
                 params.out)

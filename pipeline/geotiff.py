@@ -6,6 +6,7 @@ Patch files (``pipeline.dataset.patches``) and Earth Engine batch exports conver
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,7 +16,7 @@ import rasterio
 from rasterio.errors import RasterioError
 
 from pipeline.errors import DataError
-from pipeline.files import atomic_output, sha256_file
+from pipeline.files import atomic_output, disk_full_error, sha256_file
 from pipeline.grid import Grid
 
 MASK_BAND = "cloud_mask"  # last band of optical patch files: pipeline.masking.codes.MaskClass codes
@@ -65,8 +66,27 @@ def write_geotiff(
                 dst.offsets = tuple(float(o) for o in offsets)
             if tags:
                 dst.update_tags(**{k: str(v) for k, v in tags.items()})
+        _check_reads_back(tmp, path, data)
         digest = sha256_file(tmp)
     return digest
+
+
+def _check_reads_back(tmp: Path, path: str | Path, data: np.ndarray) -> None:
+    # libtiff reports a full disk on stderr and rasterio may still close "successfully": a truncated file
+    # must never get its final name (the journal would trust its checksum on a rerun).
+    try:
+        with rasterio.open(tmp) as src:
+            back = src.read()
+        ok = back.shape == data.shape and np.array_equal(back, data, equal_nan=data.dtype.kind == "f")
+    except RasterioError:
+        ok = False
+    if ok:
+        return
+    free = shutil.disk_usage(tmp.parent).free
+    if free < data.nbytes:
+        raise disk_full_error(path, data.nbytes, free)
+    raise DataError(f"{path}: the GeoTIFF just written does not read back the same pixels; check the disk under "
+                    f"{tmp.parent} and rerun (finished files are kept)")
 
 
 @dataclass

@@ -51,3 +51,26 @@ def test_truncated_geotiff_is_a_clear_error(tmp_path):
         geotiff.read_geotiff(p)
     with pytest.raises(DataError, match="file not found"):
         geotiff.read_geotiff(tmp_path / "missing.tif")
+
+
+def test_a_file_that_does_not_read_back_never_gets_its_name(tmp_path, monkeypatch):
+    # What a full disk does to libtiff: the write "succeeds", the file is cut short.
+    real_open = rasterio.open
+
+    def truncating_open(path, mode="r", **kw):
+        ds = real_open(path, mode, **kw)
+        if mode == "w":
+            close = ds.close
+
+            def close_and_cut():
+                close()
+                Path(path).write_bytes(Path(path).read_bytes()[:2000])
+            ds.close = close_and_cut
+        return ds
+
+    monkeypatch.setattr(geotiff.rasterio, "open", truncating_open)
+    data = np.random.default_rng(0).random((2, 96, 96), dtype=np.float32)
+    target = tmp_path / "patch.tif"
+    with pytest.raises(DataError, match=r"patch.tif: the GeoTIFF just written does not read back"):
+        geotiff.write_geotiff(target, data, GRID, ["B2", "B3"])
+    assert not target.exists() and not _tmp_files(tmp_path)

@@ -110,6 +110,9 @@ def reconstruct_cmd(
         for extra in (r.provenance, r.source_days, r.uncertainty, r.stac, r.quicklook):
             if extra is not None:
                 console.print(f"      {extra}")
+        project = r.cog.with_suffix(".qgs")
+        if project.exists():
+            console.print(f"      {project}  (QGIS project: every layer styled; each .tif also has its .qml)")
         for warning in r.warnings:
             console.print(f"[yellow]warning:[/] {r.plan.target_date}: {warning}")
     if vrt is not None:

@@ -7,6 +7,18 @@ are then cut from the same in-memory scene when it is still cached, or from one 
 otherwise. Every stage skips work whose output is already on disk and verified (masks by key, patches by
 sha256, manifest and cubes by content hash, report/dataset.json by bytes), so a rerun of a finished build
 writes nothing. The build's options are a ``BuildConfig`` (``pipeline.dataset.config``).
+
+``max_patches`` bounds the work, not only what is written: the scenes are read and masked over a window around the
+patches nearest the AOI's centre (plus a halo as wide as a cloud's shadow can reach, so the masks near the patches
+see the clouds that shade them), and the window doubles only while fewer patches than asked pass the rule. A capped
+build of a huge AOI therefore reads a few megapixels per scene instead of the whole AOI. Its masks are cut from the
+whole grid's cached mask when one exists (the ``build-dataset`` flow's mask tasks write those), else computed on the
+window (scene-wide statistics then come from the window: a capped build's masks may differ a little from a full
+build's). When the window would cover half the grid or more, the build is the plain one.
+
+One build per output folder at a time (``pipeline.files.OutputLock``); a full disk is one
+``pipeline.files.DiskFullError`` line; a folder the build created is removed again when an early error leaves it
+empty.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import tempfile
 import time
 from collections import Counter
@@ -47,8 +60,17 @@ from pipeline.dataset.selection import (
     uses_sar,
 )
 from pipeline.errors import DataError, RegionError, SourceError
-from pipeline.files import TMP_SUFFIX, fingerprint, remove_stale_temps, write_bytes_atomic
+from pipeline.files import (
+    TMP_SUFFIX,
+    DiskFullError,
+    OutputLock,
+    fingerprint,
+    remove_stale_temps,
+    translating_disk_full,
+    write_bytes_atomic,
+)
 from pipeline.grid import Grid
+from pipeline.masking.config import MaskConfig
 from pipeline.regions import Region, load_region
 from pipeline.sensors import S1_BANDS, get_sensor
 from pipeline.sources.base import Scene, Source
@@ -90,6 +112,8 @@ class BuildReport:
     files_repaired: int = 0
     masks_computed: int = 0
     masks_cached: int = 0
+    patches_examined: int = 0  # patches whose fractions were computed: fewer than patches_total under max_patches
+    read_window: str = ""  # the window scenes were read on under max_patches ("" = the whole grid)
     cubes_written: list[str] = field(default_factory=list)
     manifest_sha256: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -106,6 +130,8 @@ class BuildReport:
             (f"- selection rule: `{self.rule}` on {' + '.join(self.families)} "
              f"(other sensors are searched and counted only); mask method: `{self.mask_method}`"),
             f"- patches on the grid: {self.patches_total}; kept: {self.patches_kept}; samples: {self.samples}",
+            *([f"- --max-patches: scenes read and masked on {self.read_window} only; {self.patches_examined} "
+               f"patches examined"] if self.read_window else []),
             f"- largest reference cloud+shadow fraction: {self.max_reference_cover * 100:.2f} %",
             f"- manifest sha256: `{self.manifest_sha256}`",
             "",
@@ -186,6 +212,138 @@ class _Found:
 
 
 @dataclass
+class _Area:
+    """Where scenes are read and masked: the region grid, or under ``max_patches`` a window of it around the
+    candidate patches (``offsets``, on the region grid) with a halo of context."""
+
+    grid: Grid  # the grid scenes are read on
+    row: int  # its offset on the region grid
+    col: int
+    offsets: list[PatchOffset]
+    whole: bool = True
+
+    def local(self) -> list[PatchOffset]:
+        """The candidate patches on the read grid."""
+        if self.row == 0 and self.col == 0:
+            return self.offsets
+        return [PatchOffset(o.patch_id, o.row - self.row, o.col - self.col, o.size) for o in self.offsets]
+
+    def describe(self) -> str:
+        return f"{self.grid.width}x{self.grid.height} px at row {self.row}, col {self.col}"
+
+
+def _sun_elevation(scene: Scene) -> float | None:
+    p = scene.properties
+    el = p.get("sun_elevation", p.get("SUN_ELEVATION"))
+    if el is None and p.get("MEAN_SOLAR_ZENITH_ANGLE") is not None:
+        el = 90.0 - float(p["MEAN_SOLAR_ZENITH_ANGLE"])
+    return float(el) if el is not None else None
+
+
+# sun elevation assumed when a scene does not say: lower than most daytime optical acquisitions outside the polar
+# winter, so the halo errs on the wide side
+_DEFAULT_SUN_ELEVATION = 25.0
+
+
+def _halo_px(found: _Found, cfg: MaskConfig) -> int:
+    """Pixels of context a window's masks need around its patches: as far as a cloud's shadow reaches (cloud height
+    over the tangent of the lowest sun among the scenes) plus the masks' buffers and filter radii."""
+    els = [_sun_elevation(s) for s in found.scenes if s.family != "s1"]
+    known = [e for e in els if e is not None]
+    fallback = cfg.sun_elevation or _DEFAULT_SUN_ELEVATION
+    el = max(5.0, min(known + ([fallback] if len(known) < len(els) else []), default=fallback))
+    reach = max(cfg.shadow_search_m, cfg.cloud_height_max_m / math.tan(math.radians(el)))
+    reach += cfg.shadow_buffer_m + cfg.cloud_buffer_m
+    grid = found.grid
+    metres = min(grid.resolution)
+    from rasterio.crs import CRS
+
+    if CRS.from_user_input(grid.crs).is_geographic:
+        lat = (grid.bounds[1] + grid.bounds[3]) / 2
+        metres *= 111_320.0 * max(0.1, math.cos(math.radians(lat)))
+    radii = cfg.s2cloudless_average_over + cfg.s2cloudless_dilation + 2
+    return int(math.ceil(reach / metres)) + radii
+
+
+# a window over this share of the grid saves little; the whole grid keeps the masks those of a full build (and cached)
+WHOLE_GRID_SHARE = 0.5
+
+
+def _areas(found: _Found, cfg: MaskConfig, max_patches: int | None, stride: int) -> Iterator[_Area]:
+    """The areas a build reads, in order: the whole grid without ``max_patches``; with it, windows of k x k patch
+    positions around the grid's centre (k doubling) plus the halo, until one would cover half the grid or more (then
+    the whole grid)."""
+    grid = found.grid
+    whole = _Area(grid, 0, 0, found.offsets)
+    if max_patches is None:
+        yield whole
+        return
+    halo = _halo_px(found, cfg)
+    rows = sorted({o.row for o in found.offsets})
+    cols = sorted({o.col for o in found.offsets})
+    size = max(o.size for o in found.offsets)
+    # room for the splits' round-robin and the patches the overlap rule drops
+    k = max(2, math.ceil(math.sqrt(4 * max_patches)))
+    while True:
+        r_lo, r_hi = _span(len(rows), k)
+        c_lo, c_hi = _span(len(cols), k)
+        top, left = rows[r_lo], cols[c_lo]
+        bottom, right = rows[r_hi] + size, cols[c_hi] + size
+        # start on the patch lattice, so the fractions keep their fast block sums
+        r0 = max(0, (top - halo) // stride * stride)
+        c0 = max(0, (left - halo) // stride * stride)
+        r1, c1 = min(grid.height, bottom + halo), min(grid.width, right + halo)
+        if (r1 - r0) * (c1 - c0) >= WHOLE_GRID_SHARE * grid.width * grid.height:
+            yield whole
+            return
+        inside = [o for o in found.offsets if top <= o.row <= rows[r_hi] and left <= o.col <= cols[c_hi]]
+        yield _Area(grid.window(r0, c0, r1 - r0, c1 - c0), r0, c0, inside, whole=False)
+        k *= 2
+
+
+def _span(n: int, k: int) -> tuple[int, int]:
+    """First and last index of ``k`` consecutive positions of ``n`` around the middle (all when k >= n)."""
+    if k >= n:
+        return 0, n - 1
+    lo = (n - k) // 2
+    return lo, lo + k - 1
+
+
+class _WindowMasks(SceneMasks):
+    """``SceneMasks`` on a window of the region grid. A whole-grid mask already cached for the scene (a full build,
+    or the flow's mask tasks) is cut to the window instead of masking the window anew: it saw the whole scene."""
+
+    def __init__(self, source: Source, name: str, area: _Area, region_grid: Grid, out: Path, config: BuildConfig):
+        super().__init__(source, name, area.grid, out, config.mask_method, config.mask_config,
+                         cache_bytes=config.cache_bytes)
+        self.area = area
+        self.whole = SceneMasks(source, name, region_grid, out, config.mask_method, config.mask_config)
+
+    def _load_cached_mask(self, scene: Scene) -> tuple[np.ndarray, str] | None:
+        hit = super()._load_cached_mask(scene)
+        if hit is not None:
+            return hit
+        import rasterio
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        path = self.mask_path(scene)
+        if not path.exists():
+            return None
+        try:
+            with rasterio.open(path) as src:
+                tags = src.tags()
+                if (tags.get("cloudfree_mask_key") != self.whole.mask_key(scene)
+                        or (src.height, src.width) != self.whole.grid.shape):
+                    return None
+                a = self.area
+                window = Window(a.col, a.row, a.grid.width, a.grid.height)
+                return src.read(1, window=window), tags.get("mask_method", self.method)
+        except RasterioError:
+            return None
+
+
+@dataclass
 class _Picked:
     """The samples kept after selection, the split cut and the ``max_patches`` cap."""
 
@@ -212,8 +370,8 @@ def _timed(seconds: dict[str, float], step: str) -> Iterator[None]:
     t = time.perf_counter()
     try:
         yield
-    finally:
-        seconds[step] = time.perf_counter() - t
+    finally:  # summed: a capped build may mask and select on several windows
+        seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - t
 
 
 def _open_source(config: BuildConfig, source: Source | None) -> tuple[Source, str]:
@@ -246,14 +404,15 @@ def _search(source: Source, name: str, region: Region) -> _Found:
     return _Found(name, needed, found, grid, offsets)
 
 
-def _scan_masks(masks: SceneMasks, found: _Found, config: BuildConfig) -> pd.DataFrame:
-    """Mask every scene the rule uses (each read once over the whole grid) -> the per-patch fraction table."""
+def _scan_masks(masks: SceneMasks, found: _Found, area: _Area, config: BuildConfig) -> pd.DataFrame:
+    """Mask every scene the rule uses (each read once over the area) -> the per-patch fraction table."""
     bar = tqdm(total=len(found.scenes), desc="mask scenes", unit="scene", disable=not config.progress, leave=False)
+    local = area.local()
 
     def scan(scene: Scene) -> pd.DataFrame:
         mask = masks.scan(scene)
         bar.update()
-        return fraction_rows(mask, found.offsets, family=scene.family, sensor=scene.sensor, scene_id=scene.id,
+        return fraction_rows(mask, local, family=scene.family, sensor=scene.sensor, scene_id=scene.id,
                              datetime=scene.datetime)
 
     # Masking is CPU-heavy numpy/LightGBM that releases the GIL; two scenes at a time bound the memory.
@@ -262,13 +421,13 @@ def _scan_masks(masks: SceneMasks, found: _Found, config: BuildConfig) -> pd.Dat
     return dedupe_dates(pd.concat(parts, ignore_index=True))
 
 
-def _select(table: pd.DataFrame, region: Region, found: _Found, max_patches: int | None) -> _Picked:
+def _select(table: pd.DataFrame, region: Region, found: _Found, area: _Area, max_patches: int | None) -> _Picked:
     """The selection rule's samples, split by spatial blocks (overlaps across splits dropped), then capped."""
-    sel = select_samples(table, region, [o.patch_id for o in found.offsets])
+    sel = select_samples(table, region, [o.patch_id for o in area.offsets])
     rejected = Counter(sel.rejected_patches)
     if not sel.samples:
         raise SelectionError(
-            f"no patch of region {region.name} passes the {sel.rule} rule ({len(found.offsets)} patches, "
+            f"no patch of region {region.name} passes the {sel.rule} rule ({len(area.offsets)} patches, "
             f"{len(found.scenes)} scenes): {sel.explain()}; relax the region's selection settings or widen its window"
         )
     offset_of = found.offset_of
@@ -283,10 +442,13 @@ def _select(table: pd.DataFrame, region: Region, found: _Found, max_patches: int
     return _Picked(sel.rule, samples, split_of, rejected, sel.rejected_candidates)
 
 
-def _patch_files(samples: Sequence[Sample], found: _Found,
-                 masks: SceneMasks) -> tuple[dict[tuple[str, str], str], list[ex.PatchFile]]:
-    """((patch, scene) -> file path, the files to export in path order), each keyed by all it depends on."""
+def _patch_files(samples: Sequence[Sample], found: _Found, masks: SceneMasks,
+                 area: _Area) -> tuple[dict[tuple[str, str], str], list[ex.PatchFile]]:
+    """((patch, scene) -> file path, the files to export in path order), each keyed by all it depends on. The files
+    are cut from the area's arrays (``PatchFile`` offsets on the read grid); the key names the patch's window on the
+    region grid, and the read window when it is not the whole grid."""
     offset_of = found.offset_of
+    read = {} if area.whole else {"read": area.grid.to_dict()}
     paths: dict[tuple[str, str], str] = {}
     files: dict[str, ex.PatchFile] = {}
     for s in samples:
@@ -302,8 +464,8 @@ def _patch_files(samples: Sequence[Sample], found: _Found,
             key = fingerprint({"v": ex.FORMAT_VERSION, "source": masks.source_key, "scene": scene.id,
                                "sensor": scene.sensor, "datetime": scene.datetime, "window": [o.row, o.col, o.size],
                                "grid": found.grid.to_dict(), "bands": bands,
-                               "mask": None if sar else masks.mask_key(scene)})
-            files[rel] = ex.PatchFile(rel, scene.id, o.row, o.col, o.size, key)
+                               "mask": None if sar else masks.mask_key(scene), **read})
+            files[rel] = ex.PatchFile(rel, scene.id, o.row - area.row, o.col - area.col, o.size, key)
     return paths, sorted(files.values(), key=lambda f: f.rel_path)
 
 
@@ -349,8 +511,8 @@ def _write_cubes(out: Path, attrs: dict[str, Any], config: BuildConfig) -> list[
     return [s for s, p in cubes.items() if before.get(p) != (p / "zarr.json").stat().st_mtime_ns]
 
 
-def _report(region: Region, out: Path, found: _Found, masks: SceneMasks, table: pd.DataFrame, picked: _Picked,
-            written: _Written) -> BuildReport:
+def _report(region: Region, out: Path, found: _Found, area: _Area, masks: SceneMasks, table: pd.DataFrame,
+            picked: _Picked, written: _Written) -> BuildReport:
     """The report of what was found, kept, rejected and written (no timings: ``report.md`` is deterministic)."""
     manifest = written.manifest
     opt_rows = table[table["family"] == found.families[0]]
@@ -373,6 +535,7 @@ def _report(region: Region, out: Path, found: _Found, masks: SceneMasks, table: 
         files=written.files, files_written=written.exported.written, files_skipped=written.exported.skipped,
         files_repaired=written.exported.repaired, masks_computed=masks.computed, masks_cached=masks.cached,
         cubes_written=written.cubes_written, manifest_sha256=written.manifest_sha,
+        patches_examined=len(area.offsets), read_window="" if area.whole else area.describe(),
     )
 
 
@@ -411,25 +574,53 @@ def run_build(region: Region | str | Path, out: str | Path, config: BuildConfig,
     ``source`` is an already-built source (a custom archive, a test double) used instead of
     ``config.source``. Raises ``SourceError`` when a needed sensor has no scenes, ``SelectionError``
     (naming each rule's rejection counts) when no patch passes, ``DataError`` for unreadable inputs or an
-    unwritable ``out``.
+    unwritable ``out``, ``DiskFullError`` when the disk fills, ``OutputInUseError`` when another build writes there.
     """
+    reg = region if isinstance(region, Region) else load_region(region)
+    out = Path(out)
+    needed: dict[str, int] = {}
+    with OutputLock(out, "build-dataset", unwritable="{folder}: cannot write the output folder ({reason}); "
+                    "choose a writable --out"):
+        with translating_disk_full(out, lambda: sum(needed.values()) or None):
+            return _build(reg, out, config, source, needed)
+
+
+def _build(reg: Region, out: Path, config: BuildConfig, source: Source | None, needed: dict[str, int]) -> BuildReport:
     seconds: dict[str, float] = {}
     with _timed(seconds, "search"):
-        reg = region if isinstance(region, Region) else load_region(region)
         out = prepare_out(out)
         remove_stale_temps(out)
         src, name = _open_source(config, source)
         found = _search(src, name, reg)
-    with _timed(seconds, "mask"):
-        masks = SceneMasks(src, found.source_name, found.grid, out, config.mask_method, config.mask_config,
-                           cache_bytes=config.cache_bytes)
-        table = _scan_masks(masks, found, config)
-    with _timed(seconds, "select"):
-        picked = _select(table, reg, found, config.max_patches)
+    stride = reg.patch.stride or reg.patch.size
+    for area in _areas(found, config.mask_config, config.max_patches, stride):
+        # masks: one byte per pixel and scene, before compression
+        needed["masks"] = len(found.scenes) * area.grid.width * area.grid.height
+        with _timed(seconds, "mask"):
+            masks: SceneMasks = (SceneMasks(src, found.source_name, found.grid, out, config.mask_method,
+                                            config.mask_config, cache_bytes=config.cache_bytes)
+                                 if area.whole else _WindowMasks(src, found.source_name, area, found.grid, out, config))
+            with _gdal_writes(out, needed):
+                table = _scan_masks(masks, found, area, config)
+        with _timed(seconds, "select"):
+            try:
+                picked = _select(table, reg, found, area, config.max_patches)
+            except SelectionError:
+                if area.whole:
+                    raise
+                continue
+        if area.whole or len(picked.split_of) >= (config.max_patches or 0):
+            break
+        log.info("--max-patches %s: %d patches pass in %s; reading a larger window", config.max_patches,
+                 len(picked.split_of), area.describe())
     with _timed(seconds, "export"):
-        paths, files = _patch_files(picked.samples, found, masks)
-        exported = ex.export_patches(out, files, masks.load_for_export, workers=config.worker_count,
-                                     progress=config.progress)
+        paths, files = _patch_files(picked.samples, found, masks, area)
+        # patch files and their cubes, before compression: at most 32 bytes a pixel (16 uint16 bands with the mask
+        # band, or 2 float32 SAR bands)
+        needed["patches"] = 2 * sum(f.size * f.size * 32 for f in files)
+        with _gdal_writes(out, needed):
+            exported = ex.export_patches(out, files, masks.load_for_export, workers=config.worker_count,
+                                         progress=config.progress)
     with _timed(seconds, "manifest"):
         manifest = _manifest(picked, table, found, paths, exported.sha256, masks)
         written = _Written(len(files), exported, manifest, ex.write_manifest(manifest, out / ex.MANIFEST_NAME))
@@ -438,7 +629,7 @@ def run_build(region: Region | str | Path, out: str | Path, config: BuildConfig,
                  "simulated": bool(manifest["simulated"].any()), "source": found.source_name}
         written.cubes_written = _write_cubes(out, attrs, config)
     with _timed(seconds, "report"):
-        report = _report(reg, out, found, masks, table, picked, written)
+        report = _report(reg, out, found, area, masks, table, picked, written)
         info = _dataset_info(reg, found, picked, report)
         write_bytes_atomic(out / "dataset.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
         write_bytes_atomic(out / "report.md", report.to_markdown().encode())
@@ -446,6 +637,43 @@ def run_build(region: Region | str | Path, out: str | Path, config: BuildConfig,
     log.info("built %s: %d samples, %d files written, %d skipped in %.1f s", out, report.samples, exported.written,
              exported.skipped, report.elapsed)
     return report
+
+
+@contextlib.contextmanager
+def _gdal_writes(out: Path, needed: dict[str, int]) -> Iterator[None]:
+    """GDAL writes (masks, patch files): a full disk is one line, and libtiff's own "No space left on device" lines
+    stay off the terminal (see ``pipeline.files.capture_c_stderr``).
+
+    On a full disk GDAL may close a GeoTIFF whose last blocks it could not write without raising, and the writer
+    then renames it into place (and journals its checksum, which a rerun would trust): the files this step wrote
+    are read back and the unreadable ones deleted, so the rerun writes them again."""
+    since = time.time_ns() - 2_000_000_000  # file systems with coarse timestamps
+    try:
+        with translating_disk_full(out, lambda: sum(needed.values()) or None, capture=True):
+            yield
+    except DiskFullError:
+        _drop_unreadable(out, since)
+        raise
+
+
+def _drop_unreadable(out: Path, since_ns: int) -> None:
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    for folder in (out / "patches", out / "masks"):
+        if not folder.is_dir():
+            continue
+        for p in folder.rglob("*.tif"):
+            try:
+                if p.stat().st_mtime_ns < since_ns:
+                    continue
+                with rasterio.open(p) as ds:
+                    ds.read()
+            except FileNotFoundError:
+                continue
+            except (RasterioError, OSError):
+                log.info("%s: unreadable after the disk filled up; deleted", p)
+                p.unlink(missing_ok=True)
 
 
 def build_dataset(region: Region | str | Path, source: Source | str, out: str | Path, *,

@@ -29,10 +29,6 @@ from pipeline.errors import DataError
 from pipeline.masking.codes import MaskClass
 from pipeline.regions import CMSNRule, Region, SEN12MSCRTSRule, Splits, TCSEN12Rule
 
-# SEN12MS-CR-TS pairs every S2 date with the closest S1; its rule has no tolerance field, so use
-# half the S1 revisit (6 days), which a complete S1 archive always satisfies.
-DEFAULT_SAR_MAX_DAYS = 3
-
 FRACTION_COLUMNS = [
     "patch_id",
     "family",
@@ -377,9 +373,9 @@ def _sen12mscr_ts(
         return [], reason
     sar_members = None
     if sar is not None:
-        sar_members = _attach_sar(inputs, target, sar, DEFAULT_SAR_MAX_DAYS)
+        sar_members = _attach_sar(inputs, target, sar, rule.sar_max_days)
         if sar_members is None:
-            reason = f"sen12mscr_ts: no S1 within ±{DEFAULT_SAR_MAX_DAYS} days of every optical date"
+            reason = f"sen12mscr_ts: no S1 within ±{rule.sar_max_days} days of every optical date"
             cand[reason] += 1
             return [], reason
     return [_sample(pid, inputs, target, sar_members)], ""

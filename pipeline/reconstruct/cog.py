@@ -4,19 +4,26 @@ GDAL's COG driver can only ``CreateCopy``, never write window by window, so an o
 steps: a tiled, uncompressed, band-interleaved intermediate GTiff (hidden, next to the target) receives
 finished blocks one at a time; ``commit`` builds the overviews inside the intermediate and converts it with
 ``rasterio.shutil.copy(driver="COG", OVERVIEWS="FORCE_USE_EXISTING")`` into a temp name, compressing
-once, and renames it onto the target. (GDAL works through its block cache, so memory stays bounded.) The target
-path therefore only ever holds a complete COG. The intermediate survives an interrupted run so the
-stitcher can resume by blocks; it is deleted after a successful commit.
+once, and renames it onto the target. (GDAL works through its block cache, so memory stays bounded.) GDAL does not
+always raise when a write fails (a full disk during the COG copy leaves a truncated file and no exception), so the
+temp is verified before the rename (``verify_cog``: a COG of the expected size, every tile inside the file, every
+band of every overview level read back) and deleted when anything is wrong. The target path therefore only ever
+holds a complete COG. A full disk anywhere in the writing is one ``pipeline.files.DiskFullError`` line.
+
+The intermediate survives an interrupted run so the stitcher can resume by blocks; it is deleted after a successful
+commit (and by ``reconstruct`` when a run fails with an error rather than being interrupted).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -25,8 +32,9 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from pipeline.errors import DataError
-from pipeline.files import atomic_output
+from pipeline.files import atomic_output, is_disk_full, temp_path, translating_disk_full
 from pipeline.grid import Grid
+from pipeline.reconstruct.styles import apply_gdal_styling
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +139,13 @@ class RasterSpec:
         return dn.astype(np.uint16)
 
 
+def raw_tiled_bytes(grid: Grid, bands: int, dtype: str) -> int:
+    """Uncompressed bytes of a tiled image on ``grid``: GeoTIFF tiles are whole, so a 100 px image takes a 512 px
+    tile (overviews add up to a third more)."""
+    tiles_x, tiles_y = -(-grid.width // COG_BLOCK), -(-grid.height // COG_BLOCK)
+    return tiles_x * tiles_y * COG_BLOCK * COG_BLOCK * bands * np.dtype(dtype).itemsize
+
+
 def overview_factors(width: int, height: int, block: int = COG_BLOCK) -> list[int]:
     """Decimation factors the COG driver's ``OVERVIEWS=AUTO`` would pick: halve until the image fits one tile."""
     out, f = [], 1
@@ -194,12 +209,17 @@ class BlockWriter:
         if not (resume and self.partial.exists()):
             self._create()
 
+    @property
+    def raw_bytes(self) -> int:
+        """Uncompressed size of the intermediate at full resolution (every band, edge tiles padded to whole tiles)."""
+        return raw_tiled_bytes(self.grid, len(self.spec.bands), self.spec.dtype)
+
     def _create(self) -> None:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         # Uncompressed intermediate: blocks can be rewritten in place on resume and writes are cheap;
         # compression happens once, in the COG copy. Filled with nodata so unwritten areas are nodata.
         profile = _profile(self.grid, self.spec)
-        with rasterio.open(self.partial, "w", **profile) as ds:
+        with self._disk_full(self.raw_bytes * 4 // 3), rasterio.open(self.partial, "w", **profile) as ds:
             ds.descriptions = self.spec.descriptions or self.spec.bands
             if self.spec.dtype == "uint16":
                 ds.scales = (self.spec.scale,) * ds.count
@@ -213,27 +233,43 @@ class BlockWriter:
         if values.ndim == 2:
             values = values[None]
         data = values if encoded else self.spec.encode(values)
-        with rasterio.open(self.partial, "r+") as ds:
+        with self._disk_full(self.raw_bytes * 4 // 3), rasterio.open(self.partial, "r+") as ds:
             ds.write(data, window=Window(col, row, data.shape[2], data.shape[1]))
+
+    @contextlib.contextmanager
+    def _disk_full(self, needed: int) -> Iterator[None]:
+        """GDAL writes: a full disk becomes one line, and a failure GDAL only logs becomes an exception (closing a
+        dataset whose last blocks could not be flushed does not raise)."""
+        with translating_disk_full(self.path.parent, needed, capture=True), _gdal_failures() as failed:
+            yield
+            _check_failures(failed, self.partial)
 
     def commit(self, tags: dict[str, str] | None = None) -> Path:
         """Convert the intermediate to a COG at ``path`` (temp name + rename) and delete the intermediate.
 
         ``tags``: dataset tags known only once every block is written (e.g. a summary of the blocks' notes).
+        The temp is verified (``verify_cog``) before the rename; on any failure it is deleted and the intermediate
+        kept (a rerun resumes from it). A full disk raises ``DiskFullError``.
         """
-        tmp = self.path.with_name(f".{self.path.name}.cog-tmp.tif")
+        tmp = temp_path(self.path)
         predictor = "YES" if self.spec.dtype != "uint8" else "NO"
-        if tags:
-            with rasterio.open(self.partial, "r+") as ds:
-                ds.update_tags(**{k: str(v) for k, v in tags.items()})
+        # the overviews (a third of the image) go into the intermediate, the COG is at most that again
+        needed = self.raw_bytes * 4 // 3
+        factors = overview_factors(self.grid.width, self.grid.height)
         try:
+            if tags:
+                with self._disk_full(needed), rasterio.open(self.partial, "r+") as ds:
+                    ds.update_tags(**{k: str(v) for k, v in tags.items()})
+            with self._disk_full(needed):
+                apply_gdal_styling(self.partial, self.spec)  # colour table / RGB bands ride along into the COG
+            if factors:
+                # (re)built on every commit, so blocks rewritten after a failed commit are reflected
+                with self._disk_full(needed), rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=GDAL_CACHE_MB), \
+                        rasterio.open(self.partial, "r+") as ds:
+                    ds.build_overviews(factors, Resampling[self.spec.resampling])
             # a bounded block cache: GDAL's default (5 % of RAM) would grow with the AOI during the copy
-            with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=GDAL_CACHE_MB):
-                factors = overview_factors(self.grid.width, self.grid.height)
-                if factors:
-                    # (re)built on every commit, so blocks rewritten after a failed commit are reflected
-                    with rasterio.open(self.partial, "r+") as ds:
-                        ds.build_overviews(factors, Resampling[self.spec.resampling])
+            with translating_disk_full(self.path.parent, needed, capture=True), _gdal_failures() as failed, \
+                    rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=GDAL_CACHE_MB):
                 rasterio.shutil.copy(
                     self.partial,
                     tmp,
@@ -246,6 +282,8 @@ class BlockWriter:
                     NUM_THREADS="ALL_CPUS",
                     BIGTIFF="IF_SAFER",
                 )
+                _check_failures(failed, tmp)
+                verify_cog(tmp, self.grid, self.spec, overviews=len(factors))
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -267,6 +305,136 @@ def write_cog(path: str | Path, values: np.ndarray, grid: Grid, spec: RasterSpec
     except BaseException:
         w.discard()
         raise
+
+
+class _Failures:
+    """What GDAL signalled in this thread while a block of writes ran: its failures (CE_Failure, which rasterio only
+    logs at INFO and carries on after) and its warnings, held back until the block is known to have succeeded."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.warnings: list[logging.LogRecord] = []
+        self.thread = threading.get_ident()  # the writes happen in the writing thread; others are not ours
+
+
+class _Collector(logging.Filter):
+    """On rasterio's logger while any ``_gdal_failures`` block runs: hands a thread's GDAL messages to its innermost
+    block. Records of other threads pass as before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active: list[_Failures] = []
+        self.shown = logging.WARNING  # the level the logger let through before
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        mine = [f for f in self.active if f.thread == record.thread]
+        if not mine:
+            return record.levelno >= self.shown
+        if record.levelno <= logging.INFO:
+            msg = record.getMessage()
+            if "GDAL signalled an error" in msg:
+                mine[-1].messages.append(msg)
+        elif record.levelno >= self.shown:
+            mine[-1].warnings.append(record)
+        return False
+
+
+_collector = _Collector()
+_collector_lock = threading.Lock()
+_collector_level: list[int] = []  # the logger's own level, restored after the last block
+
+
+@contextlib.contextmanager
+def _gdal_failures() -> Iterator[_Failures]:
+    """Collect the GDAL errors rasterio only logs (a COG copy onto a full disk can end without an exception), and
+    hold back GDAL's warnings meanwhile: they reach the log when the block succeeds, and are dropped when it raises
+    (a write that failed warns about its own consequences; the exception says what happened).
+
+    rasterio's logger is set to INFO once for all nested and concurrent uses, and restored when the last one ends."""
+    logger = logging.getLogger("rasterio._env")
+    failures = _Failures()
+    with _collector_lock:
+        if not _collector.active:
+            _collector_level[:] = [logger.level]
+            _collector.shown = logger.getEffectiveLevel()
+            logger.setLevel(min(logging.INFO, _collector.shown))
+            logger.addFilter(_collector)
+        _collector.active.append(failures)
+    ok = False
+    try:
+        yield failures
+        ok = True
+    finally:
+        with _collector_lock:
+            _collector.active.remove(failures)
+            outer = [f for f in _collector.active if f.thread == failures.thread]
+            if ok and outer:
+                outer[-1].warnings += failures.warnings
+            if not _collector.active:
+                logger.removeFilter(_collector)
+                logger.setLevel(_collector_level[0])
+        if ok and not outer:
+            for record in failures.warnings:
+                logger.callHandlers(record)
+
+
+def _check_failures(failed: _Failures, path: Path) -> None:
+    if failed.messages:
+        text = "; ".join(failed.messages)
+        if is_disk_full(None, text):
+            raise OSError(28, "No space left on device", str(path))  # turned into one line by translating_disk_full
+        raise DataError(f"{path}: GDAL reported a failure while writing it ({failed.messages[-1]}); the file was not "
+                        "kept, rerun to write it again")
+
+
+def _tiles_end(ds: Any) -> int:
+    """Where the last tile of any band and overview level ends in the file, by the TIFF's own offsets."""
+    bands = [1] if ds.count == 1 or ds.interleaving is None or ds.interleaving.value == "PIXEL" else range(
+        1, ds.count + 1)
+    end = 0
+    for level in [None, *range(len(ds.overviews(1)))]:
+        if level is None:
+            width, height = ds.width, ds.height
+        else:
+            factor = ds.overviews(1)[level]
+            width, height = -(-ds.width // factor), -(-ds.height // factor)
+        bw, bh = ds.block_shapes[0][1], ds.block_shapes[0][0]
+        for b in bands:
+            for y in range(-(-height // bh)):
+                for x in range(-(-width // bw)):
+                    off = ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=b, ovr=level)
+                    size = ds.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=b, ovr=level)
+                    if off and size:
+                        end = max(end, int(off) + int(size))
+    return end
+
+
+def verify_cog(path: str | Path, grid: Grid, spec: RasterSpec, *, overviews: int | None = None) -> None:
+    """Raise ``DataError`` unless ``path`` is a complete COG of ``grid`` and ``spec``: the COG layout, the expected
+    size, band count and type (and ``overviews`` levels), every tile inside the file, and every band of every
+    overview level readable, block by block (memory stays bounded)."""
+    path = Path(path)
+    report = validate_cog(path, raise_on_error=False)
+    if report.problems:
+        raise DataError(f"{path}: not a valid COG after writing it: " + "; ".join(report.problems))
+    try:
+        with rasterio.open(path) as ds:
+            got = (ds.width, ds.height, ds.count, ds.dtypes[0])
+            want = (grid.width, grid.height, len(spec.bands), spec.dtype)
+            if got != want:
+                raise DataError(f"{path}: written as {got} (width, height, bands, type), expected {want}")
+            levels = len(ds.overviews(1))
+            if overviews is not None and levels != overviews:
+                raise DataError(f"{path}: {levels} overview levels written, expected {overviews}")
+            size, end = path.stat().st_size, _tiles_end(ds)
+            if end > size:
+                raise DataError(f"{path}: truncated: {size} bytes, but its tiles end at byte {end}")
+        for level in [None, *range(levels)]:
+            with rasterio.open(path, overview_level=level) as ds:
+                for _, window in ds.block_windows(1):
+                    ds.read(window=window)
+    except rasterio.errors.RasterioError as exc:
+        raise DataError(f"{path}: unreadable after writing it ({exc})") from exc
 
 
 @dataclass

@@ -26,17 +26,32 @@ A model checkpoint (a training run folder):
 
 The STAC Item and the quicklook follow either way. Every option (fill, tiling, output format, masking, input
 dates, device, cluster) is a field of ``pipeline.reconstruct.config.ReconstructConfig``.
+
+The output folder: one run at a time (``pipeline.files.OutputLock``: a second run into the same ``--out`` stops with
+one line naming the first). Until a run commits, its finished blocks live in hidden, uncompressed intermediates
+beside the outputs (``.<output>.partial.tif``, as large as the raw image) and ``.<name>.progress.json``:
+
+- interrupted (Ctrl-C, a kill) or stopped by the source (network, quota: ``SourceError``): they are kept, with a
+  warning naming their size, and the same command resumes from them;
+- any other error (a full disk, a bug): they are deleted, and so is an output folder the run created and left empty;
+- at the start of a run, hidden files no run can resume from (temps, intermediates without a progress file, those of
+  this name made with other settings) are deleted; another name's interrupted run is kept and named in a warning.
+
+A full disk anywhere is one ``pipeline.files.DiskFullError`` line: the folder, about how much the outputs need, and
+what is free there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,12 +60,13 @@ import pipeline.reconstruct.tiling as tiling
 from models.spec import InputSpec
 from pipeline import __version__
 from pipeline.errors import CheckpointError, DataError, SourceError
-from pipeline.files import fingerprint
+from pipeline.files import OutputLock, fingerprint, human_bytes, is_disk_full, translating_disk_full
 from pipeline.grid import Grid
-from pipeline.reconstruct.cog import BlockWriter, RasterSpec, build_vrt, validate_cog
+from pipeline.reconstruct.cog import BlockWriter, RasterSpec, build_vrt, raw_tiled_bytes, validate_cog
 from pipeline.reconstruct.config import ReconstructConfig, Unobserved
 from pipeline.reconstruct.mosaic import FillLoader, MosaicLoader, SampleFits
 from pipeline.reconstruct.plan import COMPOSITE, InputPlan, plan_fill, plan_inputs
+from pipeline.reconstruct.styles import style_run
 from pipeline.reconstruct.tiling import Filler, Outputs, Progress, TorchPredictor, plan_blocks, run_blocks
 from pipeline.regions import Region, load_region
 from pipeline.sensors import get_sensor
@@ -145,12 +161,126 @@ class OutputPaths:
         return self._file("_quicklook.png")
 
     @property
+    def thumbnail(self) -> Path:
+        return self._file("_thumbnail.png")
+
+    @property
+    def project(self) -> Path:
+        return self._file(".qgs")
+
+    @property
     def progress(self) -> Path:
         return self.out_dir / f".{self.stem}.progress.json"
 
     @property
     def uncertainty_partial(self) -> Path:
         return self.out_dir / f".{self.uncertainty.name}.partial.tif"
+
+    @property
+    def partials(self) -> list[Path]:
+        """The hidden intermediates a run of this name may leave for a resume."""
+        return [self.out_dir / f".{p.name}.partial.tif" for p in (self.cog, self.provenance, self.uncertainty,
+                                                                  self.source_days)]
+
+
+# what a run leaves only while it runs: temp files (pipeline.files.temp_path, the write probe, the COG temps of
+# older versions); and the resumable state of a name: ``.<stem><suffix>.tif.partial.tif`` + ``.<stem>.progress.json``
+_TEMP = re.compile(r"^\.(?:.+\.\d+-\d+\.tmp|.+\.cog-tmp\.tif|cloudfree-write-test-.+)$")
+_PARTIAL = re.compile(r"^\.(?P<stem>.+?)(?:_provenance|_uncertainty|_source_days)?\.tif\.partial\.tif$")
+_PROGRESS = re.compile(r"^\.(?P<stem>.+)\.progress\.json$")
+
+
+def _size(paths: Sequence[Path]) -> int:
+    return sum(p.stat().st_size for p in paths if p.exists())
+
+
+def _clean_leftovers(out_dir: Path) -> None:
+    """Delete the hidden files of ``out_dir`` no run can use (the caller holds the folder's lock, so no run is
+    writing them): temps, and intermediates or progress files without their other half. Another name's resumable
+    run is kept and named in a warning (it holds up to the raw image size on disk)."""
+    if not out_dir.is_dir():
+        return
+    partials: dict[str, list[Path]] = {}
+    progress: dict[str, Path] = {}
+    for p in out_dir.iterdir():
+        if _TEMP.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+        elif m := _PARTIAL.match(p.name):
+            partials.setdefault(m["stem"], []).append(p)
+        elif m := _PROGRESS.match(p.name):
+            progress[m["stem"]] = p
+    for stem in sorted(set(partials) | set(progress)):
+        files = partials.get(stem, [])
+        if stem in progress and files:
+            log.warning("%s: an interrupted reconstruction (%s) left %s of finished blocks in hidden files "
+                        "(.%s*.partial.tif): rerun it to resume, or delete them", out_dir, stem,
+                        human_bytes(_size(files)), stem)
+            continue
+        for f in [*files, *([progress[stem]] if stem in progress else [])]:
+            f.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _output_folder(out_dir: Path) -> Iterator[None]:
+    """The run's hold on ``out_dir``: its lock (leftovers cleaned when this thread takes it first) and a full disk
+    turned into one line."""
+    with OutputLock(out_dir, "reconstruct") as lock:
+        if lock.fresh:
+            _clean_leftovers(out_dir)
+        with translating_disk_full(out_dir):
+            yield
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """A rerun can resume after this: the process was stopped (Ctrl-C, a signal turned into an exception) or the
+    source failed (network, quota) rather than this run's own work or disk."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return True
+    return isinstance(exc, (SourceError, ConnectionError, TimeoutError)) and not is_disk_full(exc)
+
+
+@contextlib.contextmanager
+def _resumable(paths: OutputPaths, progress: Progress, needed: int) -> Iterator[None]:
+    """Keep the intermediates and the progress file for a resume when the run is interrupted (saying so, with their
+    size); delete them after any other failure, so a failed run leaves nothing hidden behind. A full disk is one line
+    saying about how much the outputs need (``needed`` bytes)."""
+    try:
+        with translating_disk_full(paths.out_dir, needed):
+            yield
+    except BaseException as exc:
+        kept = [p for p in paths.partials if p.exists()]
+        if _interrupted(exc) and progress.done:
+            log.warning("%s: %d finished block(s) kept in hidden files (%s, .%s*.partial.tif): rerun the same command "
+                        "to resume, or delete them", paths.out_dir, len(progress.done), human_bytes(_size(kept)),
+                        paths.stem)
+        else:
+            for p in kept:
+                p.unlink(missing_ok=True)
+            progress.clear()
+        raise
+
+
+def _start(paths: OutputPaths, progress: Progress, *outputs: Path) -> None:
+    """Before the writers open: a progress file of other settings, or one whose intermediates are gone, cannot be
+    resumed from; its files go (the intermediates are as large as the raw image)."""
+    partials = [paths.out_dir / f".{p.name}.partial.tif" for p in outputs]
+    if progress.done and not all(p.exists() for p in partials):
+        log.warning("%s: the intermediates of an interrupted run are missing; starting %s over", paths.out_dir,
+                    paths.stem)
+        progress.done.clear()
+        progress.info.clear()
+        progress.resumed = False
+    if not progress.done:
+        for p in paths.partials:
+            p.unlink(missing_ok=True)
+        progress.clear()
+
+
+def _needed(grid: Grid, bands: int, dtype: str) -> int:
+    """About the bytes the outputs need at most while committing: the uncompressed intermediates with overviews plus
+    the COGs (no larger than them), for the image, provenance and source-date layers."""
+    raw = raw_tiled_bytes(grid, bands, dtype) + raw_tiled_bytes(grid, 1, "uint8") + raw_tiled_bytes(grid, 1, "int16")
+    return 2 * raw * 4 // 3
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -201,9 +331,7 @@ def _tags(region: Region, date: dt.date, lm: LoadedModel, plan: InputPlan, sourc
 def _open_outputs(paths: OutputPaths, grid: Grid, spec: InputSpec, tags: dict[str, str], config: ReconstructConfig,
                   progress: Progress) -> Outputs:
     """COG writers; on resume they reopen the partial files of the interrupted run."""
-    resume = bool(progress.done)
-    if not resume:
-        paths.uncertainty_partial.unlink(missing_ok=True)  # left by another run: this one starts from scratch
+    resume = bool(progress.done)  # without it, _start has removed every intermediate of this name
 
     def writer(path: Path, raster: RasterSpec, again: bool) -> BlockWriter:
         return BlockWriter(path, grid, raster, compress=config.compress, resume=again)
@@ -239,7 +367,9 @@ def _commit(outputs: Outputs, progress: Progress, paths: OutputPaths,
         w.commit(tags)
     progress.clear()
     rasters = [w.path for w in outputs.all()]
-    return {p.name: validate_cog(p).ok for p in rasters}
+    validation = {p.name: validate_cog(p).ok for p in rasters}
+    style_run(paths.out_dir, paths.stem)  # .qml per raster + the .qgs project: opens styled by drag-and-drop
+    return validation
 
 
 def _write_stac(paths: OutputPaths, grid: Grid, date: dt.date, bands: Sequence[str], plan: InputPlan,
@@ -247,9 +377,13 @@ def _write_stac(paths: OutputPaths, grid: Grid, date: dt.date, bands: Sequence[s
                 properties: dict[str, Any] | None = None) -> dict[str, Any]:
     """The STAC Item beside the files; returns its core/extension validation."""
     from pipeline.reconstruct.stac import StacAssets, build_item, validate_item, write_item
+    from pipeline.reconstruct.thumbnail import write_thumbnail
 
+    sensor = get_sensor(plan.optical_sensor)
+    rgb = sensor.rgb if sensor.rgb and all(b in bands for b in sensor.rgb) else tuple(bands[:3])
+    thumbnail = write_thumbnail(paths.cog, paths.thumbnail, rgb=rgb)
     assets = StacAssets(paths.cog, paths.provenance, paths.uncertainty if with_uncertainty else None, paths.quicklook,
-                        source_days=paths.source_days if with_source_days else None)
+                        source_days=paths.source_days if with_source_days else None, thumbnail=thumbnail)
     props: dict[str, Any] = {f"cloudfree:{k}": v for k, v in tags.items() if k != "simulated"}
     props.update(properties or {})
     item = build_item(
@@ -281,10 +415,17 @@ def reconstruct(
     region = load_region(region) if isinstance(region, (str, Path)) else region
     date = dt.date.fromisoformat(date) if isinstance(date, str) else date
     out_dir = Path(out)
-    _check_writable(out_dir)
-    src = source if source is not None else config.source.build()
-    if str(checkpoint) == COMPOSITE:
-        return _reconstruct_fill(region, date, out_dir, config, src, client)
+    with _output_folder(out_dir):
+        _check_writable(out_dir)
+        src = source if source is not None else config.source.build()
+        if str(checkpoint) == COMPOSITE:
+            return _reconstruct_fill(region, date, out_dir, config, src, client)
+        return _reconstruct_model(region, date, checkpoint, out_dir, config, src, client)
+
+
+def _reconstruct_model(region: Region, date: dt.date, checkpoint: str | Path, out_dir: Path, config: ReconstructConfig,
+                       src: Source, client: Any) -> ReconstructResult:
+    """A training run folder's model, block by block; see the module docstring."""
     src_name = getattr(src, "name", type(src).__name__)
     lm = load_model(checkpoint)
     grid = region.grid()
@@ -296,11 +437,15 @@ def reconstruct(
     tags = _tags(region, date, lm, plan, src_name, config)
     run_key = {**tags, "grid": grid.to_dict(), "block": config.block, "dtype": config.dtype, "feather": config.feather}
     progress = Progress(paths.progress, fingerprint(run_key, 16))
-    outputs = _open_outputs(paths, grid, lm.spec, tags, config, progress)
-    loader = MosaicLoader(src, grid, plan, lm.spec, mask_method=config.mask_method, need_observed=config.keep_clear)
-    predictor = TorchPredictor(lm.model, device=config.device, bf16=config.bf16)
-    computed = _compute(grid, loader, predictor, config, outputs, progress, client)
-    validation = _commit(outputs, progress, paths)
+    _start(paths, progress, paths.cog, paths.provenance)
+    # the uncertainty layer, when the model has one, is as large as the image
+    with _resumable(paths, progress, _needed(grid, 2 * len(lm.spec.out_bands), config.dtype)):
+        outputs = _open_outputs(paths, grid, lm.spec, tags, config, progress)
+        loader = MosaicLoader(src, grid, plan, lm.spec, mask_method=config.mask_method,
+                              need_observed=config.keep_clear)
+        predictor = TorchPredictor(lm.model, device=config.device, bf16=config.bf16)
+        computed = _compute(grid, loader, predictor, config, outputs, progress, client)
+        validation = _commit(outputs, progress, paths)
     with_var = outputs.std is not None
 
     _write_quicklook(paths.quicklook, paths.cog, src, plan, lm.spec.out_bands, grid)
@@ -404,24 +549,27 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
     run_key = {**tags, "grid": grid.to_dict(), "block": config.block, "dtype": config.dtype}
     progress = Progress(paths.progress, fingerprint(run_key, 16))
     bands = get_sensor(plan.optical_sensor).reflectance_bands
+    _start(paths, progress, paths.cog, paths.provenance, paths.source_days)
     resume = bool(progress.done)
 
     def writer(path: Path, raster: RasterSpec) -> BlockWriter:
         return BlockWriter(path, grid, raster, compress=config.compress, resume=resume)
 
-    outputs = Outputs(writer(paths.cog, RasterSpec.reflectance(bands, dtype=config.dtype, tags=tags)),
-                      writer(paths.provenance, RasterSpec.provenance(tags)), None, resume,
-                      source_days=writer(paths.source_days, RasterSpec.source_days(tags)))
-    loader = FillLoader(src, grid, plan, mask_method=config.mask_method, fill=config.fill,
-                        least_cloudy=config.fill_unobserved == Unobserved.least_cloudy)
-    filler = Filler(config.fill, SampleFits(loader))
-    computed = _compute(grid, loader, filler, config, outputs, progress, client, compute=tiling.compute_fill_block)
-    summary = _fill_summary(progress.info, date)
-    warnings = _fill_warnings(summary, config)
-    for w in warnings:
-        log.warning("%s %s: %s", region.name, date, w)
-    notes = {"fill_notes": json.dumps(summary["dates"]), "fill_pixels": json.dumps(summary["counts"])}
-    validation = _commit(outputs, progress, paths, notes)
+    with _resumable(paths, progress, _needed(grid, len(bands), config.dtype)):
+        outputs = Outputs(writer(paths.cog, RasterSpec.reflectance(bands, dtype=config.dtype, tags=tags)),
+                          writer(paths.provenance, RasterSpec.provenance(tags)), None, resume,
+                          source_days=writer(paths.source_days, RasterSpec.source_days(tags)))
+        loader = FillLoader(src, grid, plan, mask_method=config.mask_method, fill=config.fill,
+                            least_cloudy=config.fill_unobserved == Unobserved.least_cloudy)
+        filler = Filler(config.fill, SampleFits(loader))
+        computed = _compute(grid, loader, filler, config, outputs, progress, client,
+                            compute=tiling.compute_fill_block)
+        summary = _fill_summary(progress.info, date)
+        warnings = _fill_warnings(summary, config)
+        for w in warnings:
+            log.warning("%s %s: %s", region.name, date, w)
+        notes = {"fill_notes": json.dumps(summary["dates"]), "fill_pixels": json.dumps(summary["counts"])}
+        validation = _commit(outputs, progress, paths, notes)
 
     _write_quicklook(paths.quicklook, paths.cog, src, plan, bands, grid)
     props = {"cloudfree:fill_config": config.fill.model_dump(), "cloudfree:fill_notes": summary["dates"],
@@ -436,14 +584,16 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
 def reconstruct_dates(region: str | Region, dates: Sequence[dt.date | str], checkpoint: str | Path,
                       out: str | Path = "out", config: ReconstructConfig | None = None, *, source: Source | None = None,
                       client: Any = None) -> tuple[list[ReconstructResult], Path | None]:
-    """Several dates of one AOI; with more than one, a VRT stacks them (bands labelled by date)."""
-    results = [reconstruct(region, d, checkpoint, out, config, source=source, client=client) for d in dates]
-    if len(results) < 2:
-        return results, None
-    name = results[0].cog.name.split("_")[0]
-    model = results[0].cog.stem.rsplit("_", 1)[-1]
-    vrt = build_vrt([r.cog for r in results], Path(out) / f"{name}_{model}_dates.vrt", separate=True,
-                    labels=[r.plan.target_date.isoformat() for r in results])
+    """Several dates of one AOI; with more than one, a VRT stacks them (bands labelled by date). The output folder
+    stays locked from the first date to the VRT."""
+    with _output_folder(Path(out)):
+        results = [reconstruct(region, d, checkpoint, out, config, source=source, client=client) for d in dates]
+        if len(results) < 2:
+            return results, None
+        name = results[0].cog.name.split("_")[0]
+        model = results[0].cog.stem.rsplit("_", 1)[-1]
+        vrt = build_vrt([r.cog for r in results], Path(out) / f"{name}_{model}_dates.vrt", separate=True,
+                        labels=[r.plan.target_date.isoformat() for r in results])
     return results, vrt
 
 

@@ -18,6 +18,7 @@ the monitored value is broadcast so every rank steps its scheduler and stops tog
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from models.base import CloudRemovalModel
 from models.spec import InputSpec, ModelOutput
 from pipeline.errors import CheckpointError, CloudfreeError, DataError
+from pipeline.files import OutputLock
 from pipeline.train.checkpoint import (
     META_FILE,
     STATE_FILE,
@@ -410,15 +412,30 @@ def train(
     out = Path(out)
     rt = setup_runtime(cfg)
     try:
-        run = _setup(cfg, rt, data_dir, out, resume, train_data, val_data, progress)
-        try:
-            stopped_early = _epoch_loop(run)
-        finally:
-            if run.writer is not None:
-                run.writer.close()
-        return _result(run, stopped_early)
+        with contextlib.ExitStack() as held:
+            _lock_run_folder(held, out, rt)
+            run = _setup(cfg, rt, data_dir, out, resume, train_data, val_data, progress)
+            try:
+                stopped_early = _epoch_loop(run)
+            finally:
+                if run.writer is not None:
+                    run.writer.close()
+            return _result(run, stopped_early)
     finally:
         teardown_runtime(rt)
+
+
+def _lock_run_folder(held: contextlib.ExitStack, out: Path, rt: Runtime) -> None:
+    """Rank 0 holds the run folder's lock; under DDP every rank learns whether it got it, so a refusal stops all
+    ranks instead of leaving the others waiting in the first collective."""
+    refused: CloudfreeError | None = None
+    if rt.main:
+        try:
+            held.enter_context(OutputLock(out, "train"))
+        except CloudfreeError as exc:
+            refused = exc
+    if _broadcast_value(float(refused is not None), rt):
+        raise refused or CheckpointError(f"{out} is in use by another training run (rank 0 could not lock it)")
 
 
 def _setup(cfg: TrainConfig, rt: Runtime, data_dir: Path | None, out: Path, resume: bool, train_data: Dataset | None,

@@ -162,6 +162,16 @@ def test_transient_errors_are_told_from_deterministic_ones():
     assert is_transient_error(exhausted) and not is_transient_error(rejected)
 
 
+def test_oversized_regions_are_skipped_by_the_nightly_run_and_refused_by_name(harness, tmp_path, monkeypatch):
+    from flows.build_dataset import build_dataset
+
+    monkeypatch.setenv("CLOUDFREE_MAX_MEGAPIXELS", "0.01")  # every region is "too large" now
+    assert build_dataset(BuildDatasetParams(out_root=str(tmp_path))) == []  # zhengzhou-demo skipped, nothing built
+    assert not any(tmp_path.iterdir())
+    state = build_dataset(BuildDatasetParams(region=TINY, out_root=str(tmp_path)), return_state=True)
+    assert state.is_failed() and "over the 0.01 Mpx limit" in state.message
+
+
 # --- flow runs ----------------------------------------------------------------------------------------------
 
 
@@ -234,8 +244,9 @@ def test_reconstruct_flow_writes_cog_stac_quicklook_and_artifacts(harness, tmp_p
     m = res["truth"]["metrics"]
     assert 10 < m["psnr"] < 60 and m["cloud_psnr"] <= m["psnr"] + 1e-9  # clouded pixels are the hard ones
     arts = artifacts_of(state.state_details.flow_run_id)
-    assert arts == {"reconstruct-tiny-aoi-20210722": "markdown", "reconstruct-metrics-tiny-aoi-20210722": "table",
-                    "quicklook-tiny-aoi-20210722": "markdown"}
+    key = "tiny-aoi-20210722-composite"  # region, date and model: another model's run keeps its own "latest"
+    assert arts == {f"reconstruct-{key}": "markdown", f"reconstruct-metrics-{key}": "table",
+                    f"quicklook-{key}": "markdown", f"reconstruct-progress-{key}": "progress"}
     again = reconstruct_aoi(params, return_state=True)
     assert set(task_states(again.state_details.flow_run_id, expect={"reconstruct": 1})["reconstruct"]) == {"Cached"}
 

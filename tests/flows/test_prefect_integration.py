@@ -1,5 +1,8 @@
 """A real ``prefect server start`` + process worker on a free loopback port, deployments from ``prefect.yaml``,
-and ``prefect deployment run 'reconstruct-aoi/default' --watch`` through the CLI (what ``make serve`` users do).
+and ``prefect deployment run 'reconstruct-aoi/default' --watch`` through the CLI (what ``make serve`` users do);
+then what an operator sees of that run, read back through the Prefect API: INFO log lines (the pipeline's
+included) although this session exports ``PREFECT_LOGGING_LEVEL=WARNING`` (tests/conftest.py), one log line per
+block and a progress artifact at 100 %, artifact keys naming the model, and a quicklook small enough to embed.
 """
 
 from __future__ import annotations
@@ -7,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -52,6 +56,7 @@ def test_deployment_run_through_the_cli_writes_the_cog(served, tmp_path):
             "source": "synthetic",
             "out": str(out),
             "mask_method": "cloudscore",
+            "block": 512,  # 4 blocks over the ~1035 x 1026 px AOI, so there is progress to follow
         }
     }
     deps = subprocess.run([prefect, "deployment", "ls"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -71,6 +76,8 @@ def test_deployment_run_through_the_cli_writes_the_cog(served, tmp_path):
     assert cog.is_file(), sorted(p.name for p in out.glob("*")) if out.exists() else "no output folder"
     with rasterio.open(cog) as ds:
         assert ds.crs.to_string() == "EPSG:32649" and ds.descriptions[1] == "B2"
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    _operator_view(state["api_url"], flow_run_id, out)
 
     # the nightly cron of build-dataset/new-aoi turned into scheduled flow runs (the server's scheduler works)
     deadline = time.monotonic() + 120
@@ -92,6 +99,48 @@ def test_deployment_run_through_the_cli_writes_the_cog(served, tmp_path):
     # the cron is "0 2 * * *" UTC: every scheduled run starts at 02:00 UTC
     starts = [dt.datetime.fromisoformat(r["expected_start_time"]).astimezone(dt.timezone.utc) for r in scheduled]
     assert all((t.hour, t.minute) == (2, 0) for t in starts), starts
+
+
+def _operator_view(api_url: str, flow_run_id: str, out: Path) -> None:
+    """What the run's page shows: its logs and artifacts, read through the API as the UI does."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        DeploymentFilter,
+        DeploymentFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        (deployment,) = [d for d in client.read_deployments(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["default"])))
+            if d.entrypoint.endswith(":reconstruct_aoi")]
+    text = "\n".join(f"{lg.level} {lg.name}: {lg.message}" for lg in logs)
+    info = [lg for lg in logs if lg.level == 20]
+    assert any("reconstructing zhengzhou-demo on 2021-07-22" in lg.message for lg in info), text[-3000:]
+    # the library's own loggers reach the run's log (pipeline.reconstruct.run says what it fills from)
+    assert any(lg.name.startswith("pipeline.") and "harmonized fill" in lg.message for lg in info), text[-3000:]
+    # the watcher's line per change of the progress file: the last block and at least one before it
+    done = {int(m.group(1)) for lg in info if (m := re.search(r"block (\d+) of 4 written", lg.message))}
+    assert 4 in done and min(done) < 4, text[-3000:]
+
+    by_key = {a.key: a for a in arts}
+    key = "zhengzhou-demo-20210722-composite"
+    assert {f"reconstruct-{key}", f"quicklook-{key}", f"reconstruct-progress-{key}"} <= set(by_key), sorted(by_key)
+    assert by_key[f"reconstruct-progress-{key}"].data == 100
+    quicklook = by_key[f"quicklook-{key}"].data
+    assert len(quicklook) < 100_000, len(quicklook)  # was ~1 MB of PNG data URI per run
+    assert str(out.resolve() / "zhengzhou-demo_20210722_composite_quicklook.png") in quicklook
+    summary = by_key[f"reconstruct-{key}"].data
+    assert "STAC Item core schema: valid" in summary and "{'" not in summary, summary  # no raw dict
+    # the deployment's own parameters score the COG, so an unchanged default run publishes a metrics table
+    assert deployment.parameters["params"]["score_truth"] is True
 
 
 @pytest.mark.integration

@@ -78,7 +78,7 @@ def test_no_partial_cog_after_failure_and_block_writes(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         w.commit()
     assert not target.exists()
-    assert not any(p.name.endswith(".cog-tmp.tif") for p in tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == [w.partial.name]  # no COG temp left
     assert w.partial.exists()  # kept so the run can resume by blocks
     monkeypatch.undo()
     w2 = BlockWriter(target, GRID, RasterSpec.reflectance(["B2"]), resume=True)
@@ -148,3 +148,46 @@ def test_vrt_refuses_mixed_dtypes(tmp_path):
     with pytest.raises(DataError, match="a VRT needs them equal"):
         build_vrt([a, b], tmp_path / "bad.vrt")
     assert not (tmp_path / "bad.vrt").exists()
+
+
+@pytest.mark.parametrize("cut", [0.6, 0.98])
+def test_a_cog_copy_that_ends_short_without_an_error_never_gets_the_final_name(tmp_path, monkeypatch, cut):
+    """GDAL's COG copy onto a full disk can return normally and leave a truncated file (its header and overview
+    directory intact, tiles missing): commit must verify the temp, delete it and raise."""
+    target = tmp_path / "x.tif"
+    w = BlockWriter(target, GRID, RasterSpec.reflectance(["B2", "B3"]))
+    w.write(_values(2), 0, 0)
+    real = rasterio.shutil.copy
+
+    def copy_then_truncate(src, dst, **options):
+        real(src, dst, **options)
+        size = dst.stat().st_size
+        with open(dst, "r+b") as f:
+            f.truncate(int(size * cut))
+
+    monkeypatch.setattr(rasterio.shutil, "copy", copy_then_truncate)
+    with pytest.raises(DataError, match=r"truncated|unreadable|not a valid COG"):
+        w.commit()
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [w.partial.name]  # the temp is gone, the blocks kept
+    monkeypatch.undo()
+    assert w.commit() == target and validate_cog(target).ok  # the same intermediate commits once the copy works
+
+
+def test_verify_cog_reads_every_overview_level(tmp_path):
+    """A file whose full resolution reads but an overview tile is damaged fails verification."""
+    from pipeline.reconstruct.cog import verify_cog
+
+    spec = RasterSpec.reflectance(["B2"])
+    path = write_cog(tmp_path / "v.tif", _values(1), GRID, spec)
+    verify_cog(path, GRID, spec, overviews=2)
+    with rasterio.open(path) as ds:
+        off = int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1, ovr=1))
+        size = int(ds.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1, ovr=1))
+    with open(path, "r+b") as f:  # scribble over the smallest overview's only tile
+        f.seek(off)
+        f.write(b"\xff" * size)
+    with pytest.raises(DataError, match="unreadable"):
+        verify_cog(path, GRID, spec)
+    with pytest.raises(DataError, match="expected"):
+        verify_cog(path, Grid(GRID.crs, GRID.transform, 1000, 900), spec)

@@ -141,3 +141,28 @@ def test_config_file_and_published_defaults(tmp_path):
     json_cfg.write_text(json.dumps({"bogus": 1}))
     with pytest.raises(TrainConfigError, match="bogus"):
         load_train_config(json_cfg, "unet")
+
+
+def test_a_run_folder_in_use_is_refused_in_one_line(tmp_path, data):
+    import threading
+
+    from pipeline.files import OutputInUseError, OutputLock
+
+    run = tmp_path / "run"
+    held, done = threading.Event(), threading.Event()
+
+    def other_run():
+        with OutputLock(run, "train"):
+            held.set()
+            done.wait(30)
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(OutputInUseError, match=rf"{run} is in use by PID \d+"):
+            train(_cfg(epochs=1), None, run, train_data=data[0], val_data=data[1], progress=False)
+    finally:
+        done.set()
+        t.join()
+    assert not (run / STATE_FILE).exists()
