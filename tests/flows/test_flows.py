@@ -172,6 +172,28 @@ def test_oversized_regions_are_skipped_by_the_nightly_run_and_refused_by_name(ha
     assert state.is_failed() and "over the 0.01 Mpx limit" in state.message
 
 
+@pytest.mark.slow
+def test_nightly_run_builds_a_2022_aoi_made_with_regions_new(harness, tmp_path, monkeypatch):
+    # After Sentinel-1B (2021-12-23) S1 revisits every 12 days: the default pairing must still find S1 for
+    # a new event's patches, or the nightly deployment fails for every AOI after 2021.
+    from typer.testing import CliRunner
+
+    from flows.build_dataset import build_dataset
+    from pipeline.cli import app
+
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    made = CliRunner().invoke(app, ["regions", "new", "sindh-2022", "--bbox", "67.9", "26.4", "68.0", "26.5",
+                                    "--event-date", "2022-08-29", "--days-before", "16", "--days-after", "0",
+                                    "--active", "--out", str(regions / "sindh-2022.yaml")])
+    assert made.exit_code == 0, made.output
+    monkeypatch.setenv("CLOUDFREE_REGIONS_DIR", str(regions))
+    built = build_dataset(BuildDatasetParams(out_root=str(tmp_path / "data"), max_patches=2,
+                                             mask_method="cloudscore"))
+    assert [b["region"] for b in built] == ["sindh-2022"] and built[0]["patches_kept"] == 2
+    assert (tmp_path / "data" / "sindh-2022" / "dataset.json").exists()
+
+
 # --- flow runs ----------------------------------------------------------------------------------------------
 
 
