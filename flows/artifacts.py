@@ -107,6 +107,8 @@ def metrics_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
         row.update({f"{k}_all": round(float(s.get(k, math.nan)), 4) for k in METRICS})
         # evaluate's scores over cloud-covered pixels are named cloud_<metric>
         row.update({f"{k}_cloud": round(float(s.get(f"cloud_{k}", math.nan)), 4) for k in METRICS})
+        if "cloud_water_f1" in s:  # the water-under-cloud F1 (flood-aware score), where the bands allow an index
+            row["water_f1_cloud"] = round(float(s["cloud_water_f1"]), 4)
         rows.append(row)
     return rows
 

@@ -14,6 +14,7 @@ command runs, so the rest of the CLI does not load Prefect.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -150,10 +151,16 @@ def _report(result: "DemoResult", total: float) -> None:
             cells = [fmt.format(r[f"{key}_{part}"]) if r[f"{key}_{part}"] == r[f"{key}_{part}"] else "-"
                      for r in rows for part in ("all", "cloud")]
             table.add_row(label, *cells)
+        f1s = [r.get("water_f1_cloud", math.nan) for r in rows]
+        if any(math.isfinite(f1) for f1 in f1s):  # water-under-cloud F1: scored on the cloud pixels only
+            table.add_row("water F1",
+                          *[c for f1 in f1s for c in ("-", f"{f1:.3f}" if math.isfinite(f1) else "-")])
         console.print(table)
+        water = (f" Water F1: {ev['water_index']} of the prediction against the target's, on the cloud pixels."
+                 if ev.get("water_index") else "")
         console.print(
-            f"composite = most recent clear observation (training-free baseline). Cloud pixels: {ev['cloud_pixels']}. "
-            "Data: synthetic archive (simulation).",
+            f"composite = most recent clear observation (training-free baseline). Cloud pixels: {ev['cloud_pixels']}."
+            f"{water} Data: synthetic archive (simulation).",
             highlight=False,
         )
     console.print(

@@ -14,6 +14,12 @@ On a source that knows its truth (the synthetic archive) the ``simulator`` varia
 date under its own cloud and scores it against the simulator's cloud-free truth of that overpass, on the pixels
 its true mask calls cloud, thin cloud or shadow (``kept_hidden`` then counts those the product's mask missed).
 
+Flood-aware scores (``flood_scores``), in every variant: PSNR on the hidden pixels the target date's flood covers
+(``flood_hidden_psnr``; the flood comes from the source's truth, so a pasted case on the synthetic archive has it
+too) and the water-under-cloud F1 (``water_hidden_f1``: the reconstruction's MNDWI water map against the same index
+on the case's truth image - the unpasted target, or the simulator's truth). A case without flooded or water pixels
+under the cloud has NaN there and is left out of the means; ``flood_context`` records what each case rests on.
+
 Methods: ``composite`` is the training-free default of ``reconstruct``; ``last-clear`` and ``global-fit`` are
 its fill with ``fit="none"`` / ``fit="global"`` (``ReconstructConfig.fill``); any other name is a training run
 folder (a checkpoint). Outputs, written atomically and only once every case has run: ``benchmark.json`` (every
@@ -60,20 +66,23 @@ from pipeline.reconstruct.cases import (
     remask,
     simulated_targets,
     truth_reader,
+    with_truth_layers,
 )
 from pipeline.reconstruct.config import ReconstructConfig
 from pipeline.regions import Region
 from pipeline.sensors import get_sensor
 from pipeline.sources.base import Source
 
-__all__ = ["TABLE_COLUMNS", "BenchmarkError", "BenchmarkReport", "archive_region", "default_methods", "markdown_table",
-           "resolve_methods", "run_benchmark", "table_columns", "table_rows"]
+__all__ = ["FLOOD_COLUMNS", "MIN_WATER_PIXELS", "TABLE_COLUMNS", "BenchmarkError", "BenchmarkReport",
+           "archive_region", "columns", "default_methods", "flood_scores", "markdown_table", "resolve_methods",
+           "run_benchmark", "table_columns", "table_rows"]
 
 COMPOSITE = "composite"
 BASELINE = "last-clear"
 # method name -> FillConfig.fit it sets (None: the default as it is)
 FILL_VARIANTS: dict[str, str | None] = {COMPOSITE: None, BASELINE: "none", "global-fit": "global"}
 METRICS = ("psnr", "ssim", "sam", "mae")
+FLOOD_SCORES = ("flood_hidden_psnr", "water_hidden_f1")
 CHECKS = ("unfilled", "filled_from_cloudy", "from_pasted_cloud", "kept_hidden")
 VARIANTS = ("standard", "persistent", "simulator")
 
@@ -247,9 +256,75 @@ def score(case: Case, out: Output) -> dict[str, Any]:
         "seconds": out.seconds,
         "warnings": out.warnings,
     }
+    res.update(flood_scores(case, pred, truth, hidden & valid, bands))
     if out.source_days is not None:
         res.update(_from_cloudy(case, hidden, prov, out.source_days, n_hidden))
     return res
+
+
+# --- flood-aware scores ---------------------------------------------------------------------------------------
+
+
+# Fewest reference water pixels under the cloud for a water F1: the real Rome series has 2-49 pixels over MNDWI 0.2
+# per case (dark pixels, no water body), where one pixel moves the F1 by 0.1 or more
+MIN_WATER_PIXELS = 100
+
+
+def flood_scores(case: Case, pred: np.ndarray, truth: np.ndarray, scored: np.ndarray,
+                 bands: Sequence[str], min_water_pixels: int = MIN_WATER_PIXELS) -> dict[str, float]:
+    """On the hidden pixels a method filled (``scored``; unfilled ones count in ``unfilled``):
+
+    - ``flood_hidden_psnr``: PSNR on those the flood covers on the target date (the source's truth; NaN on a source
+      without one, or with no flooded pixel there);
+    - ``water_hidden_f1``: F1 of the reconstruction's water map (``water_index``) against the same index on the case's
+      truth image (NaN with fewer than ``min_water_pixels`` reference water pixels there, or without the index's
+      bands).
+
+    The reference is the truth image's own water map, not the simulator's land cover: the score is then the
+    reconstruction's alone (a perfect one scores 1; against land cover it would be capped by the index's own errors,
+    F1 0.74-0.94 on the synthetic truth) and a real archive, with no land cover, is scored the same way.
+    """
+    import torch
+
+    from pipeline.train.metrics import masked_psnr, water_f1, water_index, water_map
+
+    p, t, where = torch.from_numpy(pred), torch.from_numpy(truth), torch.from_numpy(scored)
+    flooded = math.nan
+    if case.flooded is not None:
+        flooded = masked_psnr(p, t, where & torch.from_numpy(case.flooded))
+    index = water_index(bands)
+    f1 = math.nan
+    if index is not None:
+        ref = water_map(t, index)
+        if int((ref & where).sum()) >= min_water_pixels:
+            f1 = water_f1(water_map(p, index), ref, where)
+    return {"flood_hidden_psnr": flooded, "water_hidden_f1": f1}
+
+
+def flood_context(case: Case) -> dict[str, Any]:
+    """What the flood-aware scores of a case rest on: the water index, how many hidden pixels its truth image calls
+    water and the flood covers, and how well the index finds the land cover's water there (the truth image's index
+    against the simulator's land cover: the ceiling a water index reaches; NaN without land cover)."""
+    import torch
+
+    from pipeline.train.metrics import water_f1, water_index, water_map
+
+    series = case.series
+    bands = series.reflectance_bands
+    index = water_index(bands)
+    truth = torch.from_numpy(optical_to_unit(case.truth[[series.bands.index(b) for b in bands]]))
+    hidden = torch.from_numpy(case.hidden) & torch.isfinite(truth).all(dim=0)
+    ref = water_map(truth, index) if index is not None else None
+    vs_cover = math.nan
+    if ref is not None and case.water is not None:
+        vs_cover = water_f1(ref, torch.from_numpy(case.water), hidden)
+    return {
+        "water_index": str(index) if index is not None else None,
+        "hidden_water_pixels": int((ref & hidden).sum()) if ref is not None else None,
+        "hidden_flooded_pixels": int((torch.from_numpy(case.flooded) & hidden).sum())
+        if case.flooded is not None else None,
+        "index_vs_land_cover_f1": vs_cover,
+    }
 
 
 def _from_cloudy(case: Case, hidden: np.ndarray, prov: np.ndarray, days: np.ndarray, n_hidden: int) -> dict[str, float]:
@@ -351,13 +426,14 @@ class CaseResult:
     hidden_share: float
     methods: dict[str, dict[str, Any]]
     quicklook: str  # path relative to the output folder
+    flood: dict[str, Any] = field(default_factory=dict)  # flood_context: what its flood-aware scores rest on
 
     def to_json(self) -> dict[str, Any]:
         return {"variant": self.variant, "name": self.name, "target": self.target.isoformat(),
                 "donor": self.donor.isoformat(),
                 "history": [{"date": d.isoformat(), "cloud_of": p.isoformat()} for d, p in self.history],
                 "hidden_pixels": self.hidden_pixels, "hidden_share": self.hidden_share,
-                "quicklook": self.quicklook, "methods": self.methods}
+                "quicklook": self.quicklook, "flood": self.flood, "methods": self.methods}
 
 
 @dataclass
@@ -388,7 +464,8 @@ def summarize(cases: Sequence[CaseResult], methods: Sequence[str]) -> dict[str, 
         for name in methods:
             res = [c.methods[name] for c in rows]
             means = {f"{where}_{k}": _mean([r[where][k] for r in res]) for where in ("hidden", "all") for k in METRICS}
-            means.update({k: _mean([r[k] for r in res]) for k in (*CHECKS, "seconds")})
+            # flood scores: cases without flooded or water pixels under the cloud are NaN and left out, never 0
+            means.update({k: _mean([r.get(k, math.nan) for r in res]) for k in (*CHECKS, *FLOOD_SCORES, "seconds")})
             if BASELINE in methods:
                 means["vs_last_clear_db"] = _mean([r["hidden"]["psnr"] - c.methods[BASELINE]["hidden"]["psnr"]
                                                    for r, c in zip(res, rows)])
@@ -406,20 +483,31 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("from_pasted_cloud", "pasted cloud %", "{:.2%}"), ("vs_last_clear_db", "vs last-clear dB", "{:+.2f}"),
     ("seconds", "s/run", "{:.1f}"),
 )
+# shown only when some case has them (a flooded target under a source's truth, water under the cloud)
+FLOOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("flood_hidden_psnr", "flood hidden PSNR", "{:.2f}"), ("water_hidden_f1", "water F1 hidden", "{:.3f}"),
+)
 
 
 def _cell(value: float, fmt: str) -> str:
     return fmt.format(value).replace("%", "") if math.isfinite(value) else "-"
 
 
+def columns(means: dict[str, dict[str, dict[str, float]]]) -> tuple[tuple[str, str, str], ...]:
+    """``TABLE_COLUMNS``, then each of ``FLOOD_COLUMNS`` that some variant and method measured."""
+    measured = [key for key, _, _ in FLOOD_COLUMNS
+                if any(math.isfinite(m.get(key, math.nan)) for by_method in means.values() for m in by_method.values())]
+    return TABLE_COLUMNS + tuple(c for c in FLOOD_COLUMNS if c[0] in measured)
+
+
 def table_rows(means: dict[str, dict[str, dict[str, float]]]) -> list[list[str]]:
-    """The table as text cells, a row per variant and method: variant, method, cases, then ``TABLE_COLUMNS``
+    """The table as text cells, a row per variant and method: variant, method, cases, then ``columns``
     ('-' where not measured)."""
     rows = []
     for variant, by_method in means.items():
         for name, m in by_method.items():
             cells = [variant, name, str(int(m["cases"]))]
-            rows.append(cells + [_cell(m.get(key, math.nan), fmt) for key, _, fmt in TABLE_COLUMNS])
+            rows.append(cells + [_cell(m.get(key, math.nan), fmt) for key, _, fmt in columns(means)])
     return rows
 
 
@@ -428,12 +516,12 @@ def table_columns(means: dict[str, dict[str, dict[str, float]]]) -> tuple[list[t
     heads = [(variant, name) for variant, by_method in means.items() for name in by_method]
     rows = [["cases"] + [str(int(means[v][n]["cases"])) for v, n in heads]]
     rows += [[head] + [_cell(means[v][n].get(key, math.nan), fmt) for v, n in heads]
-             for key, head, fmt in TABLE_COLUMNS]
+             for key, head, fmt in columns(means)]
     return heads, rows
 
 
 def markdown_table(means: dict[str, dict[str, dict[str, float]]]) -> str:
-    heads = ["variant", "method", "cases"] + [h for _, h, _ in TABLE_COLUMNS]
+    heads = ["variant", "method", "cases"] + [h for _, h, _ in columns(means)]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(means)]
     return "\n".join(lines)
@@ -468,6 +556,11 @@ def report_json(report: BenchmarkReport, methods: Sequence[Method]) -> dict[str,
             "donor_not_clear": list(DONOR_NOT_CLEAR), "persistent_min_not_clear": PERSISTENT_MIN_NOT_CLEAR,
             "hidden": "donor not clear and target clear, by the product's mask",
             "metrics": "pipeline.train.metrics on [0, 1] reflectance, every output reflectance band",
+            "flood_hidden_psnr": "PSNR on the hidden pixels the target date's flood covers (the source's truth; "
+                                 "NaN without one or without flooded hidden pixels)",
+            "water_hidden_f1": "F1 on the hidden pixels of the reconstruction's water map (MNDWI > 0.2, NDWI > 0 "
+                               "without SWIR1) against the same index on the case's truth image (NaN with fewer "
+                               f"than {MIN_WATER_PIXELS} water pixels there)",
             "provenance_codes": {"0": "observed clear", "1": "filled", "2": "predicted", "3": "no clear observation",
                                  "255": "nodata"},
         },
@@ -531,8 +624,9 @@ def run_benchmark(
     cached = SearchCache(source)
     region = region if region is not None else archive_region(source)
     series = load_series(region, cached, mask_method=config.mask_method, progress=say)
-    truth = truth_reader(cached, series) if simulator else None
-    specs = build_cases(series, persistent, max_cases, targets, simulated_targets(series, truth))
+    # the truth gives every case its flood and land cover; ``simulator`` only adds the cases scored on it
+    truth = truth_reader(cached, series)
+    specs = build_cases(series, persistent, max_cases, targets, simulated_targets(series, truth if simulator else None))
 
     out_dir = Path(out)
     results: list[CaseResult] = []
@@ -542,7 +636,7 @@ def run_benchmark(
             assert truth is not None  # simulator cases exist only with a truth
             case = make_simulated_case(series, spec, truth)
         else:
-            case = make_case(series, spec)
+            case = with_truth_layers(make_case(series, spec), truth)
             remask(case)
         outputs: dict[str, Output] = {}
         scores: dict[str, dict[str, Any]] = {}
@@ -555,7 +649,7 @@ def run_benchmark(
         d = series.dates
         results.append(CaseResult(spec.variant, spec.name(series), d[spec.target], d[spec.donor],
                                   [(d[j], d[p]) for j, p in spec.history], int(case.hidden.sum()),
-                                  float(case.hidden.mean()), scores, png))
+                                  float(case.hidden.mean()), scores, png, flood_context(case)))
     report = BenchmarkReport(out_dir, series, names, results, summarize(results, names), time.perf_counter() - t0)
 
     # written last and each atomically: a failed run leaves no report behind, a finished one a complete report

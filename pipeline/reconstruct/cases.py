@@ -14,7 +14,9 @@ date), so a method's use of each pixel can be checked against the mask it should
 
 A source that knows its truth (the synthetic archive's ``truth(scene, grid)``) adds the ``simulator`` variant:
 each cloudy date as it is, nothing pasted, scored against the simulator's cloud-free truth of that overpass on
-the pixels its true mask calls cloud, thin cloud or shadow (``simulated_case``) - the demo date, say.
+the pixels its true mask calls cloud, thin cloud or shadow (``simulated_case``) - the demo date, say. Its truth
+also gives every case, pasted or not, the target date's flood and land cover water (``Truth``,
+``with_truth_layers``) for the benchmark's flood-aware scores.
 
 ``archive_region`` turns a local archive without a region into one (the first scene's footprint, the archive's
 date range and sensor families).
@@ -26,7 +28,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -225,13 +227,13 @@ def _subset(items: list[Any], n: int | None) -> list[Any]:
     return [items[i] for i in idx]
 
 
-def simulated_targets(series: Series, truth: Callable[[int], tuple[np.ndarray, np.ndarray]] | None) -> list[int]:
+def simulated_targets(series: Series, truth: Callable[[int], Truth] | None) -> list[int]:
     """Dates a ``simulator`` case can score: at least ``SIMULATED_MIN_HIDDEN`` hidden by the true mask, with at
     least ``MIN_EARLIER`` earlier dates (none without a truth)."""
     if truth is None:
         return []
     return [t for t in range(MIN_EARLIER, len(series.dates))
-            if series.not_clear[t] >= SIMULATED_MIN_HIDDEN and truth(t)[1].mean() >= SIMULATED_MIN_HIDDEN]
+            if series.not_clear[t] >= SIMULATED_MIN_HIDDEN and truth(t).hidden.mean() >= SIMULATED_MIN_HIDDEN]
 
 
 def build_cases(series: Series, persistent: int = PERSISTENT_K, max_cases: int | None = None,
@@ -296,6 +298,8 @@ class Case:
     pasted: dict[int, np.ndarray] = field(default_factory=dict)  # date index -> pasted pixels
     pasted_codes: dict[int, np.ndarray] = field(default_factory=dict)  # date index -> the donor's mask pasted in
     product_codes: dict[int, np.ndarray] = field(default_factory=dict)  # date index -> the product's mask of it
+    flooded: np.ndarray | None = None  # (H, W) bool: the target date's flood, where the source knows its truth
+    water: np.ndarray | None = None  # (H, W) bool: the target date's land cover water (standing or flooded), idem
 
     @property
     def target_date(self) -> dt.date:
@@ -343,17 +347,39 @@ def remask(case: Case) -> None:
         case.product_codes[i] = codes
 
 
-def truth_reader(source: Source, series: Series) -> Callable[[int], tuple[np.ndarray, np.ndarray]] | None:
-    """For a source that knows its truth (``truth(scene, grid)``, the synthetic archive): date index -> (the
-    cloud-free truth laid out like ``series.refl``, NaN in bands it has no truth for; the pixels its true mask calls
-    cloud, thin cloud or shadow), computed once per date. None for any other source."""
+class Truth(NamedTuple):
+    """What a source that knows its truth says of one date, laid out for the series."""
+
+    values: np.ndarray  # (C, H, W) the cloud-free truth like ``series.refl``, NaN in bands it has no truth for
+    hidden: np.ndarray  # (H, W) bool: its true mask calls cloud, thin cloud or shadow
+    flooded: np.ndarray | None  # (H, W) bool: under the event's flood on that date (None: not known)
+    water: np.ndarray | None  # (H, W) bool: land cover water, standing or flooded (None: not known)
+
+
+def _water_classes(ds: xr.Dataset) -> list[int]:
+    """Land cover codes named water or flooded in the truth's ``landcover_classes`` ("0 water, 1 urban, ...")."""
+    codes = []
+    for item in str(ds.attrs.get("landcover_classes", "")).split(","):
+        code, _, name = item.strip().partition(" ")
+        if code.isdigit() and name.strip() in ("water", "flooded"):
+            codes.append(int(code))
+    return codes
+
+
+def _layer(ds: xr.Dataset, name: str) -> np.ndarray | None:
+    return np.asarray(ds[name].values).astype(bool) if name in ds else None
+
+
+def truth_reader(source: Source, series: Series) -> Callable[[int], Truth] | None:
+    """For a source that knows its truth (``truth(scene, grid)``, the synthetic archive): date index -> its ``Truth``,
+    computed once per date. None for any other source."""
     inner = getattr(source, "inner", source)  # SearchCache wraps the archive
     truth = getattr(inner, "truth", None)
     if not callable(truth):
         return None
-    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    cache: dict[int, Truth] = {}
 
-    def read(t: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(t: int) -> Truth:
         if t not in cache:
             ds = truth(series.scenes[t][0], series.grid)
             names = [str(b) for b in ds["clear"]["band"].values]
@@ -363,19 +389,29 @@ def truth_reader(source: Source, series: Series) -> Callable[[int], tuple[np.nda
                     values[k] = ds["clear"].values[names.index(band)]
             mask = np.asarray(ds["mask"].values)
             hidden = np.isin(mask, (MaskClass.CLOUD, MaskClass.THIN_CLOUD, MaskClass.SHADOW))
-            cache[t] = (values, hidden)
+            classes = _water_classes(ds)
+            water = np.isin(np.asarray(ds["landcover"].values), classes) if classes and "landcover" in ds else None
+            cache[t] = Truth(values, hidden, _layer(ds, "flooded"), water)
         return cache[t]
 
     return read
 
 
-def make_simulated_case(series: Series, spec: CaseSpec, truth: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> Case:
+def with_truth_layers(case: Case, truth: Callable[[int], Truth] | None) -> Case:
+    """The case with its target date's flood and land cover water from the source's truth, where it has one."""
+    if truth is not None:
+        t = truth(case.spec.target)
+        case.flooded, case.water = t.flooded, t.water
+    return case
+
+
+def make_simulated_case(series: Series, spec: CaseSpec, truth: Callable[[int], Truth]) -> Case:
     """A ``simulator`` case: the date as the archive has it, its truth from the simulator; nothing pasted."""
-    values, hidden = truth(spec.target)
+    values, hidden = truth(spec.target)[:2]
     image = series.refl[spec.target]
     spectral = [series.bands.index(b) for b in series.reflectance_bands]
     hidden = hidden & np.isfinite(values[spectral]).all(axis=0) & np.isfinite(image[spectral]).all(axis=0)
-    return Case(spec, series, values, image, hidden)
+    return with_truth_layers(Case(spec, series, values, image, hidden), truth)
 
 
 def make_case(series: Series, spec: CaseSpec) -> Case:

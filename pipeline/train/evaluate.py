@@ -6,7 +6,10 @@ reflectance, then the mean over images; no centre crops, no clamping of predicti
 (cloud, shadow, nodata: the ``cloud`` map of ``pipeline.train.samples``). Images without cloud pixels do not
 enter the cloud means; the counts are reported. ``evaluate`` adds per band group scores (visible < 700 nm,
 NIR 700-1000 nm, SWIR > 1000 nm) and scores the ``composite`` baseline (most recent clear pixel) on the very
-same samples and synthetic clouds, so the table compares like with like.
+same samples and synthetic clouds, so the table compares like with like. Of the flood-aware scores of
+``cloudfree benchmark`` it adds the water-under-cloud F1 (``cloud_water_f1``: the prediction's MNDWI water map
+against the target's own, on the cloud pixels); the PSNR on flooded pixels needs a flood layer the dataset's
+cubes do not hold, so it is the benchmark's alone.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from models.base import CloudRemovalModel
 from models.spec import InputSpec
 from pipeline.errors import DataError
 from pipeline.sensors import SENSORS
-from pipeline.train.metrics import image_metrics
+from pipeline.train.metrics import WaterIndex, image_metrics, water_f1, water_index, water_map
 from pipeline.train.runtime import Runtime, open_split
 from pipeline.train.samples import AssembledDataset, model_inputs
 
@@ -49,17 +52,24 @@ def band_groups(family: str, bands: Iterable[str]) -> dict[str, list[int]]:
 
 
 def image_scores(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, cloud: torch.Tensor,
-                 ndvi_bands: tuple[int, int] | None = None) -> list[dict[str, float]]:
+                 ndvi_bands: tuple[int, int] | None = None, water: WaterIndex | None = None) -> list[dict[str, float]]:
     """Per-image metrics: list of ``{psnr, ..., cloud_psnr, ...}`` (NaN where an image has no such pixels).
 
-    ``valid`` and ``cloud`` are (B, H, W) or (B, 1, H, W).
+    ``valid`` and ``cloud`` are (B, H, W) or (B, 1, H, W). With a ``water`` index, ``cloud_water_f1``: the F1 of
+    the prediction's water map against the target's on the cloud pixels (NaN without water there).
     """
     v = valid.reshape(valid.shape[0], 1, *valid.shape[-2:]).float()
     c = cloud.reshape(cloud.shape[0], 1, *cloud.shape[-2:]).float()
     per = image_metrics(pred.float(), target.float(), v, c, ndvi_bands)
     frac = (c * v).mean((1, 2, 3))
-    return [{**{k: float(t[i]) for k, t in per.items()}, "cloud_fraction": float(frac[i])}
+    rows = [{**{k: float(t[i]) for k, t in per.items()}, "cloud_fraction": float(frac[i])}
             for i in range(pred.shape[0])]
+    if water is not None:
+        where = (c * v)[:, 0] > 0.5
+        pw, tw = water_map(pred, water), water_map(target, water)
+        for i, row in enumerate(rows):
+            row["cloud_water_f1"] = water_f1(pw[i], tw[i], where[i])
+    return rows
 
 
 def ndvi_indices(bands: tuple[str, ...]) -> tuple[int, int] | None:
@@ -81,6 +91,8 @@ def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
         out[k] = float(np.mean(vals)) if vals else float("nan")
     out["n_images"] = float(len(rows))
     out["n_images_cloud"] = float(sum(1 for r in rows if not math.isnan(r.get("cloud_psnr", float("nan")))))
+    if "cloud_water_f1" in rows[0]:
+        out["n_images_water"] = float(sum(1 for r in rows if not math.isnan(r["cloud_water_f1"])))
     return out
 
 
@@ -179,6 +191,8 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
     ds_comp = AssembledDataset(raw, comp_spec, train=False, seed=seed)
     kw: dict[str, Any] = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers)
     groups = band_groups(family, spec.out_bands)
+    # the cubes hold no flood layer, so only the water F1 of the flood-aware scores can be computed here
+    water = water_index(spec.out_bands)
     scores: dict[str, dict[str, list]] = {name: {"all": [], **{g: [] for g in groups}}
                                           for name in ("model", "composite")}
     for bm, bc in zip(DataLoader(ds_model, **kw), DataLoader(ds_comp, **kw)):
@@ -187,7 +201,7 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
         valid, cloud = bm["target_valid"][:, 0], bm["cloud"]
         for name, m, b in (("model", model, bm), ("composite", comp, bc)):
             pred = predict(m, b, rt).cpu()
-            scores[name]["all"] += image_scores(pred, b["target"], valid, cloud, ndvi_indices(spec.out_bands))
+            scores[name]["all"] += image_scores(pred, b["target"], valid, cloud, ndvi_indices(spec.out_bands), water)
             for g, idx in groups.items():
                 scores[name][g] += image_scores(pred[:, idx], b["target"][:, idx], valid, cloud)
     result = {
@@ -200,6 +214,7 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
         "cloud_seed": seed,
         "cloud_pixels": "valid target pixels the latest optical input does not see (cloud, shadow, nodata)",
         "band_groups": {g: [spec.out_bands[i] for i in idx] for g, idx in groups.items()},
+        "water_index": str(water) if water is not None else None,
         "composite": {"method": "recent", "optical_dates": comp_spec.optical_dates},
         "evaluated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "results": {name: {k: mean_scores(v) for k, v in s.items()} for name, s in scores.items()},
@@ -217,7 +232,19 @@ def _fmt(v: float, k: str) -> str:
         return "-"
     if math.isinf(v):
         return "inf"
-    return f"{v:.2f}" if k in ("psnr", "sam") else f"{v:.4f}"
+    return f"{v:.2f}" if k in ("psnr", "sam") else f"{v:.3f}" if k == "f1" else f"{v:.4f}"
+
+
+def _water_lines(result: Mapping[str, Any]) -> list[str]:
+    """The water-under-cloud F1 of each method, when some image had water under its cloud."""
+    res = result["results"]
+    f1 = {who: res[who]["all"].get("cloud_water_f1", math.nan) for who in ("model", "composite")}
+    if all(math.isnan(v) for v in f1.values()):
+        return []
+    n = int(res["model"]["all"].get("n_images_water", 0))
+    cells = ", ".join(f"{result['model'] if who == 'model' else 'composite'} {_fmt(v, 'f1')}" for who, v in f1.items())
+    return ["", f"Water-under-cloud F1 ({result.get('water_index')} of the prediction against the same index on the "
+            f"target, on the cloud pixels; mean over the {n} image(s) with water there): {cells}."]
 
 
 def markdown_table(result: Mapping[str, Any]) -> str:
@@ -246,6 +273,7 @@ def markdown_table(result: Mapping[str, Any]) -> str:
                 cells += [_fmt(s["psnr"], "psnr"), _fmt(s["cloud_psnr"], "psnr"), _fmt(s["cloud_mae"], "mae")]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", "Band groups: " + "; ".join(f"{g}: {', '.join(b)}" for g, b in result["band_groups"].items())]
+    lines += _water_lines(result)
     if result.get("simulated"):
         lines += ["", "Data: synthetic archive (simulation)."]
     return "\n".join(lines) + "\n"

@@ -10,13 +10,20 @@ the (nir, red) band indices are given.
 metrics over the cloud-covered valid pixels only (images without cloud pixels are left out of those
 means). An exact reconstruction has RMSE 0 and PSNR ``inf``; a dataset mean over any such image is
 ``inf`` too (reported as is, not capped).
+
+Flood-aware scores: ``water_index`` picks MNDWI (or NDWI without SWIR1) for a band list, ``water_map`` thresholds
+it, ``water_f1`` scores a water map against a reference on given pixels (NaN without reference water there), and
+``masked_psnr`` is the PSNR on given pixels (flooded and cloud-hidden ones, say).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+from torchmetrics.functional.classification import binary_f1_score
 from torchmetrics.functional.image import spectral_angle_mapper, structural_similarity_index_measure
 
 from pipeline.errors import DataError
@@ -142,3 +149,86 @@ class MetricAccumulator:
 
     def reset(self) -> None:
         self.__init__(self.ndvi_bands)  # type: ignore[misc]
+
+
+# --- flood-aware scores ---------------------------------------------------------------------------------------
+#
+# A water index thresholded into a water map. MNDWI (Xu 2006) separates water from built-up land better than NDWI
+# (McFeeters 1996), so it is used wherever a SWIR1 band is there. Thresholds measured on top-of-atmosphere
+# reflectance (S2 L1C) against known water (F1 of index > threshold):
+# - the real Sen1Floods11 chip Spain_7370579 (hand label, 27 % water): MNDWI F1 0.760 at 0, 0.821 at 0.1, 0.835 at
+#   0.15, 0.839 at 0.2 (best), 0.834 at 0.25, 0.820 at 0.3; NDWI 0.825 at -0.1, 0.807 at 0 (best 0.832 at -0.05),
+#   0.714 at 0.1;
+# - the synthetic zhengzhou-demo truth (land cover water or flooded; 2021-07-22 / 08-01 / 08-11): MNDWI 0.71 / 0.79 /
+#   0.53 at 0 and 0.94 / 0.90 / 0.74 at 0.2 (11-14 % of its urban pixels are above 0, 5 % above 0.2; 99.3 % of its
+#   flooded pixels are above 0.2); NDWI 0.75 / 0.79 / 0.42 at 0 and 0.95 / 0.90 / 0.75 at 0.1.
+# At 0 the atmosphere's path radiance (it brightens green more than SWIR) and bright roofs turn land into water, so
+# MNDWI takes 0.2: the real chip's optimum, and on the synthetic truth it keeps the flood and drops most roofs.
+# NDWI keeps McFeeters' 0, near the real chip's optimum (the synthetic water's NIR is darker than real flood water).
+WATER_INDICES: tuple[tuple[str, tuple[tuple[str, str], ...], float], ...] = (
+    # name, (green, other band) per band naming (Sentinel-2, Landsat Collection 2), threshold
+    ("mndwi", (("B3", "B11"), ("SR_B3", "SR_B6")), 0.2),
+    ("ndwi", (("B3", "B8"), ("SR_B3", "SR_B5")), 0.0),
+)
+
+
+@dataclass(frozen=True)
+class WaterIndex:
+    """A normalized difference (green - other) / (green + other) over ``threshold`` calls a pixel water."""
+
+    name: str
+    green: int  # band indices into the images scored
+    other: int
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.name} > {self.threshold:g}"
+
+
+def water_index(bands: Sequence[str]) -> WaterIndex | None:
+    """MNDWI where green and SWIR1 are among ``bands``, else NDWI with NIR; None without either pair."""
+    names = list(bands)
+    for name, pairs, threshold in WATER_INDICES:
+        for green, other in pairs:
+            if green in names and other in names:
+                return WaterIndex(name, names.index(green), names.index(other), threshold)
+    return None
+
+
+def water_map(image: torch.Tensor, index: WaterIndex) -> torch.Tensor:
+    """(..., C, H, W) reflectance -> (..., H, W) bool water; NaN or all-dark pixels are not water."""
+    green, other = image[..., index.green, :, :].double(), image[..., index.other, :, :].double()
+    total = green + other
+    # a pixel dark in both bands has no defined index: not water, rather than a division by zero
+    value = torch.where(total > 0, (green - other) / total.clamp_min(1e-12), torch.nan)
+    return value > index.threshold
+
+
+def water_f1(pred_water: torch.Tensor, true_water: torch.Tensor, where: torch.Tensor) -> float:
+    """F1 of a predicted water map against the reference water on the ``where`` pixels (all (H, W) bool).
+
+    NaN when the reference has no water there: there is nothing to find, and 0 would read as a failed method.
+    """
+    if not pred_water.shape == true_water.shape == where.shape:
+        raise DataError(f"metrics: water maps {tuple(pred_water.shape)}, {tuple(true_water.shape)} and mask "
+                        f"{tuple(where.shape)} must be the same (H, W)")
+    sel = where.bool()
+    truth = true_water.bool()[sel]
+    if not truth.any():
+        return math.nan
+    return float(binary_f1_score(pred_water.bool()[sel].float(), truth.long()))
+
+
+def masked_psnr(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> float:
+    """PSNR over every band of (C, H, W) reflectance in [0, 1] on the ``where`` (H, W) pixels, as ``image_metrics``
+    computes it; NaN without pixels, ``inf`` for an exact match."""
+    if pred.dim() != 3 or pred.shape != target.shape:
+        raise DataError(f"metrics: pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be (C, H, W)")
+    if where.shape != pred.shape[-2:]:
+        raise DataError(f"metrics: psnr mask has shape {tuple(where.shape)}, expected {tuple(pred.shape[-2:])}")
+    sel = where.bool()
+    if not sel.any():
+        return math.nan
+    diff = pred.double()[:, sel] - target.double()[:, sel]
+    rmse = float(torch.sqrt((diff * diff).mean()))
+    return 20 * math.log10(1.0 / rmse) if rmse > 0 else math.inf

@@ -370,6 +370,9 @@ def test_train_flow_checkpoint_and_metrics_table(tiny_build, tmp_path):
         s = ev["results"][who]["all"]
         assert rows[name]["mae_all"] == pytest.approx(s["mae"], abs=1e-4)
         assert rows[name]["mae_cloud"] == pytest.approx(s["cloud_mae"], abs=1e-4)
+        # the demo's bands (B3, B11) give the water-under-cloud F1 its MNDWI; NaN where no image had water there
+        assert ev["water_index"] == "mndwi > 0.2"
+        assert rows[name]["water_f1_cloud"] == pytest.approx(s["cloud_water_f1"], abs=1e-4, nan_ok=True)
     # the trained checkpoint is a valid reconstruct parameter now
     assert ReconstructParams(region=TINY, date=DATE, checkpoint=str(tmp_path / "run")).checkpoint
 

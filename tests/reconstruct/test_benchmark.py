@@ -190,7 +190,7 @@ def test_real_benchmark_writes_table_json_and_quicklooks(real_report):
         assert ql.width > (2 + len(methods)) * w and ql.height > 2 * h  # two rows of truth | input | methods
     assert set(data["means"]) == {"standard", "persistent"} and set(data["means"]["standard"]) == set(methods)
     rows = bm.table_rows(report.means)
-    assert len(rows) == 2 * len(methods) and all(len(r) == 3 + len(bm.TABLE_COLUMNS) for r in rows)
+    assert len(rows) == 2 * len(methods) and all(len(r) == 3 + len(bm.columns(report.means)) for r in rows)
     assert (out / "benchmark.md").read_text().count("\n| ") == 1 + len(rows)
 
 

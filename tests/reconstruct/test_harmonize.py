@@ -97,6 +97,35 @@ def test_a_changed_surface_is_not_fitted_onto_every_filled_pixel() -> None:
     assert np.abs(local.image[:, core] - old[:, core]).mean() < 0.01
 
 
+def test_thin_cloud_the_mask_missed_beside_the_hole_does_not_bend_the_local_fit() -> None:
+    """A strip of thin cloud beside the hole that the target's mask calls clear: its pixels fit no line. The windows
+    reaching into it leave them out (``window_outlier_sigma``) and fill the hidden pixels next to it with the
+    radiometry of the rest; keeping them brightens those fills. A milder change (a field 0.05 brighter) is kept:
+    such changes usually continue under the hole."""
+    old = _texture(seed=5)
+    x = np.linspace(0.0, 1.0, W, dtype=np.float32)[None, None, :]
+    truth = old * (1.0 + 0.1 * x) + 0.01  # a radiometric change that varies across the scene: the local fit's job
+    cloud = _disk(48, 48, 16)
+    strip = np.zeros((H, W), bool)
+    strip[30:66, 66:74] = True  # clear by the mask, right beside the cloud's east edge
+    strip &= ~cloud
+    history = [(10, old, np.ones((H, W), bool))]
+    near = cloud & ndimage.binary_dilation(strip, iterations=8)
+    assert near.sum() > 50
+
+    def error(brighter: float, cfg: FillConfig) -> float:
+        target = truth.copy()
+        target[:, strip] += brighter
+        target[:, cloud] = 0.8
+        res = fill_gaps(target, ~cloud, history, cfg)
+        return float(np.abs(res.image - truth)[:, near].mean())
+
+    robust, bent = error(0.3, FillConfig()), error(0.3, FillConfig(window_outlier_sigma=None))
+    assert robust < 0.3 * bent and robust < 0.01 and bent > 0.02
+    # the milder change is followed as before
+    assert error(0.05, FillConfig()) == pytest.approx(error(0.05, FillConfig(window_outlier_sigma=None)), abs=1e-7)
+
+
 def test_observed_pixels_away_from_the_border_are_returned_exactly() -> None:
     cfg = FillConfig()
     truth = _texture(seed=1)
