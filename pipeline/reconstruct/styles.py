@@ -422,8 +422,9 @@ def _layer_id(path: Path) -> str:
 
 
 def run_layers(out_dir: str | Path, stem: str) -> list[Path]:
-    """The rasters of run ``stem`` that exist in ``out_dir``, top to bottom of the project's layer tree."""
-    out_dir = Path(out_dir)
+    """The rasters of run ``stem`` that exist in ``out_dir``, top to bottom of the project's layer tree, as absolute
+    paths (a relative ``out_dir`` such as the demo's ``out/demo`` must not be joined onto itself again)."""
+    out_dir = Path(out_dir).absolute()
     files = [out_dir / f"{stem}{SUFFIXES[k]}" for k in PROJECT_ORDER]
     return [f for f in files if f.exists()]
 
@@ -431,8 +432,9 @@ def run_layers(out_dir: str | Path, stem: str) -> list[Path]:
 def write_project(out_dir: str | Path, stem: str, layers: Iterable[str | Path] | None = None) -> Path:
     """``<out_dir>/<stem>.qgs``: a QGIS project with every raster of the run (``layers``, default all that exist),
     each with its style, CRS and extent from the raster, paths relative to the project (the folder can move).
-    Only the image is switched on; provenance, source days and uncertainty sit above it, off."""
-    out_dir = Path(out_dir)
+    Only the image is switched on; provenance, source days and uncertainty sit above it, off. A relative path in
+    ``layers`` is relative to ``out_dir``."""
+    out_dir = Path(out_dir).absolute()
     given = run_layers(out_dir, stem) if layers is None else [Path(p) for p in layers]
     paths = [p if p.is_absolute() else out_dir / p for p in given]
     if not paths:

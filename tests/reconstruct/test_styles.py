@@ -335,6 +335,16 @@ def test_project_of_a_run_without_uncertainty_and_after_a_move(tmp_path):
     assert len(sources) == 3 and all((tmp_path / "b" / s).exists() for s in sources)
 
 
+def test_project_of_a_run_in_a_relative_folder(tmp_path, monkeypatch):
+    """``make demo`` writes to ``out/demo``, relative to the checkout: the rasters are not looked for in
+    ``out/demo/out/demo``, and the project points at its neighbours."""
+    monkeypatch.chdir(tmp_path)
+    make_run(Path("out") / "demo", uncertainty=False)
+    root = ET.parse(tmp_path / "out" / "demo" / f"{STEM}.qgs").getroot()
+    sources = [ml.findtext("datasource", "") for ml in root.findall("projectlayers/maplayer")]
+    assert sorted(sources) == sorted(f"./{STEM}{k}.tif" for k in ("", "_provenance", "_source_days"))
+
+
 def test_project_needs_rasters(tmp_path):
     with pytest.raises(DataError, match="no rasters of run"):
         styles.write_project(tmp_path, STEM)
