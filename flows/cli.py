@@ -86,6 +86,29 @@ def demo_cmd(
     _report(result, time.perf_counter() - t0)
 
 
+def _print_choice(result: "DemoResult") -> None:
+    """Which reconstruction the demo hands over, and the truth scores it was chosen by."""
+    from rich.table import Table
+
+    cands = result.candidates
+    share = next(iter(cands.values()))["hidden_share"]
+    table = Table(title=f"Demo date against the simulator's cloud-free truth (hidden pixels: {share:.0%} of the AOI)",
+                  header_style="bold")
+    table.add_column("method")
+    for head in ("hidden PSNR dB", "hidden MAE", "water F1 hidden"):
+        table.add_column(head, justify="right")
+    for name, c in cands.items():
+        label = f"{name} (chosen)" if name == result.chosen else name
+        table.add_row(label, f"{c['hidden_psnr']:.2f}", f"{c['hidden_mae']:.4f}",
+                      f"{c['water_f1']:.3f}" if math.isfinite(c["water_f1"]) else "-")
+    console.print(table)
+    other = [n for n in cands if n != result.chosen]
+    if other:
+        gap = cands[result.chosen]["hidden_psnr"] - cands[other[0]]["hidden_psnr"]
+        console.print(f"The demo's output is {result.chosen}: {gap:+.2f} dB over {other[0]} on the hidden pixels.",
+                      highlight=False)
+
+
 @contextmanager
 def _console_level(level: int | None) -> Iterator[None]:
     """Raise the root logger's handlers (the console: Prefect's or the CLI's own) to ``level`` for the block; the
@@ -126,9 +149,14 @@ def _report(result: "DemoResult", total: float) -> None:
         files.add_row("uncertainty", rec["uncertainty"])
     files.add_row("STAC item", rec["stac"])
     files.add_row("quicklook", rec["quicklook"])
+    for name, cand in result.candidates.items():
+        if name != result.chosen:
+            files.add_row(f"{name} (not chosen)", cand["result"]["cog"])
     files.add_row("dataset", f"{ds['out']}  ({ds['samples']} samples, report.md)")
     files.add_row("checkpoint", f"{tr['run_dir']}  (model.pt + model.json, TensorBoard in tb/)")
     console.print(files)
+    if result.candidates:
+        _print_choice(result)
     ev = tr.get("evaluation")
     if ev:
         rows = metrics_rows(ev)
