@@ -1,10 +1,11 @@
 """The end-to-end demo: build-dataset -> train-model -> reconstruct-aoi on zhengzhou-demo (synthetic archive).
 
 The demo date is reconstructed twice, with the trained model and with the training-free ``composite``, and both are
-scored against the simulator's cloud-free truth of that date on the pixels its true mask hides (``judge``); the
-demo's output is the one that scores higher, and the report says which and by how much. A short training run
-loses to the composite (its fills are washed-out grey), and an analyst should not be handed the worse image
-because a model was trained.
+scored against the simulator's cloud-free truth of that date on the pixels its true mask hides (``judge``). The
+model replaces the composite as the demo's output only when it gains ``MODEL_MARGIN_DB`` of PSNR there (the bar
+a learned model must clear over the training-free default, as on real pixels); the report says which and by how
+much. The 240 s training run scores within 0.1 dB of the composite on 2021-07-22 and its fills look washed-out
+grey, and an analyst should not be handed that image because a model was trained.
 
 Runs the three flows in this process. Without ``PREFECT_API_URL`` Prefect starts a temporary local server
 (SQLite) for the duration, so a fresh machine needs nothing running. Each flow caches its tasks, so a second
@@ -14,13 +15,13 @@ Runs the three flows in this process. Without ``PREFECT_API_URL`` Prefect starts
 from __future__ import annotations
 
 import datetime as dt
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 REGION = "zhengzhou-demo"
+MODEL_MARGIN_DB = 0.5  # hidden-pixel PSNR a trained model must gain over the composite to become the output
 DATE = dt.date(2021, 7, 22)  # two days after the 2021-07-20 flood, a Sentinel-2 overpass
 
 
@@ -133,8 +134,8 @@ def run_demo(cfg: DemoConfig, step: Callable[[str], None] = lambda s: None) -> D
             )
         )
         candidates[name] = {"result": rec, **judge(rec["cog"], cfg.region, cfg.date)}
-    # NaN (nothing scored) never wins; a tie goes to the composite, which needs no model
-    chosen = max(candidates, key=lambda n: (not math.isnan(candidates[n]["hidden_psnr"]),
-                                            candidates[n]["hidden_psnr"], n == "composite"))
+    model_psnr, composite_psnr = candidates[cfg.model]["hidden_psnr"], candidates["composite"]["hidden_psnr"]
+    # a NaN score (nothing scored) never wins
+    chosen = cfg.model if model_psnr >= composite_psnr + MODEL_MARGIN_DB else "composite"
     seconds["reconstruct-aoi"] = time.perf_counter() - t
     return DemoResult(dataset, training, candidates[chosen]["result"], seconds, candidates, chosen)
