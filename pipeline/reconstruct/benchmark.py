@@ -38,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -73,9 +73,12 @@ from pipeline.regions import Region
 from pipeline.sensors import get_sensor
 from pipeline.sources.base import Source
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["FLOOD_COLUMNS", "MIN_WATER_PIXELS", "TABLE_COLUMNS", "BenchmarkError", "BenchmarkReport",
-           "archive_region", "columns", "default_methods", "flood_scores", "markdown_table", "resolve_methods",
-           "run_benchmark", "table_columns", "table_rows"]
+           "archive_region", "columns", "default_methods", "flood_scores", "hidden_water_f1", "markdown_table",
+           "resolve_methods", "run_benchmark", "table_columns", "table_rows"]
 
 COMPOSITE = "composite"
 BASELINE = "last-clear"
@@ -286,19 +289,28 @@ def flood_scores(case: Case, pred: np.ndarray, truth: np.ndarray, scored: np.nda
     """
     import torch
 
-    from pipeline.train.metrics import masked_psnr, water_f1, water_index, water_map
+    from pipeline.train.metrics import masked_psnr
 
     p, t, where = torch.from_numpy(pred), torch.from_numpy(truth), torch.from_numpy(scored)
     flooded = math.nan
     if case.flooded is not None:
         flooded = masked_psnr(p, t, where & torch.from_numpy(case.flooded))
+    return {"flood_hidden_psnr": flooded, "water_hidden_f1": hidden_water_f1(p, t, where, bands, min_water_pixels)}
+
+
+def hidden_water_f1(pred: torch.Tensor, truth: torch.Tensor, where: torch.Tensor, bands: Sequence[str],
+                    min_water_pixels: int = MIN_WATER_PIXELS) -> float:
+    """F1 of ``pred``'s water map (``water_index`` of ``bands``) against ``truth``'s on the ``where`` pixels; NaN
+    without the index's bands or with fewer than ``min_water_pixels`` reference water pixels there."""
+    from pipeline.train.metrics import water_f1, water_index, water_map
+
     index = water_index(bands)
-    f1 = math.nan
-    if index is not None:
-        ref = water_map(t, index)
-        if int((ref & where).sum()) >= min_water_pixels:
-            f1 = water_f1(water_map(p, index), ref, where)
-    return {"flood_hidden_psnr": flooded, "water_hidden_f1": f1}
+    if index is None:
+        return math.nan
+    ref = water_map(truth, index)
+    if int((ref & where).sum()) < min_water_pixels:
+        return math.nan
+    return water_f1(water_map(pred, index), ref, where)
 
 
 def flood_context(case: Case) -> dict[str, Any]:

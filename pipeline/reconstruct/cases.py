@@ -347,6 +347,10 @@ def remask(case: Case) -> None:
         case.product_codes[i] = codes
 
 
+# the true mask's classes a reconstruction is scored on: what the sensor did not see clearly
+TRUE_HIDDEN = (MaskClass.CLOUD, MaskClass.THIN_CLOUD, MaskClass.SHADOW)
+
+
 class Truth(NamedTuple):
     """What a source that knows its truth says of one date, laid out for the series."""
 
@@ -388,7 +392,7 @@ def truth_reader(source: Source, series: Series) -> Callable[[int], Truth] | Non
                 if band in names:
                     values[k] = ds["clear"].values[names.index(band)]
             mask = np.asarray(ds["mask"].values)
-            hidden = np.isin(mask, (MaskClass.CLOUD, MaskClass.THIN_CLOUD, MaskClass.SHADOW))
+            hidden = np.isin(mask, TRUE_HIDDEN)
             classes = _water_classes(ds)
             water = np.isin(np.asarray(ds["landcover"].values), classes) if classes and "landcover" in ds else None
             cache[t] = Truth(values, hidden, _layer(ds, "flooded"), water)
@@ -407,7 +411,8 @@ def with_truth_layers(case: Case, truth: Callable[[int], Truth] | None) -> Case:
 
 def make_simulated_case(series: Series, spec: CaseSpec, truth: Callable[[int], Truth]) -> Case:
     """A ``simulator`` case: the date as the archive has it, its truth from the simulator; nothing pasted."""
-    values, hidden = truth(spec.target)[:2]
+    t = truth(spec.target)
+    values, hidden = t.values, t.hidden
     image = series.refl[spec.target]
     spectral = [series.bands.index(b) for b in series.reflectance_bands]
     hidden = hidden & np.isfinite(values[spectral]).all(axis=0) & np.isfinite(image[spectral]).all(axis=0)

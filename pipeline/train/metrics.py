@@ -55,15 +55,19 @@ def _masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, (x * w).sum((1, 2, 3)) / n.clamp_min(1), torch.nan)
 
 
+def _psnr(rmse: torch.Tensor) -> torch.Tensor:
+    """PSNR of reflectance in [0, 1] from its RMSE: ``inf`` for an exact match; NaN (no pixels to score, e.g. no
+    cloud in a cloud-only score) stays NaN."""
+    return torch.where(rmse > 0, 20 * torch.log10(1.0 / rmse), torch.where(rmse.isnan(), torch.nan, torch.inf))
+
+
 def _scores(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor, ssim_map: torch.Tensor, sam_map: torch.Tensor,
             ndvi_bands: tuple[int, int] | None) -> dict[str, torch.Tensor]:
     diff = pred - target
-    mse = _masked_mean(diff * diff, w)
-    rmse = torch.sqrt(mse)
+    rmse = torch.sqrt(_masked_mean(diff * diff, w))
     out = {
         "rmse": rmse,
-        # NaN (no pixels to score, e.g. no cloud in a cloud-only score) must stay NaN, not become inf
-        "psnr": torch.where(rmse > 0, 20 * torch.log10(1.0 / rmse), torch.where(rmse.isnan(), torch.nan, torch.inf)),
+        "psnr": _psnr(rmse),
         "mae": _masked_mean(diff.abs(), w),
         "ssim": _masked_mean(ssim_map, w),
     }
@@ -226,9 +230,6 @@ def masked_psnr(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -
         raise DataError(f"metrics: pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be (C, H, W)")
     if where.shape != pred.shape[-2:]:
         raise DataError(f"metrics: psnr mask has shape {tuple(where.shape)}, expected {tuple(pred.shape[-2:])}")
-    sel = where.bool()
-    if not sel.any():
-        return math.nan
-    diff = pred.double()[:, sel] - target.double()[:, sel]
-    rmse = float(torch.sqrt((diff * diff).mean()))
-    return 20 * math.log10(1.0 / rmse) if rmse > 0 else math.inf
+    diff = pred.double() - target.double()
+    w = where.bool().double()[None, None]
+    return float(_psnr(torch.sqrt(_masked_mean((diff * diff)[None], w)))[0])

@@ -62,8 +62,7 @@ def test_demo_command_writes_cog_stac_quicklook_and_prints_metrics(tmp_path):
         # finite everywhere: no two synthetic overpasses are identical, so no baseline is "exact"
         assert len(cells) == 4 and all(re.fullmatch(r"-?\d+\.\d+", c) for c in cells), line
     # the water-under-cloud F1 of both methods, on cloud pixels only, where the test split has water under cloud
-    water = [ln for ln in result.output.splitlines() if ln.strip("│┃ ").startswith("water F1")]
-    if water:
-        cells = [c.strip() for c in water[0].strip("│┃ ").split("│")[1:]]
-        assert cells[0] == cells[2] == "-" and all(re.fullmatch(r"\d\.\d{3}|-", c) for c in cells), water[0]
+    (water,) = [ln for ln in result.output.splitlines() if ln.strip("│┃ ").startswith("water F1")]
+    cells = [c.strip() for c in water.strip("│┃ ").split("│")[1:]]
+    assert cells[0] == cells[2] == "-" and all(re.fullmatch(r"\d\.\d{3}", c) for c in cells[1::2]), water
     assert "WaterF1:mndwi>0.2" in flat
