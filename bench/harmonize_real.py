@@ -35,8 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from pipeline.masking.codes import MaskClass, is_contaminated
-from pipeline.reconstruct.harmonize import (
+from pipeline.harmonize import (
     AGE_NONE,
     PROVENANCE_FILLED,
     PROVENANCE_NO_CLEAR,
@@ -46,6 +45,7 @@ from pipeline.reconstruct.harmonize import (
     FillResult,
     fill_gaps,
 )
+from pipeline.masking.codes import MaskClass, is_contaminated
 
 if TYPE_CHECKING:
     import rasterio

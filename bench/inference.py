@@ -148,8 +148,8 @@ class GivenMasks:
 
 def _fill_setup(size: int, source: str) -> tuple[Any, Any, Any]:
     """Region, plan and materialized source of a fill run: the synthetic archive or the procedural source."""
+    from pipeline.harmonize import FillConfig
     from pipeline.reconstruct.config import ReconstructConfig
-    from pipeline.reconstruct.harmonize import FillConfig
     from pipeline.reconstruct.plan import plan_fill
     from pipeline.sources.synthetic.source import SyntheticSource
 
@@ -165,8 +165,8 @@ def bench_fill(size: int, work: Path, source: str = "synthetic", s2cloudless: bo
     """Whole-``reconstruct`` px/s of the fill with masks given, and (``s2cloudless``) with s2cloudless computed
     against bare s2cloudless on the same pixels."""
     import pipeline.masking.scene as masking
+    from pipeline.harmonize import FillConfig
     from pipeline.reconstruct.config import ReconstructConfig
-    from pipeline.reconstruct.harmonize import FillConfig
     from pipeline.reconstruct.run import reconstruct
 
     region, plan, frozen = _fill_setup(size, source)
@@ -286,8 +286,8 @@ def bench_throughput(size: int, work: Path, config: str = "small") -> dict[str, 
 def child_memory(size: int, source: str, out: str) -> None:
     """Runs in a fresh process: one fill (checkpoint composite, 10 dates of history), then prints its peak RSS."""
     logging.basicConfig(level=logging.WARNING)
+    from pipeline.harmonize import FillConfig
     from pipeline.reconstruct.config import ReconstructConfig
-    from pipeline.reconstruct.harmonize import FillConfig
     from pipeline.reconstruct.run import reconstruct
     from pipeline.sources.synthetic.source import SyntheticSource
 

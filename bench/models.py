@@ -37,6 +37,10 @@ def _batch(spec, b: int, size: int, device: str = "cpu"):
            "optical_mask": (torch.rand(b, t, 1, size, size, generator=g) > 0.7).float()}
     if spec.sar_bands:
         out["sar"] = torch.rand(b, t + 1, len(spec.sar_bands), size, size, generator=g)
+    if spec.needs_composite:
+        out["composite"] = torch.rand(b, len(spec.out_bands), size, size, generator=g)
+        filled = out["optical_mask"][:, -1]
+        out["composite_info"] = torch.cat([filled, torch.zeros_like(filled), 0.2 * filled], 1)
     return {k: v.to(device) for k, v in out.items()}
 
 

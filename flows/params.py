@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.dataset.config import BuildConfig
 from pipeline.errors import CloudfreeError, RegionError
+from pipeline.harmonize import FillConfig
 from pipeline.reconstruct.config import AuxDates, ReconstructConfig, Unobserved, config_field
-from pipeline.reconstruct.harmonize import FillConfig
 from pipeline.regions import Region, geojson_bounds, list_regions, load_region, parse_region
 from pipeline.sources.registry import SourceName, SourceSpec
 from pipeline.train.config import train_default

@@ -197,6 +197,12 @@ class ModelLoss(nn.Module):
         return total, parts
 
 
+def _filled(ctx: dict) -> torch.Tensor:
+    """Valid target pixels the composite filled from an earlier date: where a ``refine`` model's correction applies."""
+    filled = (ctx["batch"]["composite_info"][:, :1] > 0).to(ctx["target"].dtype)
+    return filled if ctx["valid"] is None else filled * ctx["valid"]
+
+
 def _on_image(
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
     pick: Callable[[dict], torch.Tensor],
@@ -238,6 +244,9 @@ def build_loss(name: str, cfg: dict[str, Any], spec: InputSpec, vgg_weights: str
 
     if name in ("unet", "composite"):
         add("l1", w("l1", 1.0), lambda c: l1_loss(c["out"].mean, c["target"], c["valid"]))
+    elif name == "refine":
+        # the model changes only the pixels the fill took from an earlier date: the loss is on those
+        add("l1", w("l1", 1.0), lambda c: l1_loss(c["out"].mean, c["target"], _filled(c)))
     elif name == "crgennet":
         for img_key, scale in (("mean", 1.0), ("coarse", float(w("coarse_weight", 0.5)))):
             if not scale:

@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-from . import cafusion, cmsn, composite, crgennet, srggan, uncrtaints, unet
+from . import cafusion, cmsn, composite, crgennet, refine, srggan, uncrtaints, unet
 from .base import CloudRemovalModel
 from .errors import ModelConfigError
 from .losses import AdversarialLoss, build_loss
@@ -78,6 +78,8 @@ MODELS: dict[str, ModelEntry] = {
                "cloud-attentive SAR fusion: pixel-unshuffle, residual dense + Swin blocks, cloud-weighted loss"),
         _entry("composite", composite, composite.Composite, "no training: most recent clear pixel or clear median"),
         _entry("unet", unet, unet.UNet, "plain SAR + optical U-Net"),
+        _entry("refine", refine, refine.Refine,
+               "a learned correction of the harmonized composite (residual: untrained = the composite); S1 optional"),
     )
 }
 

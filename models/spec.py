@@ -10,7 +10,10 @@ clipped to [-25, 0] for VV and [-32.5, 0] for VH, then scaled to [0, 1]):
 - ``sar``           (B, T + 1, S, H, W): S1 nearest to each of ``t_1 .. t_T, t_target`` (S = len(sar_bands));
                     absent (or ignored) when ``sar_bands`` is empty;
 - ``target``        (B, C, H, W): the clear optical image at ``t_target`` (training / evaluation only);
-- ``target_valid``  (B, 1, H, W): 1 where the target is a valid, clear observation.
+- ``target_valid``  (B, 1, H, W): 1 where the target is a valid, clear observation;
+- ``composite``, ``composite_info`` (``needs_composite`` models, ``models/refine.py``): the harmonized training-free
+                    fill of the target date (B, C, H, W) and where it came from (B, 3, H, W: filled, unobserved,
+                    source age / 100).
 
 Invalid input pixels are zero in ``optical`` and flagged in ``optical_mask``; they are never silently
 treated as observations. Models return ``ModelOutput`` with ``mean`` in [0, 1] reflectance and, for
@@ -34,6 +37,7 @@ class InputSpec:
     includes_target_date: bool = True
     sar_bands: tuple[str, ...] = ()
     needs_mask: bool = False
+    needs_composite: bool = False  # the model corrects the harmonized fill: batches carry composite(_info)
     output_bands: tuple[str, ...] = field(default=())  # defaults to optical_bands
 
     @property

@@ -122,7 +122,34 @@ class SEN12MSCRTSRule(_Strict):
     min_valid: float = Field(0.99, ge=0, le=1)
 
 
-SelectionRule = Annotated[Union[TCSEN12Rule, CMSNRule, SEN12MSCRTSRule], Field(discriminator="rule")]
+class SelfSupervisedRule(_Strict):
+    """Self-supervised training on the AOI's own archive: clear target dates, every earlier date as observed.
+
+    No labelled pairs are needed: training pastes real clouds onto the clear target (the archive's cloudy dates'
+    masks and pixels, plus simulated cloud shapes; ``pipeline.train.samples``) and the target's own pixels are the
+    truth under them, the recipe ``cloudfree benchmark`` scores with. ``holdout_from`` adds the temporal hold-out:
+    targets from that date on belong to the test split only (on test patches), earlier ones to train/val (on their
+    patches), so no target date and no patch is seen by two splits.
+    """
+
+    rule: Literal["self-supervised"] = "self-supervised"
+    reference_max_cloud: float = Field(
+        0.02, ge=0, le=1, description="Max cloud+shadow fraction of a target date (by the product's mask).")
+    input_dates: int = Field(
+        4, ge=1, le=12, description="Earlier optical dates per sample, the most recent first taken (any cloud).")
+    max_gap_days: int = Field(90, ge=1, description="Max days between the target and the oldest earlier date.")
+    sar_max_days: int = Field(3, ge=0, description=_SAR_MAX_DAYS_HELP)
+    min_valid: float = Field(0.99, ge=0, le=1, description="Min fraction of valid (non-nodata) pixels per date.")
+    holdout_from: dt.date | None = Field(
+        None, description="Temporal hold-out: targets on or after this date are test-only; unset: spatial splits only.")
+
+    @property
+    def input_max_cloud(self) -> float:
+        return 1.0
+
+
+SelectionRule = Annotated[Union[TCSEN12Rule, CMSNRule, SEN12MSCRTSRule, SelfSupervisedRule],
+                          Field(discriminator="rule")]
 
 
 class WRS(_Strict):
@@ -229,7 +256,8 @@ class Region(_Strict):
                 "window or fix the date"
             )
         rule = self.selection
-        if isinstance(rule, (TCSEN12Rule, SEN12MSCRTSRule)) and "sar_max_days" not in rule.model_fields_set:
+        if isinstance(rule, (TCSEN12Rule, SEN12MSCRTSRule, SelfSupervisedRule)) and \
+                "sar_max_days" not in rule.model_fields_set:
             # the default follows the S1 revisit of the region's dates: a fixed 3 days rejected every patch of
             # every event after S1B's failure (12-day revisit)
             resolved = rule.model_copy(update={"sar_max_days": s1_max_days(self.window.start, self.window.end)})

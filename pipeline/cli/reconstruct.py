@@ -17,8 +17,8 @@ import typer
 from pipeline.cli.app import app, console, err_console, parse_date
 from pipeline.cli.dataset import YES_HELP
 from pipeline.errors import DataError, cli_option
+from pipeline.harmonize import FillConfig
 from pipeline.reconstruct.config import AuxDates, Compression, OutType, ReconstructConfig, Unobserved
-from pipeline.reconstruct.harmonize import FillConfig
 from pipeline.regions import check_size, load_region
 from pipeline.sources.registry import SourceName, SourceSpec
 

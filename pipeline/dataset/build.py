@@ -57,6 +57,7 @@ from pipeline.dataset.selection import (
     optical_family,
     patch_offsets,
     select_samples,
+    temporal_holdout,
     uses_sar,
 )
 from pipeline.errors import DataError, RegionError, SourceError
@@ -439,7 +440,16 @@ def _select(table: pd.DataFrame, region: Region, found: _Found, area: _Area, max
     if capped:
         rejected[REASON_MAX_PATCHES] += len(capped)
     samples = [s for s in sel.samples if s.patch_id in split_of]
-    return _Picked(sel.rule, samples, split_of, rejected, sel.rejected_candidates)
+    candidates = Counter(sel.rejected_candidates)
+    holdout = getattr(region.selection, "holdout_from", None)
+    samples = temporal_holdout(samples, split_of, holdout, candidates)
+    if not samples:
+        raise SelectionError(
+            f"region {region.name}: no sample is left after the temporal hold-out from {holdout} (train/val need "
+            f"targets before it, test targets on or after it): {dict(candidates)}; move selection.holdout_from "
+            "between the archive's clear dates or unset it")
+    split_of = {p: s for p, s in split_of.items() if any(x.patch_id == p for x in samples)}
+    return _Picked(sel.rule, samples, split_of, rejected, candidates)
 
 
 def _patch_files(samples: Sequence[Sample], found: _Found, masks: SceneMasks,

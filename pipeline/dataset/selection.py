@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipeline.errors import DataError
 from pipeline.masking.codes import MaskClass
-from pipeline.regions import CMSNRule, Region, SEN12MSCRTSRule, Splits, TCSEN12Rule
+from pipeline.regions import CMSNRule, Region, SelfSupervisedRule, SEN12MSCRTSRule, Splits, TCSEN12Rule
 
 FRACTION_COLUMNS = [
     "patch_id",
@@ -286,20 +286,22 @@ def _sample(patch_id: str, inputs: Sequence[Obs], target: Obs, sar_members: list
 
 
 def _tcsen12(
-    pid: str, opt: list[Obs], sar: list[Obs] | None, rule: TCSEN12Rule, cand: Counter
+    pid: str, opt: list[Obs], sar: list[Obs] | None, rule: TCSEN12Rule | SelfSupervisedRule, cand: Counter
 ) -> tuple[list[Sample], str]:
+    """TCSEN12, and the self-supervised rule (the same choice with any cloud on the earlier dates)."""
+    name = rule.rule
     valid = [o for o in opt if o.valid >= rule.min_valid]
     if not valid:
-        return [], f"tcsen12: no optical date with valid_fraction >= {rule.min_valid:g}"
+        return [], f"{name}: no optical date with valid_fraction >= {rule.min_valid:g}"
     refs = [o for o in valid if o.cover <= rule.reference_max_cloud + _EPS]
-    cand[f"tcsen12: reference cloud+shadow > {_pct(rule.reference_max_cloud)}"] += len(valid) - len(refs)
+    cand[f"{name}: reference cloud+shadow > {_pct(rule.reference_max_cloud)}"] += len(valid) - len(refs)
     if not refs:
-        return [], f"tcsen12: no reference date with cloud+shadow <= {_pct(rule.reference_max_cloud)}"
+        return [], f"{name}: no reference date with cloud+shadow <= {_pct(rule.reference_max_cloud)}"
     gap = pd.Timedelta(days=rule.max_gap_days)
     reasons = [
-        f"tcsen12: fewer than {rule.input_dates} earlier optical date(s) within {rule.max_gap_days} days",
-        f"tcsen12: fewer than {rule.input_dates} earlier date(s) with cloud+shadow <= {_pct(rule.input_max_cloud)}",
-        f"tcsen12: no S1 within ±{rule.sar_max_days} days of every optical date",
+        f"{name}: fewer than {rule.input_dates} earlier optical date(s) within {rule.max_gap_days} days",
+        f"{name}: fewer than {rule.input_dates} earlier date(s) with cloud+shadow <= {_pct(rule.input_max_cloud)}",
+        f"{name}: no S1 within ±{rule.sar_max_days} days of every optical date",
     ]
     furthest, samples = -1, []
     for ref in refs:
@@ -408,13 +410,13 @@ def select_samples(table: pd.DataFrame, region: Region, patch_ids: Iterable[str]
             continue
         # S1 must cover the whole patch: training refuses NaN SAR rather than zero-filling it.
         sar = [o for o in obs if o.family == "s1" and o.valid >= 1.0 - _EPS] if sar_on else None
-        if isinstance(rule, TCSEN12Rule):
+        if isinstance(rule, (TCSEN12Rule, SelfSupervisedRule)):
             samples, reason = _tcsen12(pid, opt, sar, rule, sel.rejected_candidates)
         elif isinstance(rule, CMSNRule):
             samples, reason = _cmsn(pid, opt, rule, sel.rejected_candidates)
         elif isinstance(rule, SEN12MSCRTSRule):
             samples, reason = _sen12mscr_ts(pid, opt, sar, rule, sel.rejected_candidates)
-        else:  # pragma: no cover - the pydantic union admits only the three rules
+        else:  # pragma: no cover - the pydantic union admits only these rules
             raise NotImplementedError(f"selection rule {rule!r}")
         if samples:
             sel.samples.extend(samples)
@@ -482,6 +484,25 @@ def assign_splits(offsets: Sequence[PatchOffset], splits: Splits, stride: int) -
         dropped.add(loser)
         count[split[loser]] -= 1
     return {pid: s for pid, s in split.items() if pid not in dropped}, sorted(dropped)
+
+
+def temporal_holdout(samples: Sequence[Sample], split_of: dict[str, str], holdout_from: dt.date | None,
+                     rejected: Counter) -> list[Sample]:
+    """The samples a temporal hold-out keeps: targets before ``holdout_from`` on train/val patches, from it on test
+    patches; the others (a date or a patch another split sees) are counted in ``rejected`` by reason."""
+    if holdout_from is None:
+        return list(samples)
+    kept = []
+    for s in samples:
+        day = next(m.datetime for m in s.members if m.role == "target").date()
+        late = day >= holdout_from
+        if late == (split_of[s.patch_id] == "test"):
+            kept.append(s)
+        elif late:
+            rejected[f"temporal hold-out: target on/after {holdout_from} on a {split_of[s.patch_id]} patch"] += 1
+        else:
+            rejected[f"temporal hold-out: target before {holdout_from} on a test patch"] += 1
+    return kept
 
 
 def cap_patches(split_of: dict[str, str], max_patches: int | None) -> tuple[dict[str, str], list[str]]:

@@ -127,7 +127,7 @@ def resolve_methods(names: Sequence[str], base: ReconstructConfig | None = None)
             if fit is None:
                 out.append(Method(name, COMPOSITE, base))
                 continue
-            from pipeline.reconstruct.harmonize import FillConfig
+            from pipeline.harmonize import FillConfig
 
             fill = FillConfig.model_validate({**base.fill.model_dump(), "fit": fit})
             out.append(Method(name, COMPOSITE, base.model_copy(update={"fill": fill})))

@@ -39,7 +39,7 @@ from pipeline.reconstruct.styles import apply_gdal_styling
 log = logging.getLogger(__name__)
 
 COG_BLOCK = 512
-# provenance classes (the training-free fill's codes of pipeline.reconstruct.harmonize, plus a model's own)
+# provenance classes (the training-free fill's codes of pipeline.harmonize, plus a model's own)
 PROVENANCE_OBSERVED = 0  # observed clear on the target date
 PROVENANCE_FILLED = 1  # filled from another (earlier, clear) date
 PROVENANCE_PREDICTED = 2  # predicted by a model

@@ -3,7 +3,7 @@
 ``ReconstructConfig`` is what ``pipeline.reconstruct.run.reconstruct`` takes, what ``cloudfree reconstruct``
 builds from its options (their defaults and help come from here) and what the ``reconstruct-aoi`` flow's
 parameters fill in. It holds the source (a ``SourceSpec``), the training-free fill of the ``composite``
-checkpoint (``fill``: a ``pipeline.reconstruct.harmonize.FillConfig``), the stitching of model tiles into blocks
+checkpoint (``fill``: a ``pipeline.harmonize.FillConfig``), the stitching of model tiles into blocks
 (``pipeline.reconstruct.tiling``) and the output and run options. Only pydantic, numpy, the standard library and
 light ``pipeline`` modules are imported, so the CLI can build it without loading torch or rasterio.
 """
@@ -16,8 +16,8 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline.errors import CloudfreeError, describe_validation
+from pipeline.harmonize import FillConfig
 from pipeline.masking.config import METHODS
-from pipeline.reconstruct.harmonize import FillConfig
 from pipeline.sources.registry import SourceSpec
 
 MIN_OVERLAP = 32  # narrower overlaps leave visible tile seams

@@ -23,9 +23,7 @@ import numpy as np
 
 from models.spec import InputSpec
 from pipeline.grid import Grid
-from pipeline.masking.codes import MaskClass, to_cube_codes
-from pipeline.normalize import optical_to_unit, sar_to_unit
-from pipeline.reconstruct.harmonize import (
+from pipeline.harmonize import (
     DateFit,
     FillConfig,
     fill_reach,
@@ -33,6 +31,8 @@ from pipeline.reconstruct.harmonize import (
     history_usable,
     target_fit_pixels,
 )
+from pipeline.masking.codes import MaskClass, to_cube_codes
+from pipeline.normalize import optical_to_unit, sar_to_unit
 from pipeline.reconstruct.plan import InputPlan
 from pipeline.reconstruct.tiling import BlockInputs, FillInputs
 from pipeline.sensors import get_sensor
@@ -74,6 +74,20 @@ def mosaic_date(source: Source, scenes: Sequence[Scene], sub: Grid, bands: Seque
     return refl, codes
 
 
+def mosaic_sar(source: Source, scenes: Sequence[Scene], sub: Grid, bands: Sequence[str]) -> np.ndarray:
+    """Mosaic of one SAR slot in dB (S, h, w), nearest scene first; NaN where no scene has data."""
+    out = np.full((len(bands), sub.height, sub.width), np.nan, np.float32)
+    for sc in scenes:
+        missing = ~np.isfinite(out).all(axis=0)
+        if not missing.any():
+            break
+        vals = np.asarray(source.read(sc, sub, list(bands)).values, dtype=np.float32)
+        out[:, missing] = vals[:, missing]
+    # nodata is NaN: clipping to [0, 1] would turn an infinite dB (the log of a zero) into valid backscatter
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
 class MosaicLoader:
     """Windows of the AOI grid as model inputs (picklable: dask workers call it on their blocks)."""
 
@@ -89,17 +103,7 @@ class MosaicLoader:
         return refl, to_cube_codes(codes)
 
     def _sar(self, scenes: Sequence[Scene], sub: Grid) -> np.ndarray:
-        """Mosaic of one SAR slot in dB (S, h, w), nearest scene first; NaN where no scene has data."""
-        out = np.full((len(self.spec.sar_bands), sub.height, sub.width), np.nan, np.float32)
-        for sc in scenes:
-            missing = ~np.isfinite(out).all(axis=0)
-            if not missing.any():
-                break
-            vals = np.asarray(self.source.read(sc, sub, list(self.spec.sar_bands)).values, dtype=np.float32)
-            out[:, missing] = vals[:, missing]
-        # nodata is NaN: clipping to [0, 1] would turn an infinite dB (the log of a zero) into valid backscatter
-        out[~np.isfinite(out)] = np.nan
-        return out
+        return mosaic_sar(self.source, scenes, sub, self.spec.sar_bands)
 
     def _sar_slots(self, sub: Grid) -> list[np.ndarray]:
         """S1 in [0, 1] per SAR slot; slots sharing their scenes (an optical date that is D) share one array."""
@@ -163,9 +167,11 @@ class FillLoader:
     """
 
     def __init__(self, source: Source, grid: Grid, plan: InputPlan, *, mask_method: str, fill: FillConfig,
-                 least_cloudy: bool = False) -> None:
+                 least_cloudy: bool = False, sar_bands: Sequence[str] = ()) -> None:
         self.source, self.grid, self.plan = source, grid, plan
         self.mask_method, self.fill, self.least_cloudy = mask_method, fill, least_cloudy
+        # S1 of the target date (plan.sar_scenes[-1]) for a refine model that reads it, in [0, 1]
+        self.sar_bands = tuple(sar_bands)
         self.bands = get_sensor(plan.optical_sensor).reflectance_bands
         # newest first: (age in days, scenes)
         self.history = [((plan.target_date - d).days, scenes)
@@ -209,8 +215,12 @@ class FillLoader:
                 least.update(refl, codes, valid, age)
             if keep:
                 history.append((float(age), refl, clear))
+        sar = None
+        if self.sar_bands:
+            sar = sar_to_unit(mosaic_sar(self.source, self.plan.sar_scenes[-1], sub, self.sar_bands), self.sar_bands,
+                              axis=0)
         return FillInputs(target, t_clear, history, seen, read,
-                          None if least is None else (least.value, least.age))
+                          None if least is None else (least.value, least.age), sar=sar)
 
 
 class _Least:

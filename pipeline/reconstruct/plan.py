@@ -168,7 +168,7 @@ def plan_inputs(region: Region, date: dt.date, spec: InputSpec, source: Source, 
     plan = InputPlan(date, sensor_key, opt_dates, [days[d] for d in opt_dates], target_scenes=days.get(date, []))
     if spec.sar_bands:
         plan.sar_dates = opt_dates + [date]
-        plan.sar_scenes = _sar_scenes(region, plan.sar_dates, spec, source, checkpoint, src_name, config.sar_max_days)
+        plan.sar_scenes = sar_scenes(region, plan.sar_dates, spec, source, checkpoint, src_name, config.sar_max_days)
     return plan
 
 
@@ -195,7 +195,7 @@ def _optical_scenes(region: Region, date: dt.date, spec: InputSpec, source: Sour
     return sensor_key, _by_date([s for s in found if s.sensor == sensor_key])
 
 
-def _sar_scenes(region: Region, dates: Sequence[dt.date], spec: InputSpec, source: Source, checkpoint: str,
+def sar_scenes(region: Region, dates: Sequence[dt.date], spec: InputSpec, source: Source, checkpoint: str,
                 src_name: str, max_days: int) -> list[list[Scene]]:
     """For each of ``dates``, the S1 scenes within ``max_days`` of it, nearest first."""
     grid = region.grid()
@@ -206,6 +206,14 @@ def _sar_scenes(region: Region, dates: Sequence[dt.date], spec: InputSpec, sourc
         raise CheckpointError(
             f"checkpoint {checkpoint} needs S1 {list(spec.sar_bands)}, which the {src_name} source cannot provide "
             f"({exc})") from None
+    if not s1:
+        listing = getattr(source, "scenes", None)
+        if callable(listing) and not listing("s1"):
+            held = sorted({s.sensor for s in listing(None)})
+            raise CheckpointError(
+                f"checkpoint {checkpoint or 'requested'} needs S1 {list(spec.sar_bands)}, but the {src_name} source "
+                f"holds no S1 scenes (it has: {', '.join(held) or 'nothing'}); use a checkpoint trained without "
+                "sar_bands (an optical-only refine model works on any archive) or a source with S1")
     s1 = _check_coverage(s1, grid, src_name, "s1")
     for key in sorted({s.sensor for s in s1}):
         have = list(get_sensor(key).band_names)

@@ -1,7 +1,7 @@
 """``reconstruct``: AOI + date + checkpoint -> cloud-free COG, provenance, source dates, STAC Item, quicklook.
 
 Checkpoint ``composite`` (the default, training-free) fills what the target date does not see clearly from
-the most recent clear earlier date, harmonized to the target (``pipeline.reconstruct.harmonize``):
+the most recent clear earlier date, harmonized to the target (``pipeline.harmonize``):
 
 1. ``pipeline.reconstruct.plan.plan_fill`` picks D's scenes and every date of the region's optical family
    within ``config.fill.max_age_days`` before D (one search per AOI).
@@ -65,7 +65,7 @@ from pipeline.grid import Grid
 from pipeline.reconstruct.cog import BlockWriter, RasterSpec, build_vrt, raw_tiled_bytes, validate_cog
 from pipeline.reconstruct.config import ReconstructConfig, Unobserved
 from pipeline.reconstruct.mosaic import FillLoader, MosaicLoader, SampleFits
-from pipeline.reconstruct.plan import COMPOSITE, InputPlan, plan_fill, plan_inputs
+from pipeline.reconstruct.plan import COMPOSITE, InputPlan, plan_fill, plan_inputs, sar_scenes
 from pipeline.reconstruct.styles import style_run
 from pipeline.reconstruct.tiling import Filler, Outputs, Progress, TorchPredictor, plan_blocks, run_blocks
 from pipeline.regions import Region, load_region
@@ -420,14 +420,16 @@ def reconstruct(
         src = source if source is not None else config.source.build()
         if str(checkpoint) == COMPOSITE:
             return _reconstruct_fill(region, date, out_dir, config, src, client)
-        return _reconstruct_model(region, date, checkpoint, out_dir, config, src, client)
+        lm = load_model(checkpoint)
+        if lm.spec.needs_composite:  # a correction of the fill: the fill runs, the model corrects what it produced
+            return _reconstruct_fill(region, date, out_dir, config, src, client, refiner=lm)
+        return _reconstruct_model(region, date, lm, out_dir, config, src, client)
 
 
-def _reconstruct_model(region: Region, date: dt.date, checkpoint: str | Path, out_dir: Path, config: ReconstructConfig,
+def _reconstruct_model(region: Region, date: dt.date, lm: LoadedModel, out_dir: Path, config: ReconstructConfig,
                        src: Source, client: Any) -> ReconstructResult:
     """A training run folder's model, block by block; see the module docstring."""
     src_name = getattr(src, "name", type(src).__name__)
-    lm = load_model(checkpoint)
     grid = region.grid()
     plan = plan_inputs(region, date, lm.spec, src, lm.checkpoint, config)
     log.info("reconstruct %s %s with %s: optical %s, S1 %s", region.name, date, lm.name, plan.optical_dates,
@@ -468,7 +470,7 @@ def _fill_tags(region: Region, date: dt.date, plan: InputPlan, source_name: str,
         "checkpoint": COMPOSITE,
         "checkpoint_sha256": "none (training-free)",
         "method": "most recent clear date within fill max_age_days, harmonized to the target date "
-                  "(pipeline.reconstruct.harmonize)",
+                  "(pipeline.harmonize)",
         "source": source_name,
         "simulated": str(source_name == "synthetic").lower(),
         "target_date": date.isoformat(),
@@ -536,16 +538,26 @@ def _fill_warnings(summary: dict[str, Any], config: ReconstructConfig) -> list[s
 
 
 def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: ReconstructConfig, src: Source,
-                      client: Any) -> ReconstructResult:
-    """Checkpoint ``composite``: the harmonized fill, block by block; see the module docstring."""
+                      client: Any, refiner: LoadedModel | None = None) -> ReconstructResult:
+    """Checkpoint ``composite``: the harmonized fill, block by block; see the module docstring. With ``refiner`` (a
+    ``needs_composite`` model) the model corrects the pixels the fill produced (provenance ``predicted``)."""
     src_name = getattr(src, "name", type(src).__name__)
     grid = region.grid()
     plan = plan_fill(region, date, src, config)
-    log.info("reconstruct %s %s with the harmonized fill: %d earlier %s date(s) within %d days (%s .. %s)",
-             region.name, date, len(plan.optical_dates) - 1, plan.optical_sensor, config.fill.max_age_days,
-             plan.optical_dates[0], plan.optical_dates[-2])
-    paths = OutputPaths(out_dir, f"{region.name}_{date:%Y%m%d}_{COMPOSITE}")
+    if refiner is not None:
+        _check_refiner(refiner, plan)
+        if refiner.spec.sar_bands:
+            plan.sar_dates = [date, date]
+            plan.sar_scenes = sar_scenes(region, [date], refiner.spec, src, refiner.checkpoint, src_name,
+                                         config.sar_max_days) * 2
+    log.info("reconstruct %s %s with the harmonized fill%s: %d earlier %s date(s) within %d days (%s .. %s)",
+             region.name, date, f" corrected by {refiner.name}" if refiner else "", len(plan.optical_dates) - 1,
+             plan.optical_sensor, config.fill.max_age_days, plan.optical_dates[0], plan.optical_dates[-2])
+    paths = OutputPaths(out_dir, f"{region.name}_{date:%Y%m%d}_{refiner.name if refiner else COMPOSITE}")
     tags = _fill_tags(region, date, plan, src_name, config)
+    if refiner is not None:
+        tags.update(model=refiner.name, checkpoint=refiner.checkpoint, checkpoint_sha256=refiner.sha256,
+                    method=tags["method"] + f"; the filled pixels corrected by the trained {refiner.name} model")
     run_key = {**tags, "grid": grid.to_dict(), "block": config.block, "dtype": config.dtype}
     progress = Progress(paths.progress, fingerprint(run_key, 16))
     bands = get_sensor(plan.optical_sensor).reflectance_bands
@@ -560,8 +572,10 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
                           writer(paths.provenance, RasterSpec.provenance(tags)), None, resume,
                           source_days=writer(paths.source_days, RasterSpec.source_days(tags)))
         loader = FillLoader(src, grid, plan, mask_method=config.mask_method, fill=config.fill,
-                            least_cloudy=config.fill_unobserved == Unobserved.least_cloudy)
-        filler = Filler(config.fill, SampleFits(loader))
+                            least_cloudy=config.fill_unobserved == Unobserved.least_cloudy,
+                            sar_bands=refiner.spec.sar_bands if refiner else ())
+        predictor = None if refiner is None else TorchPredictor(refiner.model, device=config.device, bf16=config.bf16)
+        filler = Filler(config.fill, SampleFits(loader), refiner=predictor)
         computed = _compute(grid, loader, filler, config, outputs, progress, client,
                             compute=tiling.compute_fill_block)
         summary = _fill_summary(progress.info, date)
@@ -579,6 +593,16 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
         paths.cog, paths.provenance, paths.stac, paths.quicklook, None, computed,
         len(plan_blocks(grid.height, grid.width, config.block)), outputs.resume, plan, validation,
         source_days=paths.source_days, warnings=warnings, fill=summary)
+
+
+def _check_refiner(lm: LoadedModel, plan: InputPlan) -> None:
+    """A refine checkpoint whose inputs this fill cannot give is one clear error, before any pixel is read."""
+    bands = get_sensor(plan.optical_sensor).reflectance_bands
+    if lm.spec.optical_sensor != get_sensor(plan.optical_sensor).family or tuple(lm.spec.optical_bands) != bands:
+        raise CheckpointError(
+            f"checkpoint {lm.checkpoint}: {lm.name} corrects a {lm.spec.optical_sensor} composite of bands "
+            f"{list(lm.spec.optical_bands)}, but this archive's fill has {plan.optical_sensor} bands {list(bands)}; "
+            "train it on a dataset of this sensor")
 
 
 def reconstruct_dates(region: str | Region, dates: Sequence[dt.date | str], checkpoint: str | Path,

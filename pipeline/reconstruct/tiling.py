@@ -33,6 +33,8 @@ import torch
 from scipy import ndimage
 
 from pipeline.files import write_text_atomic
+from pipeline.harmonize import DateFit, FillConfig, fill_gaps
+from pipeline.masking.codes import MaskClass
 from pipeline.reconstruct.cog import (
     PROVENANCE_FILLED,
     PROVENANCE_NO_CLEAR,
@@ -43,7 +45,7 @@ from pipeline.reconstruct.cog import (
     BlockWriter,
 )
 from pipeline.reconstruct.config import ReconstructConfig
-from pipeline.reconstruct.harmonize import DateFit, FillConfig, fill_gaps
+from pipeline.train.samples import composite_arrays, model_arrays
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,7 @@ class FillInputs:
     seen: np.ndarray
     dates_read: int = 0
     least_cloudy: tuple[np.ndarray, np.ndarray] | None = None
+    sar: np.ndarray | None = None  # S1 of the target date (S, h, w) in [0, 1], for a refine model that reads it
 
 
 class Loader(Protocol):
@@ -292,6 +295,9 @@ def keep_clear_blend(pred: np.ndarray, observed: np.ndarray, clear: np.ndarray, 
 
 # --- the training-free fill ----------------------------------------------------------------------------------
 
+# context a refine model reads beyond a block (its output there blends the block's fill with the halo's, which is
+# exact up to the fill's own halo); ~ the receptive field of the small config's U-Net
+REFINER_HALO = 32
 FILL_MASK_HALO = 16  # beyond the fill's own reach: the masks' morphology (cloud dilation) near a window edge
 
 
@@ -307,6 +313,10 @@ class Filler:
 
     fill: FillConfig
     fits: Mapping[float, DateFit] | None = None
+    # a ``needs_composite`` model (``models/refine.py``) that corrects the fill's pixels, and the context it reads
+    # around a block on top of the fill's own
+    refiner: Predictor | None = None
+    refiner_halo: int = REFINER_HALO
 
     @property
     def halo(self) -> int:
@@ -314,6 +324,21 @@ class Filler:
         f = self.fill
         # the local fit's coarse grid (cells of up to 5 px) reaches a cell beyond the window
         return f.window_px + 5 + f.buffer_px + f.history_buffer_px + f.feather_px + 1 + FILL_MASK_HALO
+
+    def refine(self, res: Any, inputs: FillInputs) -> tuple[np.ndarray, np.ndarray]:
+        """The refiner's image of a filled window (C, h, w) and the pixels it corrected: those the fill took from an
+        earlier date, whose provenance becomes ``predicted`` (pixels no date saw stay provenance 3). Inputs by the
+        training rule (``pipeline.train.samples.model_arrays`` and ``composite_arrays``)."""
+        assert self.refiner is not None
+        codes = np.where(inputs.clear, MaskClass.CLEAR, MaskClass.CLOUD).astype(np.uint8)
+        codes[~np.isfinite(inputs.target).all(axis=0)] = MaskClass.NODATA
+        sar = [] if inputs.sar is None else [inputs.sar, inputs.sar]  # the target date's slot, as in training
+        arrays = model_arrays([inputs.target], [codes], sar, where="the target date",
+                              sar_labels=["S1 of the target date"] * len(sar),
+                              sar_fix="pick a date whose S1 covers the whole region, or a refine model without S1")
+        arrays.update(composite_arrays(res.image, res.provenance, res.source_age_days, inputs.target))
+        mean, _ = self.refiner({k: torch.from_numpy(v)[None] for k, v in arrays.items()})
+        return mean[0], res.provenance == PROVENANCE_FILLED
 
 
 def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader, filler: Filler,
@@ -324,7 +349,7 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
     ``fill_unobserved="least-cloudy"`` the least cloudy value any date has there), 255 no data on any date;
     ``source_days`` is the age of each pixel's date. ``info`` holds the block's fill notes and pixel counts.
     """
-    halo = filler.halo
+    halo = filler.halo + (filler.refiner_halo if filler.refiner is not None else 0)
     a0, a1 = max(0, block.r0 - halo), min(height, block.r1 + halo)
     b0, b1 = max(0, block.c0 - halo), min(width, block.c1 + halo)
     inputs = loader(a0, a1, b0, b1)
@@ -332,6 +357,11 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
     crop = (slice(block.r0 - a0, block.r1 - a0), slice(block.c0 - b0, block.c1 - b0))
     image = np.clip(res.image[(slice(None),) + crop], 0.0, 1.0)  # NaN stays NaN
     prov = res.provenance[crop].copy()
+    predicted = None
+    if filler.refiner is not None:
+        refined, produced = filler.refine(res, inputs)
+        predicted = produced[crop]
+        image[:, predicted] = refined[(slice(None),) + crop][:, predicted]
     days = res.source_age_days[crop].copy()
     # the loader drops dates no pixel takes a value from: a pixel only they had data for saw clouds there
     prov[(prov == PROVENANCE_NODATA) & inputs.seen[crop]] = PROVENANCE_NO_CLEAR
@@ -342,6 +372,8 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
         image[:, take] = value[:, take]
         days[take] = age[take]
     days[prov == PROVENANCE_NODATA] = SOURCE_DAYS_NODATA
+    if predicted is not None:  # counted as the fill made them (notes, counts); the layer says a model corrected them
+        prov_out = np.where(predicted, np.uint8(PROVENANCE_PREDICTED), prov)
     filled_ages, filled_counts = np.unique(days[prov == PROVENANCE_FILLED], return_counts=True)
     per_age = {float(a): int(n) for a, n in zip(filled_ages, filled_counts)}
     notes = []
@@ -354,6 +386,9 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
         ("observed", PROVENANCE_OBSERVED), ("filled", PROVENANCE_FILLED), ("no_clear", PROVENANCE_NO_CLEAR),
         ("nodata", PROVENANCE_NODATA))}
     info = {"counts": counts, "notes": notes, "dates_read": inputs.dates_read}
+    if predicted is not None:
+        counts["predicted"] = int(predicted.sum())
+        prov = prov_out
     return BlockResult(block, np.ascontiguousarray(image), prov, source_days=days, info=info)
 
 

@@ -39,6 +39,9 @@ class AugmentConfig(BaseModel):
     shadow: bool = Field(True, description="add a darkened, displaced cloud shadow")
     crop: int | None = Field(
         None, ge=8, description="random square crop of this side (training only; validation sees whole patches)")
+    donor_pixels_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="chance that a real cloud mask brings its date's own pixels (real cloud "
+                                         "spectra, thin edges and shadows) rather than a simulated white cloud")
     input_cloud_prob: float = Field(
         0.0, ge=0.0, le=1.0, description="chance per clear input date to get synthetic clouds "
                                          "(models without the target date; training only)")
@@ -86,6 +89,9 @@ MODEL_DEFAULTS: dict[str, ModelDefaults] = {
                               source="cloud-aware SAR fusion: Adam 1e-4 (batch not published)"),
     "cmsn": ModelDefaults(optimizer=OptimConfig(lr=1e-4), batch_size=8, source="not published: Adam 1e-4, batch 8"),
     "unet": ModelDefaults(optimizer=OptimConfig(lr=1e-3), batch_size=8, source="baseline: Adam 1e-3, batch 8"),
+    # a correction that starts at zero: a smaller step keeps the first epochs from undoing the composite
+    "refine": ModelDefaults(optimizer=OptimConfig(lr=3e-4), batch_size=8,
+                            source="not published: Adam 3e-4, batch 8 (a correction of the composite)"),
 }
 _FALLBACK = ModelDefaults(optimizer=OptimConfig(), source="generic: Adam 1e-3, batch 8")
 

@@ -467,6 +467,8 @@ def _setup(cfg: TrainConfig, rt: Runtime, data_dir: Path | None, out: Path, resu
 def _epoch_loop(run: _Run) -> bool:
     """Epochs from the first not yet run up to ``cfg.epochs``; True when early stopping ended them."""
     cfg, st = run.cfg, run.st
+    if run.start_epoch == 0 and run.parts.spec.needs_composite:
+        _composite_baseline(run)
     for epoch in range(run.start_epoch, cfg.epochs):
         epoch_logs = _train_epoch(run, epoch)
         out_of_time = cfg.time_limit_s is not None and time.perf_counter() - run.t_start >= cfg.time_limit_s
@@ -484,6 +486,21 @@ def _epoch_loop(run: _Run) -> bool:
             log.info("time limit %.0f s reached after epoch %d", cfg.time_limit_s, st.epoch)
             return False
     return False
+
+
+def _composite_baseline(run: _Run) -> None:
+    """Epoch 0 of a model that corrects the composite: the untrained model IS the composite, so validating it scores
+    the training-free baseline, and saving it makes that the checkpoint until an epoch beats it on validation. A run
+    whose training never helps hands over the composite, not a worse model."""
+    cfg, st = run.cfg, run.st
+    value, metrics = _validate_epoch(run.parts, run.val_loader, run.rt, cfg, run.writer, -1, {})
+    st.best_value, st.best_epoch = value, 0
+    st.history.append({"epoch": 0, **metrics})
+    if run.rt.main:
+        save_model(run.out, run.parts.bare, _meta(cfg, run.parts, st, metrics, run.manifest_sha))
+        log.info("epoch 0 (the untrained model = the composite): %s=%.4f", cfg.monitor, value)
+    if run.rt.distributed:
+        dist.barrier()
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from models.refine import AGE_SCALE
 from models.spec import InputSpec
 from pipeline.errors import DataError
+from pipeline.harmonize import PROVENANCE_FILLED, PROVENANCE_NO_CLEAR, PROVENANCE_NODATA, FillConfig, fill_gaps
 from pipeline.masking.codes import MaskClass
 from pipeline.sensors import S1_BANDS, S2_BANDS, SENSORS
 from pipeline.train.config import AugmentConfig  # defined there so the config stays torch-free
@@ -82,13 +84,15 @@ def simulated_cloud(rng: np.random.Generator, h: int, w: int, cover: float) -> n
     return np.clip((field - thr) / soft, 0.0, 1.0)
 
 
-def _real_cloud(rng: np.random.Generator, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Opacity and shadow of a real mask from another date, or None when no date has a usable one."""
+def _donor_date(rng: np.random.Generator, masks: np.ndarray) -> int | None:
+    """An earlier date whose real cloud can be pasted (2..95 % cloud), or None when no date has one."""
     cloud_frac = (masks == MaskClass.CLOUD).mean(axis=(1, 2))
     usable = np.flatnonzero((cloud_frac >= 0.02) & (cloud_frac <= 0.95))
-    if usable.size == 0:
-        return None
-    m = masks[rng.choice(usable)]
+    return None if usable.size == 0 else int(rng.choice(usable))
+
+
+def _real_cloud(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Opacity and shadow of a real mask."""
     alpha = ndimage.gaussian_filter((m == MaskClass.CLOUD).astype(np.float32), sigma=1.5)
     alpha = np.clip(alpha * 1.5, 0.0, 1.0)  # keep the core opaque, feather the edge
     return alpha, (m == MaskClass.SHADOW)
@@ -111,16 +115,27 @@ def paste_clouds(
     wavelengths: np.ndarray,
     other_masks: np.ndarray | None,
     cfg: AugmentConfig,
+    other_pixels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cloudy copy of ``clear`` (C, H, W) and its contamination mask (H, W) bool."""
+    """Cloudy copy of ``clear`` (C, H, W) and its contamination mask (H, W) bool.
+
+    A real cloud comes from ``other_masks`` (D, H, W) of earlier dates. With ``other_pixels`` (D, C, H, W, those
+    dates' reflectance in ``clear``'s bands) it may bring its own pixels (``cfg.donor_pixels_prob``): the benchmark's
+    paste, real cloud spectra, thin edges and shadows included, flagged where the donor's mask is not clear.
+    """
     c, h, w = clear.shape
     alpha: np.ndarray | None = None
     shadow: np.ndarray | None = None
     if cfg.cloud_source != "simulated" and other_masks is not None and other_masks.size:
         use_real = cfg.cloud_source == "real" or rng.random() < 0.5
-        real = _real_cloud(rng, other_masks) if use_real else None
-        if real is not None:
-            alpha, shadow = real
+        donor = _donor_date(rng, other_masks) if use_real else None
+        if donor is not None:
+            if other_pixels is not None and rng.random() < cfg.donor_pixels_prob:
+                m = other_masks[donor]
+                hidden = (m != MaskClass.CLEAR) & (m != MaskClass.NODATA) & np.isfinite(other_pixels[donor]).all(0)
+                cloudy = np.where(hidden[None], other_pixels[donor], clear)
+                return np.clip(cloudy, 0.0, 1.0).astype(np.float32), hidden
+            alpha, shadow = _real_cloud(other_masks[donor])
     if alpha is None:
         alpha = simulated_cloud(rng, h, w, float(rng.uniform(cfg.cover_min, max(cfg.cover_min, cfg.cover_max))))
     if shadow is None:
@@ -207,6 +222,46 @@ def model_arrays(
     return arrays
 
 
+def composite_arrays(image: np.ndarray, provenance: np.ndarray, age_days: np.ndarray,
+                     target: np.ndarray) -> dict[str, np.ndarray]:
+    """A ``fill_gaps`` result -> a ``needs_composite`` model's ``composite`` (C, H, W) and ``composite_info`` (3, H, W).
+
+    The rule training and inference (``pipeline.reconstruct.tiling``) share: where the fill has no value (no clear
+    date), the composite holds the target's own value as observed, cloud and all (0 where it has none), and
+    ``composite_info`` says so; values are clipped to [0, 1] as every output is.
+    """
+    comp = np.where(np.isfinite(image), image, np.nan_to_num(target, nan=0.0))
+    info = np.stack([provenance == PROVENANCE_FILLED,
+                     (provenance == PROVENANCE_NO_CLEAR) | (provenance == PROVENANCE_NODATA),
+                     np.clip(age_days, 0, None) / AGE_SCALE]).astype(np.float32)
+    return {"composite": np.clip(comp, 0.0, 1.0).astype(np.float32), "composite_info": info}
+
+
+def _sample_composite(raw: Mapping[str, Any], opt: np.ndarray, masks: np.ndarray, valid: np.ndarray,
+                      in_idx: list[int], cloudy: np.ndarray, contaminated: np.ndarray | None, sample_id: str,
+                      fill: FillConfig) -> dict[str, np.ndarray]:
+    """The harmonized fill of the sample's (cloudy) reference from every earlier date of the sample, as inference
+    runs it on the AOI: the reference is the last date, ages come from the sample's ``dates`` (days)."""
+    if "dates" not in raw:
+        raise DataError(f"sample {sample_id} has no 'dates': a refine model's composite needs each date's day to "
+                        "harmonize by age; load it from a dataset cube (pipeline.dataset.cubes)")
+    days = np.asarray(raw["dates"], dtype=np.int64)
+    ref = opt.shape[0] - 1
+
+    def refl(d: int, image: np.ndarray | None = None) -> np.ndarray:
+        x = opt[d][in_idx] if image is None else image
+        return np.where(valid[d][None], x, np.nan).astype(np.float32)
+
+    history = [(float(days[ref] - days[d]), refl(d), valid[d] & (masks[d] == MaskClass.CLEAR))
+               for d in range(ref) if days[ref] > days[d]]
+    clear = valid[ref] & (masks[ref] == MaskClass.CLEAR)
+    if contaminated is not None:
+        clear &= ~contaminated
+    target = refl(ref, cloudy)
+    res = fill_gaps(target, clear, history, fill)
+    return composite_arrays(res.image, res.provenance, res.source_age_days, target)
+
+
 def assemble_sample(
     raw: Mapping[str, Any],
     spec: InputSpec,
@@ -216,8 +271,13 @@ def assemble_sample(
     epoch: int = 0,
     index: int = 0,
     augment: AugmentConfig | None = None,
+    fill: FillConfig | None = None,
 ) -> dict[str, Any]:
-    """One raw cube sample -> the model's tensors (no batch axis) plus ``sample_id`` and ``cloud`` (H, W)."""
+    """One raw cube sample -> the model's tensors (no batch axis) plus ``sample_id`` and ``cloud`` (H, W).
+
+    ``needs_composite`` models also get the harmonized fill of the cloudy reference (``fill``: its settings,
+    those of ``reconstruct`` by default), computed before the crop so it sees the whole patch.
+    """
     cfg = augment or AugmentConfig()
     family = spec.optical_sensor
     sample_id = str(raw.get("sample_id", f"#{index}"))
@@ -243,7 +303,7 @@ def assemble_sample(
     for d in dates:
         img, cont = opt[d][in_idx], None
         if d == ref and spec.includes_target_date:
-            img, cont = paste_clouds(rng, np.nan_to_num(img), wl, earlier_masks, cfg)
+            img, cont = paste_clouds(rng, np.nan_to_num(img), wl, earlier_masks, cfg, opt[:ref][:, in_idx])
         elif train and cfg.input_cloud_prob > 0 and masks[d].mean() < 0.05 and rng.random() < cfg.input_cloud_prob:
             img, cont = paste_clouds(rng, np.nan_to_num(img), wl, earlier_masks, cfg)
         optical.append(img)
@@ -269,6 +329,9 @@ def assemble_sample(
         sar_labels=[f"date index {d}" for d in sar_dates],
         sar_fix="the cube builder must mask or drop samples without S1 coverage (cloudfree build-dataset), "
                 "training never zero-fills them")
+    if spec.needs_composite:
+        arrays.update(_sample_composite(raw, opt, masks, valid, in_idx, optical[-1], contaminated[-1], sample_id,
+                                        fill or FillConfig()))
     arrays["target"] = np.where(valid[ref][None], np.nan_to_num(opt[ref][out_idx]), 0.0).astype(np.float32)
     arrays["target_valid"] = (valid[ref] & (masks[ref] == MaskClass.CLEAR))[None].astype(np.float32)
 
@@ -333,4 +396,5 @@ class AssembledDataset(torch.utils.data.Dataset):
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The tensor keys of the spec contract (drops bookkeeping such as sample ids and the cloud map)."""
-    return {k: v for k, v in batch.items() if k in ("optical", "optical_mask", "sar", "target", "target_valid")}
+    return {k: v for k, v in batch.items()
+            if k in ("optical", "optical_mask", "sar", "target", "target_valid", "composite", "composite_info")}

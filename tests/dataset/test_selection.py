@@ -251,3 +251,42 @@ def test_no_candidate_rows_rejects_every_patch():
     r = region({"rule": "tcsen12"})
     sel = select_samples(table([]), r, patch_ids=["a", "b"])
     assert sel.samples == [] and sel.rejected_patches == {"tcsen12: no s2 scene covers the patch": 2}
+
+
+# --- self-supervised rule and temporal hold-out -------------------------------------------------------
+
+
+def test_self_supervised_takes_clear_targets_and_every_earlier_date_as_observed():
+    r = region({"rule": "self-supervised", "input_dates": 3, "max_gap_days": 40}, sensors=("s2",))
+    t = table([row("p", "s2", "07-01", cloud=0.9), row("p", "s2", "07-06", cloud=0.4), row("p", "s2", "07-11"),
+               row("p", "s2", "07-16", cloud=0.01), row("p", "s2", "07-21", cloud=0.03)])
+    sel = select_samples(t, r)
+    # 07-16 is clear (<= 2 %) with three earlier dates, cloudy ones included; 07-21 (3 %) is no target; 07-11 has
+    # only two earlier dates
+    assert [s.sample_id for s in sel.samples] == ["p_20210716"]
+    assert [m.datetime.strftime("%m-%d") for m in sel.samples[0].optical] == ["07-01", "07-06", "07-11", "07-16"]
+    assert sel.rejected_candidates["self-supervised: reference cloud+shadow > 2 %"] == 3
+
+
+def test_self_supervised_on_an_archive_without_a_clear_date_says_what_to_change():
+    r = region({"rule": "self-supervised"}, sensors=("s2",))
+    sel = select_samples(table([row("p", "s2", f"07-{d:02d}", cloud=0.3) for d in (1, 6, 11, 16, 21)]), r)
+    assert not sel.samples
+    assert sel.explain() == "1 patch(es): self-supervised: no reference date with cloud+shadow <= 2 %"
+
+
+def test_temporal_holdout_keeps_no_target_date_or_patch_in_two_splits():
+    from collections import Counter
+
+    from pipeline.dataset.selection import temporal_holdout
+
+    r = region({"rule": "self-supervised", "input_dates": 1}, sensors=("s2",))
+    days = ("07-01", "07-11", "07-21", "07-31", "08-10")
+    t = table([row(p, "s2", d) for p in ("a", "b") for d in days])
+    samples = select_samples(t, r).samples
+    rejected: Counter = Counter()
+    kept = temporal_holdout(samples, {"a": "train", "b": "test"}, pd.Timestamp("2021-07-25").date(), rejected)
+    assert [s.sample_id for s in kept] == ["a_20210711", "a_20210721", "b_20210731", "b_20210810"]
+    assert rejected == {"temporal hold-out: target on/after 2021-07-25 on a train patch": 2,
+                        "temporal hold-out: target before 2021-07-25 on a test patch": 2}
+    assert temporal_holdout(samples, {"a": "train", "b": "test"}, None, rejected) == samples

@@ -41,6 +41,12 @@ def make_batch(spec: InputSpec, batch: int = 2, size: int = 64, seed: int = 0) -
         "target": target,
         "target_valid": torch.ones(batch, 1, size, size),
     }
+    if spec.needs_composite:
+        # the observed ground, and a fill a little off the truth under the last date's cloud (as a harmonized
+        # earlier date is)
+        hidden = mask[:, -1]
+        out["composite"] = torch.where(hidden > 0, (target * 0.9 + 0.02).clamp(0, 1), target)
+        out["composite_info"] = torch.cat([hidden, torch.zeros_like(hidden), 0.1 * hidden], 1)
     if spec.sar_bands:
         s = len(spec.sar_bands)
         sar = 0.5 + 0.3 * pattern.unsqueeze(1) + 0.05 * torch.randn(batch, t + 1, s, size, size, generator=g)
@@ -60,4 +66,5 @@ def write_random_vgg(path) -> str:
 
 # learning rates per model for the 20-step overfit (cafusion has no normalisation in its dense trunk and,
 # like GLF-CR, needs a smaller step)
-OVERFIT_LR = {"crgennet": 3e-3, "srggan": 1e-2, "cmsn": 3e-3, "uncrtaints": 1e-2, "unet": 1e-2, "cafusion": 1e-3}
+OVERFIT_LR = {"crgennet": 3e-3, "srggan": 1e-2, "cmsn": 3e-3, "uncrtaints": 1e-2, "unet": 1e-2, "cafusion": 1e-3,
+              "refine": 3e-3}

@@ -26,7 +26,7 @@ from models.registry import (
 from models.spec import InputSpec, ModelOutput
 from tests.models.helpers import OVERFIT_LR, make_batch, one_thread, write_random_vgg  # noqa: F401 (fixture)
 
-ALL = ["cafusion", "cmsn", "composite", "crgennet", "srggan", "uncrtaints", "unet"]
+ALL = ["cafusion", "cmsn", "composite", "crgennet", "refine", "srggan", "uncrtaints", "unet"]
 TRAINABLE = [n for n in ALL if n != "composite"]
 
 

@@ -16,10 +16,10 @@ from affine import Affine
 
 from pipeline.errors import SourceError
 from pipeline.grid import Grid
+from pipeline.harmonize import FillConfig, fill_reach
 from pipeline.masking.codes import MaskClass, to_cube_codes
 from pipeline.reconstruct.cog import validate_cog
 from pipeline.reconstruct.config import ReconstructConfig
-from pipeline.reconstruct.harmonize import FillConfig, fill_reach
 from pipeline.reconstruct.mosaic import mosaic_date
 from pipeline.reconstruct.plan import plan_fill
 from pipeline.reconstruct.run import reconstruct

@@ -1,4 +1,4 @@
-"""Training-free gap filling (pipeline.reconstruct.harmonize): harmonization, masks, age limit, seams, real series."""
+"""Training-free gap filling (pipeline.harmonize): harmonization, masks, age limit, seams, real series."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from scipy import ndimage
 
 from pipeline.errors import DataError
-from pipeline.reconstruct.harmonize import (
+from pipeline.harmonize import (
     AGE_NONE,
     PROVENANCE_FILLED,
     PROVENANCE_NO_CLEAR,
@@ -388,7 +388,7 @@ def _reference_local(x: np.ndarray, y: np.ndarray, common: np.ndarray, a_g: np.n
 
 
 def test_local_fit_on_the_lattice_follows_the_fit_at_every_pixel(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.reconstruct import harmonize
+    from pipeline import harmonize
 
     old, truth = _changed_date(seed=12)
     cloud = _disk(50, 45, 25)
@@ -411,7 +411,7 @@ def test_local_fit_on_the_lattice_follows_the_fit_at_every_pixel(monkeypatch: py
 
 
 def test_a_block_fills_as_the_whole_image_when_it_says_where_it_lies() -> None:
-    from pipeline.reconstruct.harmonize import fit_date, history_usable, target_fit_pixels
+    from pipeline.harmonize import fit_date, history_usable, target_fit_pixels
 
     old, truth = _changed_date(seed=13)
     cloud = _disk(75, 78, 12)
@@ -441,7 +441,7 @@ def test_a_block_fills_as_the_whole_image_when_it_says_where_it_lies() -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_fast_morphology_matches_ndimage(seed: int) -> None:
-    from pipeline.reconstruct.harmonize import _dilate, _feather
+    from pipeline.harmonize import _dilate, _feather
 
     rng = np.random.default_rng(seed)
     shape = tuple(int(v) for v in rng.integers(1, 50, 2))

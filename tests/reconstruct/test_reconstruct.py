@@ -357,7 +357,7 @@ def test_interrupted_run_leaves_no_cog_and_resumes_by_blocks(tmp_path, wide_sing
 
 def test_changed_fill_config_does_not_resume(tmp_path, monkeypatch):
     import pipeline.reconstruct.tiling as stitch
-    from pipeline.reconstruct.harmonize import FillConfig
+    from pipeline.harmonize import FillConfig
 
     real = stitch.compute_fill_block
     calls = {"n": 0}

@@ -1,0 +1,103 @@
+"""The ``refine`` model: a learned correction of the harmonized composite, on self-supervised samples.
+
+Untrained it is the composite, pixel for pixel; training moves only the pixels the fill took from another date;
+the composite it corrects is the fill ``reconstruct`` runs, built from the sample's own earlier dates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.registry import build_model, model_spec
+from pipeline.errors import DataError
+from pipeline.harmonize import PROVENANCE_FILLED, FillConfig, fill_gaps
+from pipeline.masking.codes import MaskClass
+from pipeline.train.checkpoint import load_checkpoint
+from pipeline.train.config import AugmentConfig, TrainConfig
+from pipeline.train.loop import train
+from pipeline.train.samples import assemble_sample, paste_clouds
+from tests.train.test_samples import toy_raw_samples
+
+SMALL = {"base": "small", "base_channels": 8, "depth": 1}
+
+
+def raw_samples(n: int, seed: int) -> list[dict]:
+    out = toy_raw_samples(n, dates=4, size=32, seed=seed)
+    for raw in out:
+        raw["dates"] = np.array([18800, 18810, 18820, 18830])  # days since 1970: ten days apart
+    return out
+
+
+def batch_of(sample: dict) -> dict[str, torch.Tensor]:
+    return {k: v[None] for k, v in sample.items() if torch.is_tensor(v) and v.dim() > 0}
+
+
+def test_untrained_refine_reproduces_the_composite_exactly():
+    raw = raw_samples(1, seed=3)[0]
+    model = build_model("refine", SMALL).eval()
+    sample = assemble_sample(raw, model.spec, train=False, seed=0, index=0)
+    with torch.no_grad():
+        out = model(batch_of(sample)).mean[0]
+    assert torch.equal(out, sample["composite"])
+    # the composite is the fill of the cloudy target from the sample's earlier dates, as reconstruct runs it
+    cloudy = sample["optical"][-1].numpy()
+    clear = sample["optical_mask"][-1, 0].numpy() < 0.5
+    history = [(float(30 - 10 * d), np.where(raw["valid"][d][None], raw["s2"][d], np.nan),
+                raw["s2_mask"][d] == MaskClass.CLEAR) for d in range(3)]
+    want = fill_gaps(cloudy, clear, history, FillConfig())
+    # where no earlier date was clear the fill has no value: the composite keeps the cloudy observation and says so
+    none = ~np.isfinite(want.image).all(axis=0)
+    np.testing.assert_array_equal(sample["composite"].numpy(), np.clip(np.where(none, cloudy, want.image), 0, 1))
+    np.testing.assert_array_equal(sample["composite_info"][1].numpy(), none)
+    filled = want.provenance == PROVENANCE_FILLED
+    assert filled.mean() > 0.05
+    np.testing.assert_array_equal(sample["composite_info"][0].numpy(), filled)
+    assert np.abs(sample["composite"].numpy()[:, filled] - raw["s2"][-1][:, filled]).mean() < 0.02
+
+
+def test_a_few_training_steps_move_only_the_pixels_the_fill_took_from_an_earlier_date(tmp_path):
+    cfg = TrainConfig(model="refine", model_params=SMALL, epochs=3, batch_size=4, num_workers=0, seed=0,
+                      optimizer={"lr": 3e-3}, patience=None)
+    res = train(cfg, None, tmp_path / "run", train_data=raw_samples(8, seed=1), val_data=raw_samples(4, seed=2),
+                progress=False)
+    # epoch 0 is the untrained model, i.e. the composite: the baseline the checkpoint has to beat
+    assert res.history[0]["epoch"] == 0 and "cloud_psnr" in res.history[0]
+    assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
+    model, meta = load_checkpoint(tmp_path / "run")
+    assert meta["spec"]["needs_composite"] and meta["epoch"] == res.best_epoch
+    assert res.best_value >= res.history[0]["cloud_psnr"]
+
+    trained = build_model("refine", SMALL).eval()
+    with torch.no_grad():  # an arbitrary correction: what a trained head does
+        trained.net.head.bias.fill_(0.05)
+    sample = assemble_sample(raw_samples(1, seed=5)[0], trained.spec, train=False, seed=0, index=0)
+    with torch.no_grad():
+        out = trained(batch_of(sample)).mean[0]
+    filled = sample["composite_info"][0] > 0
+    assert filled.any() and not filled.all()
+    assert torch.equal(out[:, ~filled], sample["composite"][:, ~filled])
+    assert torch.allclose(out[:, filled], (sample["composite"][:, filled] + 0.05).clamp(0, 1))
+
+
+def test_a_sample_without_dates_is_refused_in_one_line():
+    raw = raw_samples(1, seed=0)[0]
+    del raw["dates"]
+    with pytest.raises(DataError, match=r"sample toy_0_0 has no 'dates': a refine model's composite needs each "
+                                        r"date's day"):
+        assemble_sample(raw, model_spec("refine", SMALL), train=False, seed=0, index=0)
+
+
+def test_a_real_cloud_can_bring_its_own_pixels():
+    rng = np.random.default_rng(0)
+    clear = np.full((3, 16, 16), 0.1, np.float32)
+    masks = np.zeros((1, 16, 16), np.uint8)
+    masks[0, 2:8, 2:10] = MaskClass.CLOUD
+    masks[0, 9:11, 2:10] = MaskClass.SHADOW
+    donor = rng.uniform(0.3, 0.9, (1, 3, 16, 16)).astype(np.float32)
+    cfg = AugmentConfig(cloud_source="real", donor_pixels_prob=1.0)
+    cloudy, hidden = paste_clouds(rng, clear, np.array([490.0, 560.0, 665.0]), masks, cfg, donor)
+    np.testing.assert_array_equal(hidden, masks[0] != MaskClass.CLEAR)
+    np.testing.assert_array_equal(cloudy[:, hidden], donor[0][:, hidden])
+    np.testing.assert_array_equal(cloudy[:, ~hidden], clear[:, ~hidden])
