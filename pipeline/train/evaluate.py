@@ -200,7 +200,8 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
             raise RuntimeError("model and composite batches disagree on samples or cloud maps")  # a bug, not user input
         valid, cloud = bm["target_valid"][:, 0], bm["cloud"]
         for name, m, b in (("model", model, bm), ("composite", comp, bc)):
-            pred = predict(m, b, rt).cpu()
+            # a refine model's baseline is the harmonized fill it corrects, which its batch already holds
+            pred = bm["composite"] if name == "composite" and spec.needs_composite else predict(m, b, rt).cpu()
             scores[name]["all"] += image_scores(pred, b["target"], valid, cloud, ndvi_indices(spec.out_bands), water)
             for g, idx in groups.items():
                 scores[name][g] += image_scores(pred[:, idx], b["target"][:, idx], valid, cloud)
@@ -215,7 +216,8 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
         "cloud_pixels": "valid target pixels the latest optical input does not see (cloud, shadow, nodata)",
         "band_groups": {g: [spec.out_bands[i] for i in idx] for g, idx in groups.items()},
         "water_index": str(water) if water is not None else None,
-        "composite": {"method": "recent", "optical_dates": comp_spec.optical_dates},
+        "composite": ({"method": "harmonized fill (pipeline.harmonize, the refine model's input)"}
+                      if spec.needs_composite else {"method": "recent", "optical_dates": comp_spec.optical_dates}),
         "evaluated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "results": {name: {k: mean_scores(v) for k, v in s.items()} for name, s in scores.items()},
         "simulated": bool(getattr(raw, "attrs", {}).get("simulated", False)),

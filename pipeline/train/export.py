@@ -1,7 +1,8 @@
 """``cloudfree export-model RUN --format torchscript|onnx``: a deployable model file, checked against eager.
 
 Models take a dict batch; the exported graph takes positional tensors ``optical``, ``optical_mask``
-[, ``sar``] (shapes per ``models/spec.py``) and returns ``mean`` [, ``var``]. The export is traced on a
+[, ``sar``] [, ``composite``, ``composite_info``] (``input_names``; shapes per ``models/spec.py``) and returns
+``mean`` [, ``var``]. The export is traced on a
 sample batch of the checkpoint's input spec, then run on a second, differently drawn batch and compared
 with the eager model (max abs difference <= ``atol``); a mismatch is an error and nothing is written.
 Files land next to the checkpoint: ``RUN/model.torchscript.pt`` or ``RUN/model.onnx``, each with a
@@ -38,14 +39,17 @@ class PositionalAdapter(nn.Module):
 
     def __init__(self, model: nn.Module, spec: InputSpec, has_var: bool) -> None:
         super().__init__()
-        self.model, self.has_sar, self.has_var = model, bool(spec.sar_bands), has_var
+        self.model, self.names, self.has_var = model, input_names(spec), has_var
 
-    def forward(self, optical: torch.Tensor, optical_mask: torch.Tensor, sar: torch.Tensor | None = None):
-        batch: dict[str, torch.Tensor | None] = {"optical": optical, "optical_mask": optical_mask}
-        if self.has_sar:
-            batch["sar"] = sar
-        out = self.model(batch)
+    def forward(self, *inputs: torch.Tensor):
+        out = self.model(dict(zip(self.names, inputs)))
         return (out.mean, out.var) if self.has_var else (out.mean,)
+
+
+def input_names(spec: InputSpec) -> list[str]:
+    """The exported graph's inputs, in order."""
+    return (["optical", "optical_mask"] + (["sar"] if spec.sar_bands else [])
+            + (["composite", "composite_info"] if spec.needs_composite else []))
 
 
 def example_inputs(spec: InputSpec, size: int, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -54,9 +58,14 @@ def example_inputs(spec: InputSpec, size: int, batch: int = 1, seed: int = 0) ->
     optical = torch.rand(batch, t, c, size, size, generator=g) * 0.5
     mask = (torch.rand(batch, t, 1, size, size, generator=g) > 0.6).float()
     optical = optical * (1 - mask)
+    out = [optical, mask]
     if spec.sar_bands:
-        return optical, mask, torch.rand(batch, t + 1, len(spec.sar_bands), size, size, generator=g)
-    return optical, mask
+        out.append(torch.rand(batch, t + 1, len(spec.sar_bands), size, size, generator=g))
+    if spec.needs_composite:
+        hidden = mask[:, -1]
+        out.append(torch.rand(batch, len(spec.out_bands), size, size, generator=g) * 0.5)
+        out.append(torch.cat([hidden, torch.zeros_like(hidden), 0.1 * hidden], 1))
+    return tuple(out)
 
 
 def export_model(run_dir: Path, fmt: Literal["torchscript", "onnx"] = "torchscript", *, size: int = 64,
@@ -71,7 +80,7 @@ def export_model(run_dir: Path, fmt: Literal["torchscript", "onnx"] = "torchscri
     with torch.no_grad():
         probe = model(_as_batch(spec, ex))
     adapter = PositionalAdapter(model, spec, probe.var is not None).eval()
-    names_in = ["optical", "optical_mask"] + (["sar"] if spec.sar_bands else [])
+    names_in = input_names(spec)
     names_out = ["mean"] + (["var"] if probe.var is not None else [])
     with torch.no_grad():
         expected = adapter(*check)
@@ -137,7 +146,7 @@ def _other_size_ok(fmt: str, path: Path, adapter: nn.Module, spec: InputSpec, si
 
                 sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 declared = {i.name for i in sess.get_inputs()}
-                names = ["optical", "optical_mask", "sar"]
+                names = input_names(spec)
                 got = tuple(
                     torch.from_numpy(g)
                     for g in sess.run(None, {n: x.numpy() for n, x in zip(names, xs) if n in declared})
@@ -156,10 +165,7 @@ def _ort_errors() -> tuple[type[Exception], ...]:
 
 
 def _as_batch(spec: InputSpec, xs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-    b = {"optical": xs[0], "optical_mask": xs[1]}
-    if spec.sar_bands:
-        b["sar"] = xs[2]
-    return b
+    return dict(zip(input_names(spec), xs))
 
 
 def _max_diff(a: tuple, b: tuple) -> float:

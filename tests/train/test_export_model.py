@@ -56,6 +56,35 @@ def test_onnx_matches_eager_with_dynamic_size(tmp_path):
     np.testing.assert_allclose(got, eager, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_refine_model_exports_with_its_composite_inputs(tmp_path, fmt):
+    from pipeline.train.export import input_names
+
+    cfg = resolve_config("refine", {"base": "small", "base_channels": 8, "depth": 1, "sar_bands": ["VV", "VH"]})
+    torch.manual_seed(0)
+    model = build_model("refine", cfg)
+    with torch.no_grad():  # a trained correction, not the zero one an untrained model adds
+        torch.nn.init.normal_(model.net.head.weight, std=0.05)
+    save_model(tmp_path, model, {"model": "refine", "config": cfg, "spec": model.spec.to_dict(), "metrics": {}})
+    path = export_model(tmp_path, fmt, size=32)
+    names = ["optical", "optical_mask", "sar", "composite", "composite_info"]
+    assert input_names(model.spec) == names
+    info = json.loads(path.with_name(path.name + ".json").read_text())
+    assert info["max_abs_diff"] <= 1e-4 and info["inputs"] == names
+    xs = example_inputs(model.spec, 32, batch=2, seed=5)
+    with torch.no_grad():
+        eager = model.eval()(dict(zip(names, xs))).mean
+    if fmt == "torchscript":
+        got = torch.jit.load(str(path))(*xs)[0]
+    else:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})[0])
+    assert (eager - xs[3]).abs().max() > 1e-3  # the correction is in the graph
+    torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
+
+
 def test_onnx_drops_unused_inputs_and_reports_fixed_sizes(tmp_path):
     run = _run(tmp_path / "srggan", "srggan", {"base": "small", "loss": {"perceptual": 0, "style": 0}})
     path = export_model(run, "onnx", size=32)  # srggan ignores optical_mask: the graph has no such input

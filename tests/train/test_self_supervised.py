@@ -61,3 +61,19 @@ def test_models_train_on_self_supervised_samples_with_their_own_specs(tmp_path, 
     _, meta = load_checkpoint(tmp_path / "run")
     assert res.epochs_run == 1 and meta["model"] == name
     assert meta["metrics"]["cloud_psnr"] == meta["metrics"]["cloud_psnr"]  # validated: a number, not NaN
+
+
+def test_evaluate_scores_refine_against_the_fill_it_corrects(tmp_path, selfsup):
+    from models.registry import build_model, resolve_config
+    from pipeline.train.checkpoint import save_model
+    from pipeline.train.evaluate import evaluate
+
+    out, _ = selfsup
+    cfg = resolve_config("refine", {"base": "small", "base_channels": 8, "depth": 1})
+    model = build_model("refine", cfg)
+    save_model(tmp_path, model, {"model": "refine", "config": cfg, "spec": model.spec.to_dict(), "metrics": {}})
+    result = evaluate(tmp_path, out, split="val")
+    assert result["composite"]["method"].startswith("harmonized fill")
+    # untrained, the model is the composite: the same scores to the last digit
+    assert result["results"]["model"]["all"] == result["results"]["composite"]["all"]
+    assert result["results"]["model"]["all"]["cloud_psnr"] > 20
