@@ -24,6 +24,10 @@ A model checkpoint (a training run folder):
 4. ``pipeline.reconstruct.tiling`` runs the model over the AOI block by block (resumable, optionally on a dask
    cluster) into the COG writers; provenance 2 (predicted), 0 where ``keep_clear`` keeps the observation.
 
+A checkpoint whose model corrects the fill (``needs_composite``: ``refine``) takes the first path: the fill runs as
+above and ``Filler.refine`` applies the model to every block's fill (with ``REFINER_HALO`` more context), on the
+pixels the fill took from an earlier date (provenance 2; the source-date layer still names the date).
+
 The STAC Item and the quicklook follow either way. Every option (fill, tiling, output format, masking, input
 dates, device, cluster) is a field of ``pipeline.reconstruct.config.ReconstructConfig``.
 
@@ -540,7 +544,8 @@ def _fill_warnings(summary: dict[str, Any], config: ReconstructConfig) -> list[s
 def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: ReconstructConfig, src: Source,
                       client: Any, refiner: LoadedModel | None = None) -> ReconstructResult:
     """Checkpoint ``composite``: the harmonized fill, block by block; see the module docstring. With ``refiner`` (a
-    ``needs_composite`` model) the model corrects the pixels the fill produced (provenance ``predicted``)."""
+    ``needs_composite`` model, ``models/refine.py``) the model corrects the pixels the fill took from an earlier date
+    (provenance ``predicted``; the source-date layer still names that date)."""
     src_name = getattr(src, "name", type(src).__name__)
     grid = region.grid()
     plan = plan_fill(region, date, src, config)
