@@ -106,7 +106,8 @@ def test_provenance_companion(tmp_path):
 
 
 def test_provenance_codes_are_the_fills_codes():
-    from pipeline.reconstruct import cog, harmonize
+    from pipeline import harmonize
+    from pipeline.reconstruct import cog
 
     for name in ("OBSERVED", "FILLED", "NO_CLEAR", "NODATA"):
         assert getattr(cog, f"PROVENANCE_{name}") == getattr(harmonize, f"PROVENANCE_{name}"), name
