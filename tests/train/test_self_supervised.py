@@ -77,3 +77,16 @@ def test_evaluate_scores_refine_against_the_fill_it_corrects(tmp_path, selfsup):
     # untrained, the model is the composite: the same scores to the last digit
     assert result["results"]["model"]["all"] == result["results"]["composite"]["all"]
     assert result["results"]["model"]["all"]["cloud_psnr"] > 20
+
+
+def test_a_holdout_that_leaves_no_sample_says_what_to_move(tmp_path):
+    from pipeline.dataset.selection import SelectionError
+
+    region = parse_region(tiny_region(
+        "tiny-selfsup", window={"start": "2021-07-01", "end": "2021-08-31"},
+        selection={"rule": "self-supervised", "input_dates": 3, "max_gap_days": 40, "holdout_from": "2021-06-01"},
+        patch={"size": 64, "stride": 64}, splits={"train": 0.8, "val": 0.2, "test": 0.0, "block_size": 1, "seed": 0}))
+    with pytest.raises(SelectionError, match=r"no sample is left after the temporal hold-out from 2021-06-01 .*move "
+                                             r"selection.holdout_from between the archive's clear dates or unset it"):
+        build_dataset(region, "synthetic", tmp_path / "ds", workers=1, progress=False, mask_method="cloudscore")
+    assert not (tmp_path / "ds" / "manifest.parquet").exists()
