@@ -107,11 +107,13 @@ def _print_choice(result: "DemoResult") -> None:
     model = next((n for n in cands if n != "composite"), None)
     if model is not None:
         gap = cands[model]["hidden_psnr"] - cands["composite"]["hidden_psnr"]
+        mae_m, mae_c = cands[model]["hidden_mae"], cands["composite"]["hidden_mae"]
         if result.chosen == model:
             text = f"The demo's output is {model}: {gap:+.2f} dB over the composite on the hidden pixels."
         else:
             text = (f"The demo's output is the composite: {model} scores {gap:+.2f} dB against it on the hidden "
-                    f"pixels, and a model must gain {MODEL_MARGIN_DB:.1f} dB to replace the training-free default.")
+                    f"pixels (MAE {mae_m:.4f} vs {mae_c:.4f}), and a model must gain {MODEL_MARGIN_DB:.1f} dB without "
+                    "losing on MAE to replace the training-free default.")
         console.print(text, highlight=False)
 
 

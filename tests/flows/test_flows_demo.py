@@ -12,6 +12,16 @@ from pathlib import Path
 import pytest
 
 
+def test_the_model_replaces_the_composite_only_with_more_psnr_and_no_worse_mae():
+    from flows.demo import choose
+
+    comp = {"hidden_psnr": 26.18, "hidden_mae": 0.0178}
+    assert choose({"unet": {"hidden_psnr": 26.69, "hidden_mae": 0.0232}, "composite": comp}, "unet") == "composite"
+    assert choose({"unet": {"hidden_psnr": 26.80, "hidden_mae": 0.0170}, "composite": comp}, "unet") == "unet"
+    assert choose({"unet": {"hidden_psnr": 26.50, "hidden_mae": 0.0100}, "composite": comp}, "unet") == "composite"
+    assert choose({"unet": {"hidden_psnr": float("nan"), "hidden_mae": 0.01}, "composite": comp}, "unet") == "composite"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_demo_command_writes_cog_stac_quicklook_and_prints_metrics(tmp_path):
@@ -37,8 +47,8 @@ def test_demo_command_writes_cog_stac_quicklook_and_prints_metrics(tmp_path):
     unet, cog = out / "zhengzhou-demo_20210722_unet.tif", out / "zhengzhou-demo_20210722_composite.tif"
     assert unet.is_file()
     said = "".join(result.output.split())
-    gap = re.search(r"Thedemo'soutputisthecomposite:unetscores(-\d+\.\d+)dBagainstitonthehiddenpixels,andamodel"
-                    r"mustgain0\.5dB", said)
+    gap = re.search(r"Thedemo'soutputisthecomposite:unetscores(-\d+\.\d+)dBagainstitonthehiddenpixels"
+                    r"\(MAE\d\.\d{4}vs\d\.\d{4}\),andamodelmustgain0\.5dBwithoutlosingonMAE", said)
     assert gap and float(gap.group(1)) < -1.0, result.output
     (chosen,) = [ln for ln in result.output.splitlines() if "composite (chosen)" in ln]
     psnr = float(chosen.split("│")[2])
