@@ -19,6 +19,7 @@ from torchmetrics.functional.image import (
 from .bands import rgb_indices
 from .errors import ModelConfigError
 from .layers import image_gradients
+from .refine import filled_pixels
 from .spec import InputSpec, ModelOutput
 from .vgg import VGG16Features, load_vgg16
 
@@ -199,7 +200,7 @@ class ModelLoss(nn.Module):
 
 def _filled(ctx: dict) -> torch.Tensor:
     """Valid target pixels the composite filled from an earlier date: where a ``refine`` model's correction applies."""
-    filled = (ctx["batch"]["composite_info"][:, :1] > 0).to(ctx["target"].dtype)
+    filled = filled_pixels(ctx["batch"]["composite_info"])
     return filled if ctx["valid"] is None else filled * ctx["valid"]
 
 

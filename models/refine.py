@@ -36,6 +36,12 @@ INFO_CHANNELS = ("filled", "unobserved", "age")
 AGE_SCALE = 100.0
 
 
+def filled_pixels(info: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) float, 1 where ``composite_info`` says the fill took the pixel from an earlier date: the only
+    pixels the model corrects (and the loss scores)."""
+    return (info[:, :1] > 0).to(info.dtype)
+
+
 class Refine(CloudRemovalModel):
     name = "refine"
 
@@ -82,8 +88,7 @@ class Refine(CloudRemovalModel):
         if sar is not None:
             parts.append(sar[:, -1])  # the slot of the target date
         correction = self.net(torch.cat(parts, 1))
-        filled = (info[:, :1] > 0).to(comp.dtype)
-        return ModelOutput(mean=clamp_unit(comp + filled * correction))
+        return ModelOutput(mean=clamp_unit(comp + filled_pixels(info) * correction))
 
 
 # optical only by default: it then works on any archive; add "sar_bands": ["VV", "VH"] where S1 is there

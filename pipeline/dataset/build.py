@@ -448,7 +448,8 @@ def _select(table: pd.DataFrame, region: Region, found: _Found, area: _Area, max
             f"region {region.name}: no sample is left after the temporal hold-out from {holdout} (train/val need "
             f"targets before it, test targets on or after it): {dict(candidates)}; move selection.holdout_from "
             "between the archive's clear dates or unset it")
-    split_of = {p: s for p, s in split_of.items() if any(x.patch_id == p for x in samples)}
+    kept = {x.patch_id for x in samples}
+    split_of = {p: s for p, s in split_of.items() if p in kept}
     return _Picked(sel.rule, samples, split_of, rejected, candidates)
 
 

@@ -325,10 +325,10 @@ class Filler:
         # the local fit's coarse grid (cells of up to 5 px) reaches a cell beyond the window
         return f.window_px + 5 + f.buffer_px + f.history_buffer_px + f.feather_px + 1 + FILL_MASK_HALO
 
-    def refine(self, res: Any, inputs: FillInputs) -> tuple[np.ndarray, np.ndarray]:
-        """The refiner's image of a filled window (C, h, w) and the pixels it corrected: those the fill took from an
-        earlier date, whose provenance becomes ``predicted`` (pixels no date saw stay provenance 3). Inputs by the
-        training rule (``pipeline.train.samples.model_arrays`` and ``composite_arrays``)."""
+    def refine(self, res: Any, inputs: FillInputs) -> np.ndarray:
+        """The refiner's image of a filled window (C, h, w): it corrects the pixels the fill took from an earlier
+        date, whose provenance becomes ``predicted`` (pixels no date saw stay provenance 3). Inputs by the training
+        rule (``pipeline.train.samples.model_arrays`` and ``composite_arrays``)."""
         assert self.refiner is not None
         codes = np.where(inputs.clear, MaskClass.CLEAR, MaskClass.CLOUD).astype(np.uint8)
         codes[~np.isfinite(inputs.target).all(axis=0)] = MaskClass.NODATA
@@ -338,7 +338,7 @@ class Filler:
                               sar_fix="pick a date whose S1 covers the whole region, or a refine model without S1")
         arrays.update(composite_arrays(res.image, res.provenance, res.source_age_days, inputs.target))
         mean, _ = self.refiner({k: torch.from_numpy(v)[None] for k, v in arrays.items()})
-        return mean[0], res.provenance == PROVENANCE_FILLED
+        return mean[0]
 
 
 def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader, filler: Filler,
@@ -359,9 +359,8 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
     prov = res.provenance[crop].copy()
     predicted = None
     if filler.refiner is not None:
-        refined, produced = filler.refine(res, inputs)
-        predicted = produced[crop]
-        image[:, predicted] = refined[(slice(None),) + crop][:, predicted]
+        predicted = prov == PROVENANCE_FILLED
+        image[:, predicted] = filler.refine(res, inputs)[(slice(None),) + crop][:, predicted]
     days = res.source_age_days[crop].copy()
     # the loader drops dates no pixel takes a value from: a pixel only they had data for saw clouds there
     prov[(prov == PROVENANCE_NODATA) & inputs.seen[crop]] = PROVENANCE_NO_CLEAR
@@ -372,8 +371,6 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
         image[:, take] = value[:, take]
         days[take] = age[take]
     days[prov == PROVENANCE_NODATA] = SOURCE_DAYS_NODATA
-    if predicted is not None:  # counted as the fill made them (notes, counts); the layer says a model corrected them
-        prov_out = np.where(predicted, np.uint8(PROVENANCE_PREDICTED), prov)
     filled_ages, filled_counts = np.unique(days[prov == PROVENANCE_FILLED], return_counts=True)
     per_age = {float(a): int(n) for a, n in zip(filled_ages, filled_counts)}
     notes = []
@@ -386,9 +383,9 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
         ("observed", PROVENANCE_OBSERVED), ("filled", PROVENANCE_FILLED), ("no_clear", PROVENANCE_NO_CLEAR),
         ("nodata", PROVENANCE_NODATA))}
     info = {"counts": counts, "notes": notes, "dates_read": inputs.dates_read}
-    if predicted is not None:
+    if predicted is not None:  # counted as the fill made them (notes, counts); the layer says a model corrected them
         counts["predicted"] = int(predicted.sum())
-        prov = prov_out
+        prov = np.where(predicted, np.uint8(PROVENANCE_PREDICTED), prov)
     return BlockResult(block, np.ascontiguousarray(image), prov, source_days=days, info=info)
 
 
