@@ -152,6 +152,11 @@ class FillConfig(BaseModel):
             raise ValueError(f"gain_min={self.gain_min} is above gain_max={self.gain_max}; swap them")
         return self
 
+    def differences(self, other: "FillConfig", label: str = "other") -> str:
+        """The fields where ``other`` differs, as ``name mine (label: theirs)``, for one-line messages."""
+        mine, theirs = self.model_dump(), other.model_dump()
+        return ", ".join(f"{k} {mine[k]} ({label}: {theirs[k]})" for k in mine if mine[k] != theirs[k])
+
 
 @dataclass
 class FillResult:

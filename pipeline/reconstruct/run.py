@@ -66,6 +66,7 @@ from pipeline import __version__
 from pipeline.errors import CheckpointError, DataError, SourceError
 from pipeline.files import OutputLock, fingerprint, human_bytes, is_disk_full, translating_disk_full
 from pipeline.grid import Grid
+from pipeline.harmonize import FillConfig
 from pipeline.reconstruct.cog import BlockWriter, RasterSpec, build_vrt, raw_tiled_bytes, validate_cog
 from pipeline.reconstruct.config import ReconstructConfig, Unobserved
 from pipeline.reconstruct.mosaic import FillLoader, MosaicLoader, SampleFits
@@ -426,7 +427,7 @@ def reconstruct(
             return _reconstruct_fill(region, date, out_dir, config, src, client)
         lm = load_model(checkpoint)
         if lm.spec.needs_composite:  # a correction of the fill: the fill runs, the model corrects what it produced
-            return _reconstruct_fill(region, date, out_dir, config, src, client, refiner=lm)
+            return _reconstruct_fill(region, date, out_dir, _refiner_config(lm, config), src, client, refiner=lm)
         return _reconstruct_model(region, date, lm, out_dir, config, src, client)
 
 
@@ -598,6 +599,25 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
         paths.cog, paths.provenance, paths.stac, paths.quicklook, None, computed,
         len(plan_blocks(grid.height, grid.width, config.block)), outputs.resume, plan, validation,
         source_days=paths.source_days, warnings=warnings, fill=summary)
+
+
+def _refiner_config(lm: LoadedModel, config: ReconstructConfig) -> ReconstructConfig:
+    """A refine model learnt to correct one fill (``TrainConfig.composite_fill``, in its model.json): a run left at the
+    default fill takes the checkpoint's, a run that sets another one is refused before anything is read."""
+    from pipeline.train.checkpoint import meta_fill
+
+    trained = meta_fill(lm.meta)
+    if config.fill == trained:
+        return config
+    if config.fill == FillConfig():
+        log.info("%s: filling with the checkpoint's fill settings (%s)", lm.checkpoint,
+                 FillConfig().differences(trained, "checkpoint"))
+        return config.model_copy(update={"fill": trained})
+    raise CheckpointError(
+        f"checkpoint {lm.checkpoint}: {lm.name} was trained to correct the fill with "
+        f"{trained.differences(config.fill, 'this run')}; "
+        "leave the fill options (--max-age-days, --fit) at their defaults to use the checkpoint's, or retrain with "
+        "composite_fill set to this run's")
 
 
 def _check_refiner(lm: LoadedModel, plan: InputPlan) -> None:

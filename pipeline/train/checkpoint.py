@@ -28,6 +28,7 @@ from models.spec import InputSpec
 from pipeline import __version__
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_output, sha256_file, write_text_atomic
+from pipeline.harmonize import FillConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,19 @@ def read_meta(run_dir: Path) -> dict:
 
 def meta_spec(meta: Mapping[str, Any]) -> InputSpec:
     return InputSpec.from_dict(meta["spec"])
+
+
+def meta_fill(meta: Mapping[str, Any]) -> FillConfig:
+    """The harmonized fill a composite-taking model was trained to correct (``TrainConfig.composite_fill``); runs
+    written before it was recorded were trained on the default."""
+    recorded = (meta.get("train") or {}).get("composite_fill")
+    if recorded is None:
+        return FillConfig()
+    try:
+        return FillConfig.model_validate(recorded)
+    except ValueError as exc:
+        raise CheckpointError(f"model.json: train.composite_fill is not a fill configuration of this version ({exc}); "
+                              "retrain the model with this version") from None
 
 
 def build_from_meta(meta: Mapping[str, Any], where: Path) -> CloudRemovalModel:

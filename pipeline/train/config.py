@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import CloudfreeError, describe_validation
+from pipeline.harmonize import FillConfig
 
 
 class TrainConfigError(CloudfreeError):
@@ -131,6 +132,9 @@ class TrainConfig(BaseModel):
     val_split: str = Field("val", description="cube split validated on every val_every epochs")
     vgg_weights: str | None = Field(None, description="torchvision vgg16 state dict for perceptual/style losses")
     augment: AugmentConfig = Field(AugmentConfig(), description="synthetic clouds, flips, rotations, crops")
+    composite_fill: FillConfig = Field(
+        FillConfig(), description="the harmonized fill that models taking a composite (refine) learn to correct; the "
+        "checkpoint records it and reconstruct fills with it")
 
     @property
     def monitor_mode(self) -> Literal["max", "min"]:

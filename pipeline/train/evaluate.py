@@ -170,7 +170,7 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
     model evaluated on a split faces the same clouds.
     """
     from pipeline.files import write_text_atomic
-    from pipeline.train.checkpoint import load_checkpoint
+    from pipeline.train.checkpoint import load_checkpoint, meta_fill
 
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     model, meta = load_checkpoint(run_dir)
@@ -187,8 +187,9 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
     rt = Runtime.local()
     model.to(rt.device)
     comp.to(rt.device)
-    ds_model = AssembledDataset(raw, spec, train=False, seed=seed)
-    ds_comp = AssembledDataset(raw, comp_spec, train=False, seed=seed)
+    fill = meta_fill(meta)  # a refine model is scored against the fill it was trained to correct
+    ds_model = AssembledDataset(raw, spec, train=False, seed=seed, fill=fill)
+    ds_comp = AssembledDataset(raw, comp_spec, train=False, seed=seed, fill=fill)
     kw: dict[str, Any] = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers)
     groups = band_groups(family, spec.out_bands)
     # the cubes hold no flood layer, so only the water F1 of the flood-aware scores can be computed here

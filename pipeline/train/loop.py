@@ -41,6 +41,7 @@ from pipeline.train.checkpoint import (
     atomic_torch_save,
     check_spec_matches,
     load_weights,
+    meta_fill,
     read_meta,
     rng_state,
     safe_load,
@@ -443,7 +444,13 @@ def _setup(cfg: TrainConfig, rt: Runtime, data_dir: Path | None, out: Path, resu
     """Check the run folder, open the splits, build model and loaders, restore a resumed run's state."""
     _check_out(out, resume)
     if resume and (out / META_FILE).exists():
-        check_spec_matches(read_meta(out), cfg.model, _spec_of(cfg), out / META_FILE)
+        meta = read_meta(out)
+        check_spec_matches(meta, cfg.model, _spec_of(cfg), out / META_FILE)
+        if _spec_of(cfg).needs_composite and meta_fill(meta) != cfg.composite_fill:
+            raise TrainConfigError(
+                f"{out / META_FILE}: the run corrects fills made with composite_fill "
+                f"{meta_fill(meta).differences(cfg.composite_fill, 'this config')}; "
+                "resume with the same composite_fill or train into a new --out folder")
     raw_train = train_data if train_data is not None else open_split(data_dir, cfg.train_split)
     raw_val = val_data if val_data is not None else open_split(data_dir, cfg.val_split)
     batch = cfg.resolved_batch_size()
@@ -452,8 +459,10 @@ def _setup(cfg: TrainConfig, rt: Runtime, data_dir: Path | None, out: Path, resu
     per_rank = batch // rt.world
     # the spec decides the assembly; build the model first (seeded, so every rank agrees)
     parts = build_parts(cfg, rt, steps_per_epoch=1)
-    train_ds = AssembledDataset(raw_train, parts.spec, train=True, seed=cfg.seed, augment=cfg.augment)
-    val_ds = AssembledDataset(raw_val, parts.spec, train=False, seed=cfg.seed, augment=cfg.augment)
+    train_ds = AssembledDataset(raw_train, parts.spec, train=True, seed=cfg.seed, augment=cfg.augment,
+                                fill=cfg.composite_fill)
+    val_ds = AssembledDataset(raw_val, parts.spec, train=False, seed=cfg.seed, augment=cfg.augment,
+                              fill=cfg.composite_fill)
     train_loader, sampler = _loader(train_ds, per_rank, rt, cfg, shuffle=True, sharded=True)
     assert sampler is not None  # sharded loaders always have one
     val_loader, _ = _loader(val_ds, per_rank, rt, cfg, shuffle=False, sharded=False)

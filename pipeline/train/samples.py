@@ -239,7 +239,7 @@ def composite_arrays(image: np.ndarray, provenance: np.ndarray, age_days: np.nda
 
 def _sample_composite(raw: Mapping[str, Any], opt: np.ndarray, masks: np.ndarray, valid: np.ndarray,
                       in_idx: list[int], cloudy: np.ndarray, contaminated: np.ndarray | None,
-                      sample_id: str) -> dict[str, np.ndarray]:
+                      sample_id: str, fill: FillConfig) -> dict[str, np.ndarray]:
     """The harmonized fill of the sample's (cloudy) reference from every earlier date of the sample, as inference
     runs it on the AOI: the reference is the last date, ages come from the sample's ``dates`` (days)."""
     if "dates" not in raw:
@@ -258,7 +258,7 @@ def _sample_composite(raw: Mapping[str, Any], opt: np.ndarray, masks: np.ndarray
     if contaminated is not None:
         clear &= ~contaminated
     target = refl(ref, cloudy)
-    res = fill_gaps(target, clear, history, FillConfig())
+    res = fill_gaps(target, clear, history, fill)
     return composite_arrays(res.image, res.provenance, res.source_age_days, target)
 
 
@@ -271,11 +271,12 @@ def assemble_sample(
     epoch: int = 0,
     index: int = 0,
     augment: AugmentConfig | None = None,
+    fill: FillConfig | None = None,
 ) -> dict[str, Any]:
     """One raw cube sample -> the model's tensors (no batch axis) plus ``sample_id`` and ``cloud`` (H, W).
 
-    ``needs_composite`` models also get the harmonized fill of the cloudy reference (with ``reconstruct``'s default
-    ``FillConfig``), computed before the crop so it sees the whole patch.
+    ``needs_composite`` models also get the harmonized fill of the cloudy reference with ``fill`` (default: the
+    default ``FillConfig``, as ``reconstruct`` runs it), computed before the crop so it sees the whole patch.
     """
     cfg = augment or AugmentConfig()
     family = spec.optical_sensor
@@ -329,7 +330,8 @@ def assemble_sample(
         sar_fix="the cube builder must mask or drop samples without S1 coverage (cloudfree build-dataset), "
                 "training never zero-fills them")
     if spec.needs_composite:
-        arrays.update(_sample_composite(raw, opt, masks, valid, in_idx, optical[-1], contaminated[-1], sample_id))
+        arrays.update(_sample_composite(raw, opt, masks, valid, in_idx, optical[-1], contaminated[-1], sample_id,
+                                        fill or FillConfig()))
     arrays["target"] = np.where(valid[ref][None], np.nan_to_num(opt[ref][out_idx]), 0.0).astype(np.float32)
     arrays["target_valid"] = (valid[ref] & (masks[ref] == MaskClass.CLEAR))[None].astype(np.float32)
 
@@ -376,9 +378,10 @@ class AssembledDataset(torch.utils.data.Dataset):
     """Wraps a raw-sample dataset; ``set_epoch`` changes the augmentation draw like DistributedSampler does."""
 
     def __init__(self, raw: torch.utils.data.Dataset, spec: InputSpec, *, train: bool, seed: int = 0,
-                 augment: AugmentConfig | None = None) -> None:
+                 augment: AugmentConfig | None = None, fill: FillConfig | None = None) -> None:
         self.raw, self.spec, self.train, self.seed = raw, spec, train, seed
         self.augment = augment or AugmentConfig()
+        self.fill = fill or FillConfig()
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -389,7 +392,7 @@ class AssembledDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return assemble_sample(self.raw[index], self.spec, train=self.train, seed=self.seed, epoch=self.epoch,
-                               index=index, augment=self.augment)
+                               index=index, augment=self.augment, fill=self.fill)
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

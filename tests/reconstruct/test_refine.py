@@ -98,3 +98,25 @@ def test_an_s1_refine_checkpoint_on_an_archive_without_s1_is_one_clear_error(tmp
     with pytest.raises(CheckpointError, match=r"needs S1 \['VV', 'VH'\], but the local source holds no S1 scenes "
                                               r"\(it has: s2_l1c\); use a checkpoint trained without sar_bands"):
         reconstruct(region, "2018-08-09", sar_refine_run, tmp_path, cfg)
+
+
+def test_a_refine_checkpoint_fills_with_the_fill_it_was_trained_to_correct(tmp_path):
+    from models.registry import build_model, resolve_config
+    from pipeline.harmonize import FillConfig
+    from pipeline.reconstruct.run import reconstruct
+
+    cfg = resolve_config("refine", SMALL_REFINE)
+    run = tmp_path / "run"
+    save_model(run, build_model("refine", cfg), {"model": "refine", "config": cfg, "spec": build_model(
+        "refine", cfg).spec.to_dict(), "train": {"composite_fill": FillConfig(fit="global").model_dump()}})
+    default = reconstruct(SMALL, DATE, "composite", tmp_path / "default", fast(block=512))
+    short = reconstruct(SMALL, DATE, "composite", tmp_path / "short", fast(block=512, fill={"fit": "global"}))
+    assert not np.array_equal(_read(default.cog)[0], _read(short.cog)[0])  # the two fills differ on this date
+    # run at the default fill, the checkpoint's own is used: the untrained model gives that fill back
+    refined = reconstruct(SMALL, DATE, run, tmp_path / "refine", fast(block=512))
+    image, tags = _read(refined.cog)
+    assert '"fit": "global"' in tags["fill_config"]
+    np.testing.assert_array_equal(image, _read(short.cog)[0])
+    with pytest.raises(CheckpointError, match=r"refine was trained to correct the fill with fit global \(this run: "
+                                              r"none\); leave the fill options .* at their defaults"):
+        reconstruct(SMALL, DATE, run, tmp_path / "other", fast(block=512, fill={"fit": "none"}))

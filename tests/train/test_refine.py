@@ -14,8 +14,8 @@ from models.registry import build_model, model_spec
 from pipeline.errors import DataError
 from pipeline.harmonize import PROVENANCE_FILLED, FillConfig, fill_gaps
 from pipeline.masking.codes import MaskClass
-from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.config import AugmentConfig, TrainConfig
+from pipeline.train.checkpoint import load_checkpoint, meta_fill, read_meta
+from pipeline.train.config import AugmentConfig, TrainConfig, TrainConfigError
 from pipeline.train.loop import train
 from pipeline.train.samples import assemble_sample, paste_clouds
 from tests.train.test_samples import toy_raw_samples
@@ -59,9 +59,15 @@ def test_untrained_refine_reproduces_the_composite_exactly():
 
 def test_a_few_training_steps_move_only_the_pixels_the_fill_took_from_an_earlier_date(tmp_path):
     cfg = TrainConfig(model="refine", model_params=SMALL, epochs=3, batch_size=4, num_workers=0, seed=0,
-                      optimizer={"lr": 3e-3}, patience=None)
+                      optimizer={"lr": 3e-3}, patience=None, composite_fill={"max_age_days": 60})
     res = train(cfg, None, tmp_path / "run", train_data=raw_samples(8, seed=1), val_data=raw_samples(4, seed=2),
                 progress=False)
+    # the fill the model learnt to correct travels with it; resuming on another one would mix two targets
+    assert meta_fill(read_meta(tmp_path / "run")) == FillConfig(max_age_days=60)
+    with pytest.raises(TrainConfigError, match=r"composite_fill max_age_days 60 \(this config: 90\); resume with the "
+                                               r"same composite_fill"):
+        train(cfg.model_copy(update={"epochs": 4, "composite_fill": FillConfig()}), None, tmp_path / "run",
+              resume=True, train_data=raw_samples(8, seed=1), val_data=raw_samples(4, seed=2), progress=False)
     # epoch 0 is the untrained model, i.e. the composite: the baseline the checkpoint has to beat
     assert res.history[0]["epoch"] == 0 and "cloud_psnr" in res.history[0]
     assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
@@ -79,6 +85,17 @@ def test_a_few_training_steps_move_only_the_pixels_the_fill_took_from_an_earlier
     assert filled.any() and not filled.all()
     assert torch.equal(out[:, ~filled], sample["composite"][:, ~filled])
     assert torch.allclose(out[:, filled], (sample["composite"][:, filled] + 0.05).clamp(0, 1))
+
+
+def test_the_composite_is_made_with_the_fill_configuration_given():
+    raw = raw_samples(1, seed=5)[0]
+    spec = model_spec("refine", SMALL)
+    default = assemble_sample(raw, spec, train=False, seed=0, index=0)
+    recent = assemble_sample(raw, spec, train=False, seed=0, index=0, fill=FillConfig(max_age_days=15))
+    age = 2  # composite_info: filled, no clear observation, source age / 100
+    assert default["composite_info"][age].max() > 0.15  # the sample's dates are 10, 20 and 30 days before
+    assert 0 < recent["composite_info"][age].max() <= 0.10
+    assert recent["composite_info"][1].sum() > default["composite_info"][1].sum()
 
 
 def test_a_sample_without_dates_is_refused_in_one_line():
