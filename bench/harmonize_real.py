@@ -44,8 +44,10 @@ from pipeline.harmonize import (
     FillConfig,
     FillResult,
     fill_gaps,
+    shadow_bands,
 )
 from pipeline.masking.codes import MaskClass, is_contaminated
+from pipeline.sensors import S2_BANDS
 
 if TYPE_CHECKING:
     import rasterio
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 SERIES = REAL / "sen12mscr-ts"
 RGB = (3, 2, 1)  # B4, B3, B2 in S2_BANDS order
+SHADOW_BANDS = shadow_bands("s2_l1c", S2_BANDS)  # the fill's missed-shadow check, as reconstruct runs it
 FRINGE_PX = 3
 
 LAST_CLEAR = FillConfig(fit="none", buffer_px=0, history_buffer_px=0, feather_px=0)
@@ -85,6 +88,7 @@ VARIANTS: dict[str, FillConfig] = {
     "local max age 60": FillConfig(max_age_days=60),
     "local max age 90": FillConfig(max_age_days=90),
     "local max age 120": FillConfig(max_age_days=120),
+    "local no shadow check": FillConfig(shadow_check_px=0),
 }
 
 
@@ -241,7 +245,7 @@ def evaluate(cases: list[Case], methods: dict[str, FillConfig], ssim: bool) -> d
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     for case in cases:
         for name, cfg in methods.items():
-            res = fill_gaps(case.image, case.clear, case.history, cfg)
+            res = fill_gaps(case.image, case.clear, case.history, cfg, shadow_bands=SHADOW_BANDS)
             rows[name].append({**scores(case, res, ssim), **checks(case, res)})
     return rows
 
@@ -314,8 +318,8 @@ def quicklooks(cases: list[Case], folder: Path, tag: str) -> list[Path]:
 
     rows = []
     for case in cases:
-        lc = fill_gaps(case.image, case.clear, case.history, LAST_CLEAR)
-        hz = fill_gaps(case.image, case.clear, case.history, DEFAULT)
+        lc = fill_gaps(case.image, case.clear, case.history, LAST_CLEAR, shadow_bands=SHADOW_BANDS)
+        hz = fill_gaps(case.image, case.clear, case.history, DEFAULT, shadow_bands=SHADOW_BANDS)
         panels = [_rgb(case.truth), _rgb(case.image), _rgb(lc.image), _rgb(hz.image), _prov_rgb(hz.provenance)]
         gap = np.full((case.truth.shape[1], 4, 3), 255, dtype=np.uint8)
         rows.append(np.concatenate([x for p in panels for x in (p, gap)][:-1], axis=1))

@@ -27,9 +27,16 @@ count it). On real Sentinel-2 a cloud's fringe spoils pixels several px beyond t
 fringe profile of bench/harmonize_real.py). The fill is feathered over ``feather_px`` pixels into the
 observed side of the border, so no seam shows; observed pixels farther away are returned exactly.
 
+The scene mask keeps water-like dark pixels out of its shadows (it must never mask a flood), so shadows that look
+like water stay "clear". With ``shadow_bands`` given, pixels the mask calls clear within ``shadow_check_px`` of
+its clouds are compared with their own history (a first fill with that ring hidden): darker in every visible band
+and far darker in NIR and SWIR1, as a shadow that keeps only the skylight is, they are filled as missed shadows.
+A flood keeps its visible level and stays observed (bench/composite_errors.py measures both).
+
 Outputs (``FillResult``): the image (C, H, W) float32 with NaN where nothing could be filled, a uint8
 provenance code per pixel (``PROVENANCE_*``), the age in days of the date each pixel came from (int16: 0
-observed, -1 none) and per-date notes (how each fill date was harmonized) for the output metadata.
+observed, -1 none), per-date notes (how each fill date was harmonized) for the output metadata and the missed
+shadows the check filled.
 
 An AOI processed block by block (``pipeline.reconstruct.run``) fits each date's global line once for the whole
 AOI (``fit_date`` on a decimated sample) and hands it to every block (``fill_gaps(fits=...)``): fits of
@@ -145,6 +152,26 @@ class FillConfig(BaseModel):
         description="Blend the fill into observed pixels over this many pixels outside the hidden region (weight "
         "falling linearly to 0); observed pixels farther away are returned exactly.",
     )
+    shadow_check_px: int = Field(
+        40, ge=0,
+        description="Pixels the mask calls clear within this distance of its clouds are compared with their own "
+        "history (the fill's estimate of them): one darker than it in every visible band (shadow_visible_max) and "
+        "far darker in NIR and SWIR1 (shadow_infrared_max) is a cloud shadow the mask missed and is filled. The "
+        "scene mask keeps water-like dark pixels out of its shadows so as not to mask a flood; on the synthetic "
+        "demo after the event these misses (6 % and 2 % of the hidden pixels) carry 89 % (08-21) and 83 % (08-31) "
+        "of the fill's squared error there and read as flood water. 0 turns the check off; it needs the blue, "
+        "green, red, NIR and SWIR1 bands.",
+    )
+    shadow_visible_max: float = Field(
+        0.9, gt=0, le=1,
+        description="Missed shadow: blue, green and red all below this fraction of the history's value. A flood "
+        "keeps its visible level (turbid water is about as bright as land there); a shadow keeps only the skylight.",
+    )
+    shadow_infrared_max: float = Field(
+        0.65, gt=0, le=1,
+        description="Missed shadow: NIR and SWIR1 both below this fraction of the history's value (the direct beam "
+        "that a shadow removes carries most of the infrared).",
+    )
 
     @model_validator(mode="after")
     def _gains(self) -> "FillConfig":
@@ -164,6 +191,28 @@ class FillResult:
     provenance: np.ndarray  # (H, W) uint8 PROVENANCE_* codes
     source_age_days: np.ndarray  # (H, W) int16: 0 observed, age of the fill date, AGE_NONE for none
     notes: list[dict[str, Any]] = field(default_factory=list)  # one per fill date used, oldest last
+    missed_shadow: np.ndarray | None = None  # (H, W) bool: clear by the mask, filled as a missed shadow (shadow check)
+
+
+SHADOW_BANDS = ("blue", "green", "red", "nir", "swir1")
+# below this the history's reflectance is too dark for a ratio (water in SWIR1): no shadow call there
+SHADOW_MIN_REFLECTANCE = 0.005
+
+
+def shadow_bands(sensor_key: str, bands: Sequence[str]) -> tuple[int, ...] | None:
+    """Indices in ``bands`` of the shadow check's blue, green, red, NIR and SWIR1 (``fill_gaps(shadow_bands=...)``);
+    None when one is missing."""
+    from pipeline.sensors import get_sensor
+
+    sensor = get_sensor(sensor_key)
+    names = list(bands)
+    out = []
+    for common in SHADOW_BANDS:
+        name = next((b.name for b in sensor.bands if b.common == common), None)
+        if name is None or name not in names:
+            return None
+        out.append(names.index(name))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -702,8 +751,8 @@ def history_usable(refl: np.ndarray, clear: np.ndarray, config: FillConfig) -> n
 
 def fill_reach(clear: np.ndarray, config: FillConfig) -> np.ndarray:
     """Every pixel ``fill_gaps`` may change for a target with this clear mask (clear and finite): the hidden
-    pixels (within ``buffer_px`` of the not-clear ones) and their feather ring."""
-    return _dilate(~np.asarray(clear, dtype=bool), config.buffer_px + config.feather_px + 1)
+    pixels (within ``buffer_px`` of the not-clear ones), their feather ring and the ring of the missed-shadow check."""
+    return _dilate(~np.asarray(clear, dtype=bool), config.buffer_px + config.feather_px + 1 + config.shadow_check_px)
 
 
 def target_fit_pixels(target: np.ndarray, clear: np.ndarray, config: FillConfig) -> np.ndarray:
@@ -756,7 +805,8 @@ def _given_fit(given: DateFit, x: np.ndarray, x_ok: np.ndarray, target: np.ndarr
 
 
 def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: FillConfig | None = None, *,
-              fits: Mapping[float, DateFit] | None = None, origin: tuple[int, int] = (0, 0)) -> FillResult:
+              fits: Mapping[float, DateFit] | None = None, origin: tuple[int, int] = (0, 0),
+              shadow_bands: Sequence[int] | None = None) -> FillResult:
     """Fill the pixels the target date does not see clearly from earlier clear dates, harmonized to the target.
 
     ``target`` is the target date's reflectance (C, H, W) with NaN nodata, ``clear`` its clear mask (H, W);
@@ -768,8 +818,44 @@ def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: F
     each date's global line on these pixels; the local fit, where configured, is still fitted here around it.
     ``origin``: (row, col) of this array's first pixel in the AOI it is cut from. The local fit's lattice is
     anchored there, so blocks of an AOI fill as the whole AOI would (pass it with ``fits``).
+    ``shadow_bands``: indices of blue, green, red, NIR and SWIR1 in the bands (``shadow_bands()``); with them and
+    ``shadow_check_px`` > 0, clear pixels near the mask's clouds that are darker than their own history as a shadow
+    is are filled too (``FillResult.missed_shadow``): the fill runs once to estimate them from the history, with
+    that ring hidden, and once more with the missed shadows hidden.
     """
     cfg = config or FillConfig()
+    if not cfg.shadow_check_px or shadow_bands is None:
+        return _fill(target, clear, history, cfg, fits, origin)
+    if len(shadow_bands) != len(SHADOW_BANDS):
+        raise DataError(f"fill_gaps: shadow_bands {list(shadow_bands)} must give the indices of "
+                        f"{', '.join(SHADOW_BANDS)}; see pipeline.harmonize.shadow_bands")
+    values, t_clear = _check_pair(target, clear, "target", None)
+    near = t_clear & _dilate(~t_clear, cfg.shadow_check_px)
+    if not near.any():
+        return _fill(target, clear, history, cfg, fits, origin)
+    probe = _fill(target, t_clear & ~near, history, cfg, fits, origin)
+    missed = near & (probe.provenance == PROVENANCE_FILLED)
+    missed &= _darker_than_history(values, probe.image, shadow_bands, cfg)
+    res = _fill(target, t_clear & ~missed, history, cfg, fits, origin)
+    res.missed_shadow = missed
+    return res
+
+
+def _darker_than_history(observed: np.ndarray, history: np.ndarray, bands: Sequence[int],
+                         cfg: FillConfig) -> np.ndarray:
+    """Observed / history estimate below ``shadow_visible_max`` in blue, green and red and below
+    ``shadow_infrared_max`` in NIR and SWIR1 (NaN, or a history too dark to divide by, is never a shadow)."""
+    b = list(bands)
+    est = history[b]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(est > SHADOW_MIN_REFLECTANCE, observed[b] / est, np.nan)
+    with np.errstate(invalid="ignore"):
+        return (ratio[:3].max(axis=0) < cfg.shadow_visible_max) & (ratio[3:].max(axis=0) < cfg.shadow_infrared_max)
+
+
+def _fill(target: np.ndarray, clear: np.ndarray, history: History, cfg: FillConfig,
+          fits: Mapping[float, DateFit] | None, origin: tuple[int, int]) -> FillResult:
+    """``fill_gaps`` without the shadow check."""
     target, t_clear = _check_pair(target, clear, "target", None)
     entries = []
     for k, (age, refl, ok) in enumerate(history):

@@ -71,6 +71,7 @@ def reconstruct_cmd(
     device: Optional[str] = _option("device"),
     max_age_days: int = _fill_option("max_age_days"),
     fit: Fit = _fill_option("fit"),
+    shadow_check_px: int = _fill_option("shadow_check_px"),
     fill_unobserved: Unobserved = _option("fill_unobserved"),
     yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
 ) -> None:
@@ -86,7 +87,8 @@ def reconstruct_cmd(
         "source": SourceSpec.parse(source, root), "keep_clear": keep_clear, "dask_address": dask_address, "tile": tile,
         "overlap": overlap, "batch_size": batch_size, "block": block, "dtype": dtype, "compress": compress,
         "mask_method": mask_method, "sar_max_days": sar_max_days, "aux_dates": aux_dates, "device": device,
-        "fill": {"max_age_days": max_age_days, "fit": Fit(fit).value}, "fill_unobserved": fill_unobserved,
+        "fill": {"max_age_days": max_age_days, "fit": Fit(fit).value, "shadow_check_px": shadow_check_px},
+        "fill_unobserved": fill_unobserved,
     }, option=_spelled)
     dates = [parse_date(d) for d in date]
     aoi = load_region(region)

@@ -157,12 +157,12 @@ class FillLoader:
     """A window's inputs of ``fill_gaps`` (picklable: dask workers call it on their blocks).
 
     History dates are read newest first and kept only when some pixel a fill can touch (within the target's
-    not-clear mask dilated by ``buffer_px + feather_px + 1``) takes its value from them: the most recent date
-    clear beyond ``history_buffer_px`` there, or, while none is, the most recent date clear at all (the
-    fill's fallback). Reading stops once every such pixel has its date, so ``fill_gaps`` on the kept dates
-    gives what it gives on the whole history, with memory for the dates used only. A date is always read and
-    masked on the whole window, even when few pixels still wait: a mask computed on a smaller cut loses the
-    clouds whose shadows fall inside it (shadow projection reaches kilometres), and the fill would then take
+    not-clear mask dilated by ``buffer_px + feather_px + 1 + shadow_check_px``, ``fill_reach``) takes its value
+    from them: the most recent date clear beyond ``history_buffer_px`` there, or, while none is, the most recent
+    date clear at all (the fill's fallback). Reading stops once every such pixel has its date, so ``fill_gaps`` on
+    the kept dates gives what it gives on the whole history, with memory for the dates used only. A date is always
+    read and masked on the whole window, even when few pixels still wait: a mask computed on a smaller cut loses
+    the clouds whose shadows fall inside it (shadow projection reaches kilometres), and the fill would then take
     shadowed pixels as clear.
     """
 
@@ -272,7 +272,8 @@ class SampleFits(Mapping[float, DateFit]):
         self.loader = loader
         cfg = loader.fill
         self.fill = cfg.model_copy(update={"buffer_px": math.ceil(cfg.buffer_px / f),
-                                           "history_buffer_px": math.ceil(cfg.history_buffer_px / f)})
+                                           "history_buffer_px": math.ceil(cfg.history_buffer_px / f),
+                                           "shadow_check_px": math.ceil(cfg.shadow_check_px / f)})
         dated = sorted(loader.history)  # oldest last after sort by age: ages ascending, as fill_gaps orders them
         self.ages = [float(age) for age, _ in dated]
         self._scenes = [scenes for _, scenes in dated]

@@ -66,7 +66,7 @@ from pipeline import __version__
 from pipeline.errors import CheckpointError, DataError, SourceError
 from pipeline.files import OutputLock, fingerprint, human_bytes, is_disk_full, translating_disk_full
 from pipeline.grid import Grid
-from pipeline.harmonize import FillConfig
+from pipeline.harmonize import FillConfig, shadow_bands
 from pipeline.reconstruct.cog import BlockWriter, RasterSpec, build_vrt, raw_tiled_bytes, validate_cog
 from pipeline.reconstruct.config import ReconstructConfig, Unobserved
 from pipeline.reconstruct.mosaic import FillLoader, MosaicLoader, SampleFits
@@ -523,7 +523,7 @@ def _percent(part: int, whole: int) -> str:
 
 def _fill_warnings(summary: dict[str, Any], config: ReconstructConfig) -> list[str]:
     c = summary["counts"]
-    total = sum(c.values())
+    total = c["observed"] + c["filled"] + c["no_clear"] + c["nodata"]  # "predicted", "missed_shadow" are in "filled"
     hidden = c["filled"] + c["no_clear"]
     out = []
     if c["no_clear"]:
@@ -581,7 +581,8 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
                             least_cloudy=config.fill_unobserved == Unobserved.least_cloudy,
                             sar_bands=refiner.spec.sar_bands if refiner else ())
         predictor = None if refiner is None else TorchPredictor(refiner.model, device=config.device, bf16=config.bf16)
-        filler = Filler(config.fill, SampleFits(loader), refiner=predictor)
+        filler = Filler(config.fill, SampleFits(loader), refiner=predictor,
+                        shadow_bands=shadow_bands(plan.optical_sensor, loader.bands))
         computed = _compute(grid, loader, filler, config, outputs, progress, client,
                             compute=tiling.compute_fill_block)
         summary = _fill_summary(progress.info, date)
@@ -616,8 +617,8 @@ def _refiner_config(lm: LoadedModel, config: ReconstructConfig) -> ReconstructCo
     raise CheckpointError(
         f"checkpoint {lm.checkpoint}: {lm.name} was trained to correct the fill with "
         f"{trained.differences(config.fill, 'this run')}; "
-        "leave the fill options (--max-age-days, --fit) at their defaults to use the checkpoint's, or retrain with "
-        "composite_fill set to this run's")
+        "leave the fill options (--max-age-days, --fit, --shadow-check-px) at their defaults to use the checkpoint's, "
+        "or retrain with composite_fill set to this run's")
 
 
 def _check_refiner(lm: LoadedModel, plan: InputPlan) -> None:

@@ -317,13 +317,17 @@ class Filler:
     # around a block on top of the fill's own
     refiner: Predictor | None = None
     refiner_halo: int = REFINER_HALO
+    # indices of blue, green, red, NIR and SWIR1 for the fill's missed-shadow check (None: no check)
+    shadow_bands: tuple[int, ...] | None = None
 
     @property
     def halo(self) -> int:
-        """Context read around a block: more than a fill reaches (local-fit window, buffers, feather)."""
+        """Context read around a block: more than a fill reaches (local-fit window, buffers, feather, the
+        missed-shadow check's ring)."""
         f = self.fill
+        shadow = f.shadow_check_px if self.shadow_bands is not None else 0
         # the local fit's coarse grid (cells of up to 5 px) reaches a cell beyond the window
-        return f.window_px + 5 + f.buffer_px + f.history_buffer_px + f.feather_px + 1 + FILL_MASK_HALO
+        return f.window_px + 5 + f.buffer_px + f.history_buffer_px + f.feather_px + 1 + shadow + FILL_MASK_HALO
 
     def refine(self, res: Any, inputs: FillInputs) -> np.ndarray:
         """The refiner's image of a filled window (C, h, w): it corrects the pixels the fill took from an earlier
@@ -353,7 +357,8 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
     a0, a1 = max(0, block.r0 - halo), min(height, block.r1 + halo)
     b0, b1 = max(0, block.c0 - halo), min(width, block.c1 + halo)
     inputs = loader(a0, a1, b0, b1)
-    res = fill_gaps(inputs.target, inputs.clear, inputs.history, filler.fill, fits=filler.fits, origin=(a0, b0))
+    res = fill_gaps(inputs.target, inputs.clear, inputs.history, filler.fill, fits=filler.fits, origin=(a0, b0),
+                    shadow_bands=filler.shadow_bands)
     crop = (slice(block.r0 - a0, block.r1 - a0), slice(block.c0 - b0, block.c1 - b0))
     image = np.clip(res.image[(slice(None),) + crop], 0.0, 1.0)  # NaN stays NaN
     prov = res.provenance[crop].copy()
@@ -382,6 +387,8 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
     counts = {name: int((prov == code).sum()) for name, code in (
         ("observed", PROVENANCE_OBSERVED), ("filled", PROVENANCE_FILLED), ("no_clear", PROVENANCE_NO_CLEAR),
         ("nodata", PROVENANCE_NODATA))}
+    if res.missed_shadow is not None:  # part of "filled": clear by the mask, filled as a shadow it missed
+        counts["missed_shadow"] = int((res.missed_shadow[crop] & (prov == PROVENANCE_FILLED)).sum())
     info = {"counts": counts, "notes": notes, "dates_read": inputs.dates_read}
     if predicted is not None:  # counted as the fill made them (notes, counts); the layer says a model corrected them
         counts["predicted"] = int(predicted.sum())

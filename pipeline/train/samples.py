@@ -32,7 +32,14 @@ from scipy import ndimage
 from models.refine import AGE_SCALE
 from models.spec import InputSpec
 from pipeline.errors import DataError
-from pipeline.harmonize import PROVENANCE_FILLED, PROVENANCE_NO_CLEAR, PROVENANCE_NODATA, FillConfig, fill_gaps
+from pipeline.harmonize import (
+    PROVENANCE_FILLED,
+    PROVENANCE_NO_CLEAR,
+    PROVENANCE_NODATA,
+    FillConfig,
+    fill_gaps,
+    shadow_bands,
+)
 from pipeline.masking.codes import MaskClass
 from pipeline.sensors import S1_BANDS, S2_BANDS, SENSORS
 from pipeline.train.config import AugmentConfig  # defined there so the config stays torch-free
@@ -159,9 +166,13 @@ def paste_clouds(
     return np.clip(cloudy, 0.0, 1.0).astype(np.float32), contaminated
 
 
+def _family_sensor(family: str) -> str:
+    return "s2_l1c" if family == "s2" else "landsat8_l2"
+
+
 def _wavelengths(family: str, bands: tuple[str, ...]) -> np.ndarray:
     """Centre wavelengths (nm) of ``bands``; 0 for bands without one (they get the visible cloud level)."""
-    sensor = SENSORS["s2_l1c" if family == "s2" else "landsat8_l2"]
+    sensor = SENSORS[_family_sensor(family)]
     out = []
     for b in bands:
         wl = sensor.band(b).wavelength_nm if b in sensor.band_names else None
@@ -239,7 +250,7 @@ def composite_arrays(image: np.ndarray, provenance: np.ndarray, age_days: np.nda
 
 def _sample_composite(raw: Mapping[str, Any], opt: np.ndarray, masks: np.ndarray, valid: np.ndarray,
                       in_idx: list[int], cloudy: np.ndarray, contaminated: np.ndarray | None,
-                      sample_id: str, fill: FillConfig) -> dict[str, np.ndarray]:
+                      sample_id: str, fill: FillConfig, bands: Sequence[int] | None) -> dict[str, np.ndarray]:
     """The harmonized fill of the sample's (cloudy) reference from every earlier date of the sample, as inference
     runs it on the AOI: the reference is the last date, ages come from the sample's ``dates`` (days)."""
     if "dates" not in raw:
@@ -258,7 +269,7 @@ def _sample_composite(raw: Mapping[str, Any], opt: np.ndarray, masks: np.ndarray
     if contaminated is not None:
         clear &= ~contaminated
     target = refl(ref, cloudy)
-    res = fill_gaps(target, clear, history, fill)
+    res = fill_gaps(target, clear, history, fill, shadow_bands=bands)
     return composite_arrays(res.image, res.provenance, res.source_age_days, target)
 
 
@@ -331,7 +342,8 @@ def assemble_sample(
                 "training never zero-fills them")
     if spec.needs_composite:
         arrays.update(_sample_composite(raw, opt, masks, valid, in_idx, optical[-1], contaminated[-1], sample_id,
-                                        fill or FillConfig()))
+                                        fill or FillConfig(),
+                                        shadow_bands(_family_sensor(family), spec.optical_bands)))
     arrays["target"] = np.where(valid[ref][None], np.nan_to_num(opt[ref][out_idx]), 0.0).astype(np.float32)
     arrays["target_valid"] = (valid[ref] & (masks[ref] == MaskClass.CLEAR))[None].astype(np.float32)
 

@@ -77,12 +77,18 @@ def test_observed_pixels_away_from_the_fill_are_returned_exactly(fill_run):
     src, grid = SyntheticSource(), SMALL.grid()
     refl, codes = mosaic_date(src, fill_run.plan.target_scenes, grid, S2_BANDS, "cloudscore")
     clear = (to_cube_codes(codes) == MaskClass.CLEAR) & np.isfinite(refl).all(axis=0)
-    away = clear & ~fill_reach(clear, FillConfig())
+    away = clear & ~fill_reach(clear, FillConfig(shadow_check_px=0))
     assert 0.05 < away.mean() < 0.95
     image, prov = _read(fill_run.cog), _read(fill_run.provenance)[0]
+    # the missed-shadow check fills some clear pixels near the clouds (and feathers around them), never one beyond
+    # its ring
+    missed = clear & (prov != 0)
+    assert not (missed & ~fill_reach(clear, FillConfig())).any()
+    kept = away & ~fill_reach(~missed, FillConfig(shadow_check_px=0))
+    assert kept.sum() > 0.9 * away.sum()
     observed = np.clip(refl, 0, 1)
-    assert np.array_equal(image[:, away].view(np.uint32), observed[:, away].view(np.uint32))
-    assert (prov[clear] == 0).sum() >= away.sum() and (prov[~clear] == 1).all()
+    assert np.array_equal(image[:, kept].view(np.uint32), observed[:, kept].view(np.uint32))
+    assert (prov[~clear] == 1).all()
 
 
 def test_never_filled_from_a_pixel_its_dates_mask_calls_not_clear(fill_run):

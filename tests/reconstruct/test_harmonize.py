@@ -18,6 +18,7 @@ from pipeline.harmonize import (
     PROVENANCE_OBSERVED,
     FillConfig,
     fill_gaps,
+    shadow_bands,
 )
 
 H = W = 96
@@ -455,3 +456,47 @@ def test_fast_morphology_matches_ndimage(seed: int) -> None:
         for f in range(1, 6):
             want = np.where(mask, 1.0, np.clip(1.0 - dist / (f + 1), 0.0, 1.0)).astype(np.float32)
             assert np.array_equal(_feather(mask, f), want), f
+
+
+def test_a_shadow_the_mask_missed_beside_a_cloud_is_filled_and_a_flood_there_is_not() -> None:
+    """Bands blue, green, red, NIR, SWIR1. A shadow takes the direct beam: every band darker, the infrared most; a
+    flood keeps the visible level and loses the infrared. Only the first is the mask's miss."""
+    old = _texture(bands=5)
+    cloud = _disk(48, 30, 10)
+    shadow = _disk(48, 52, 6)  # ~12 px from the cloud
+    flood = _disk(26, 36, 6)
+    far_dark = _disk(85, 85, 5)  # as dark as the shadow, but 60 px from the cloud
+    target = old.copy()
+    darker = np.array([0.8, 0.7, 0.65, 0.4, 0.3], dtype=np.float32)[:, None]
+    target[:, shadow] *= darker
+    target[:, far_dark] *= darker
+    target[:, flood] *= np.array([1.0, 1.05, 1.1, 0.2, 0.1], dtype=np.float32)[:, None]
+    target[:, cloud] = 0.6
+    clear = ~cloud
+    history = [(10.0, old, np.ones((H, W), bool))]
+    bands = (0, 1, 2, 3, 4)
+
+    res = fill_gaps(target, clear, history, FillConfig(), shadow_bands=bands)
+    assert res.missed_shadow is not None
+    assert res.missed_shadow[shadow].mean() > 0.9
+    assert not res.missed_shadow[flood].any() and not res.missed_shadow[far_dark].any()
+    assert (res.provenance[shadow] == PROVENANCE_FILLED).all()
+    inner = _disk(48, 52, 4)
+    assert np.abs(res.image[:, inner] - old[:, inner]).max() < 0.02  # the ground under the shadow, from history
+    assert (res.provenance[flood] == PROVENANCE_OBSERVED).all()
+    np.testing.assert_array_equal(res.image[:, _disk(26, 36, 2)], target[:, _disk(26, 36, 2)])
+
+    # without the bands' order, or with the check off, the mask is taken as it is
+    for plain in (fill_gaps(target, clear, history, FillConfig()),
+                  fill_gaps(target, clear, history, FillConfig(shadow_check_px=0), shadow_bands=bands)):
+        assert plain.missed_shadow is None and (plain.provenance[shadow] == PROVENANCE_OBSERVED).all()
+    with pytest.raises(DataError, match=r"shadow_bands \[0, 1, 2\] must give the indices of blue, green, red, nir, "
+                                        r"swir1"):
+        fill_gaps(target, clear, history, FillConfig(), shadow_bands=(0, 1, 2))
+
+
+def test_shadow_bands_are_found_by_sensor() -> None:
+    s2 = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
+    assert shadow_bands("s2_l1c", s2) == (1, 2, 3, 7, 11)
+    assert shadow_bands("s2_l1c", ["B2", "B3", "B4", "B8"]) is None  # no SWIR1: no check
+    assert shadow_bands("landsat8_l2", ["SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"]) == (1, 2, 3, 4, 5)
