@@ -499,4 +499,5 @@ def test_shadow_bands_are_found_by_sensor() -> None:
     s2 = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
     assert shadow_bands("s2_l1c", s2) == (1, 2, 3, 7, 11)
     assert shadow_bands("s2_l1c", ["B2", "B3", "B4", "B8"]) is None  # no SWIR1: no check
-    assert shadow_bands("landsat8_l2", ["SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"]) == (1, 2, 3, 4, 5)
+    landsat = ["SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"]
+    assert shadow_bands("landsat8_l2", landsat) == (1, 2, 3, 4, 5)
