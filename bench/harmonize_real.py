@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 SERIES = REAL / "sen12mscr-ts"
 RGB = (3, 2, 1)  # B4, B3, B2 in S2_BANDS order
-SHADOW_BANDS = shadow_bands("s2_l1c", S2_BANDS)  # the fill's missed-shadow check, as reconstruct runs it
+SHADOW_BANDS = shadow_bands("s2_l1c", S2_BANDS)  # for the fill's missed-shadow check, where a variant turns it on
 FRINGE_PX = 3
 
 LAST_CLEAR = FillConfig(fit="none", buffer_px=0, history_buffer_px=0, feather_px=0)
@@ -88,7 +88,7 @@ VARIANTS: dict[str, FillConfig] = {
     "local max age 60": FillConfig(max_age_days=60),
     "local max age 90": FillConfig(max_age_days=90),
     "local max age 120": FillConfig(max_age_days=120),
-    "local no shadow check": FillConfig(shadow_check_px=0),
+    "local shadow check 40": FillConfig(shadow_check_px=40),
 }
 
 

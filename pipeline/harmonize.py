@@ -153,14 +153,16 @@ class FillConfig(BaseModel):
         "falling linearly to 0); observed pixels farther away are returned exactly.",
     )
     shadow_check_px: int = Field(
-        40, ge=0,
+        0, ge=0,
         description="Pixels the mask calls clear within this distance of its clouds are compared with their own "
         "history (the fill's estimate of them): one darker than it in every visible band (shadow_visible_max) and "
         "far darker in NIR and SWIR1 (shadow_infrared_max) is a cloud shadow the mask missed and is filled. The "
         "scene mask keeps water-like dark pixels out of its shadows so as not to mask a flood; on the synthetic "
         "demo after the event these misses (6 % and 2 % of the hidden pixels) carry 89 % (08-21) and 83 % (08-31) "
-        "of the fill's squared error there and read as flood water. 0 turns the check off; it needs the blue, "
-        "green, red, NIR and SWIR1 bands.",
+        "of the fill's squared error there and read as flood water; 40 takes them from 29.35 to 35.66 dB (08-21). Off "
+        "(0) by default: on the flood's first day (the demo date, 2021-07-22) it also fills flooded pixels under "
+        "thin haze from the pre-flood history (water F1 0.549 -> 0.495). Turn it on (40) for dates after a flood's "
+        "onset or without one; it needs the blue, green, red, NIR and SWIR1 bands.",
     )
     shadow_visible_max: float = Field(
         0.9, gt=0, le=1,

@@ -476,7 +476,8 @@ def test_a_shadow_the_mask_missed_beside_a_cloud_is_filled_and_a_flood_there_is_
     history = [(10.0, old, np.ones((H, W), bool))]
     bands = (0, 1, 2, 3, 4)
 
-    res = fill_gaps(target, clear, history, FillConfig(), shadow_bands=bands)
+    check = FillConfig(shadow_check_px=40)
+    res = fill_gaps(target, clear, history, check, shadow_bands=bands)
     assert res.missed_shadow is not None
     assert res.missed_shadow[shadow].mean() > 0.9
     assert not res.missed_shadow[flood].any() and not res.missed_shadow[far_dark].any()
@@ -487,12 +488,12 @@ def test_a_shadow_the_mask_missed_beside_a_cloud_is_filled_and_a_flood_there_is_
     np.testing.assert_array_equal(res.image[:, _disk(26, 36, 2)], target[:, _disk(26, 36, 2)])
 
     # without the bands' order, or with the check off, the mask is taken as it is
-    for plain in (fill_gaps(target, clear, history, FillConfig()),
-                  fill_gaps(target, clear, history, FillConfig(shadow_check_px=0), shadow_bands=bands)):
+    for plain in (fill_gaps(target, clear, history, check),
+                  fill_gaps(target, clear, history, FillConfig(), shadow_bands=bands)):  # off by default
         assert plain.missed_shadow is None and (plain.provenance[shadow] == PROVENANCE_OBSERVED).all()
     with pytest.raises(DataError, match=r"shadow_bands \[0, 1, 2\] must give the indices of blue, green, red, nir, "
                                         r"swir1"):
-        fill_gaps(target, clear, history, FillConfig(), shadow_bands=(0, 1, 2))
+        fill_gaps(target, clear, history, check, shadow_bands=(0, 1, 2))
 
 
 def test_shadow_bands_are_found_by_sensor() -> None:
