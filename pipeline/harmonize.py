@@ -31,7 +31,9 @@ The scene mask keeps water-like dark pixels out of its shadows (it must never ma
 like water stay "clear". With ``shadow_bands`` given, pixels the mask calls clear within ``shadow_check_px`` of
 its clouds are compared with their own history (a first fill with that ring hidden): darker in every visible band
 and far darker in NIR and SWIR1, as a shadow that keeps only the skylight is, they are filled as missed shadows.
-A flood keeps its visible level and stays observed (bench/composite_errors.py measures both).
+A turbid flood keeps its visible level and stays observed; the synthetic flood darkens the visible bands by ~20 %,
+and on its first day the check fills some flooded pixels under thin haze, so it is off by default
+(``shadow_check_px`` 0; bench/composite_errors.py measures both).
 
 Outputs (``FillResult``): the image (C, H, W) float32 with NaN where nothing could be filled, a uint8
 provenance code per pixel (``PROVENANCE_*``), the age in days of the date each pixel came from (int16: 0
@@ -166,8 +168,8 @@ class FillConfig(BaseModel):
     )
     shadow_visible_max: float = Field(
         0.9, gt=0, le=1,
-        description="Missed shadow: blue, green and red all below this fraction of the history's value. A flood "
-        "keeps its visible level (turbid water is about as bright as land there); a shadow keeps only the skylight.",
+        description="Missed shadow: blue, green and red all below this fraction of the history's value. A turbid "
+        "flood keeps its visible level (about as bright as land there); a shadow keeps only the skylight.",
     )
     shadow_infrared_max: float = Field(
         0.65, gt=0, le=1,

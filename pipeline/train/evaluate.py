@@ -31,7 +31,7 @@ from pipeline.errors import DataError
 from pipeline.sensors import SENSORS
 from pipeline.train.metrics import WaterIndex, image_metrics, water_f1, water_index, water_map
 from pipeline.train.runtime import Runtime, open_split
-from pipeline.train.samples import AssembledDataset, model_inputs
+from pipeline.train.samples import AssembledDataset, family_sensor, model_inputs
 
 METRICS = ("psnr", "ssim", "sam", "mae", "rmse")  # the table's columns; metrics.json has corr / ndvi_mae too
 GROUPS = {"visible": (0.0, 700.0), "nir": (700.0, 1000.0), "swir": (1000.0, 1e9)}
@@ -39,7 +39,7 @@ GROUPS = {"visible": (0.0, 700.0), "nir": (700.0, 1000.0), "swir": (1000.0, 1e9)
 
 def band_groups(family: str, bands: Iterable[str]) -> dict[str, list[int]]:
     """Indices of ``bands`` per group by centre wavelength (bands without one, e.g. thermal, are left out)."""
-    sensor = SENSORS["s2_l1c" if family == "s2" else "landsat8_l2"]
+    sensor = SENSORS[family_sensor(family)]
     out: dict[str, list[int]] = {g: [] for g in GROUPS}
     for i, b in enumerate(bands):
         wl = sensor.band(b).wavelength_nm if b in sensor.band_names else None

@@ -166,13 +166,14 @@ def paste_clouds(
     return np.clip(cloudy, 0.0, 1.0).astype(np.float32), contaminated
 
 
-def _family_sensor(family: str) -> str:
+def family_sensor(family: str) -> str:
+    """The sensor key whose band table an optical family's (``s2``, ``landsat``) samples use."""
     return "s2_l1c" if family == "s2" else "landsat8_l2"
 
 
 def _wavelengths(family: str, bands: tuple[str, ...]) -> np.ndarray:
     """Centre wavelengths (nm) of ``bands``; 0 for bands without one (they get the visible cloud level)."""
-    sensor = SENSORS[_family_sensor(family)]
+    sensor = SENSORS[family_sensor(family)]
     out = []
     for b in bands:
         wl = sensor.band(b).wavelength_nm if b in sensor.band_names else None
@@ -343,7 +344,7 @@ def assemble_sample(
     if spec.needs_composite:
         arrays.update(_sample_composite(raw, opt, masks, valid, in_idx, optical[-1], contaminated[-1], sample_id,
                                         fill or FillConfig(),
-                                        shadow_bands(_family_sensor(family), spec.optical_bands)))
+                                        shadow_bands(family_sensor(family), spec.optical_bands)))
     arrays["target"] = np.where(valid[ref][None], np.nan_to_num(opt[ref][out_idx]), 0.0).astype(np.float32)
     arrays["target_valid"] = (valid[ref] & (masks[ref] == MaskClass.CLEAR))[None].astype(np.float32)
 
