@@ -2,9 +2,11 @@
 
 Three measurements, each printed as a table of figures:
 
-1. **Synthetic Zhengzhou after the event** (``zhengzhou-demo``, the benchmark's simulator cases on 2021-08-21 and
-   08-31: each date under its own cloud, scored against the simulator's truth), the composite with the fill's missed-
-   shadow check (``FillConfig.shadow_check_px``) off (the default) and at 40 px. The error on the hidden pixels is
+1. **Synthetic Zhengzhou on the flood's first day and after it** (``zhengzhou-demo``, the benchmark's simulator
+   cases on 2021-07-22, 08-21 and 08-31: each date under its own cloud, scored against the simulator's truth), the
+   composite with the fill's missed-shadow check (``FillConfig.shadow_check_px``) off, on with its optical test
+   only (``shadow_sar_change_db`` None) and as the default (40 px, flagged pixels whose S1 changed stay observed).
+   The error on the hidden pixels is
    split by where each pixel came from: kept as observed (the product's mask called it clear although the true mask
    says cloud, thin cloud or shadow) or filled from a date N days before. For each part: pixels, PSNR, share of the
    squared error, water-index false/missed water and F1 against the truth; "PSNR if kept fixed" is the ceiling of a
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL = ROOT.parent / "shared" / "data" / "real"
 POST_EVENT = (dt.date(2021, 8, 21), dt.date(2021, 8, 31))
+FLOOD_ONSET = dt.date(2021, 7, 22)  # the demo date: the flood's first day, 80 % cloud
 SAR_THRESHOLDS_DB = (-18.0, -16.0, -14.0, -12.0)
 
 
@@ -65,18 +68,23 @@ def synthetic_composite_errors() -> None:
     series = load_series(region, src)
     truth = truth_reader(src, series)
     assert truth is not None
-    specs = [s for s in build_cases(series, 0, None, list(POST_EVENT), simulated_targets(series, truth))
+    dates = [FLOOD_ONSET, *POST_EVENT]
+    specs = [s for s in build_cases(series, 0, None, dates, simulated_targets(series, truth))
              if s.variant == "simulator"]
     from pipeline.harmonize import FillConfig
     from pipeline.reconstruct.config import ReconstructConfig
 
-    variants = {"default": resolve_methods(["composite"])[0],
-                "check 40": resolve_methods(["composite"], ReconstructConfig(fill=FillConfig(shadow_check_px=40)))[0]}
+    def composite(**fill: object) -> object:
+        return resolve_methods(["composite"], ReconstructConfig(fill=FillConfig(**fill)))[0]  # type: ignore[arg-type]
+
+    variants = {"off": composite(shadow_check_px=0), "optical": composite(shadow_sar_change_db=None),
+                "default": composite()}
     bands = list(series.reflectance_bands)
     index = water_index(bands)
     assert index is not None
-    print("\n1. synthetic zhengzhou-demo after the event: the composite's error on the hidden pixels, by origin, "
-          "with the fill's missed-shadow check off (default) and on (40 px)")
+    print("\n1. synthetic zhengzhou-demo on the flood's first day and after it: the composite's error on the hidden "
+          "pixels, by origin, with the fill's missed-shadow check off, optical test only, and the default (40 px, S1 "
+          "test)")
     print(f"{'date':<7}{'fill':<11}{'origin':<20}{'pixels':>8}{'PSNR':>7}{'err %':>7}{'water FP':>9}{'water FN':>9}"
           f"{'F1':>6}")
     for spec in specs:

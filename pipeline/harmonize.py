@@ -31,9 +31,13 @@ The scene mask keeps water-like dark pixels out of its shadows (it must never ma
 like water stay "clear". With ``shadow_bands`` given, pixels the mask calls clear within ``shadow_check_px`` of
 its clouds are compared with their own history (a first fill with that ring hidden): darker in every visible band
 and far darker in NIR and SWIR1, as a shadow that keeps only the skylight is, they are filled as missed shadows.
-A turbid flood keeps its visible level and stays observed; the synthetic flood darkens the visible bands by ~20 %,
-and on its first day the check fills some flooded pixels under thin haze, so it is off by default
-(``shadow_check_px`` 0; bench/composite_errors.py measures both).
+Optics alone cannot tell such a shadow from a flood that arrived after the history date (the synthetic flood
+darkens the visible bands by ~20 % and, under thin haze on its first day, passes the test), but S1 can: a shadow
+leaves the backscatter as it was, a flood changes it (open water darkens it by ~10 dB, flooded streets brighten
+it by double bounce). So a flagged pixel whose S1 (``GroundChange``: a 5 x 5 mean, VV and VH) changed by more
+than ``shadow_sar_change_db`` between its history date and the target date is left as observed; without S1
+near the target the check does not run at all (``FillResult.shadow_check``), unless ``shadow_sar_change_db`` is
+None. bench/composite_errors.py measures the check with and without the S1 test.
 
 Outputs (``FillResult``): the image (C, H, W) float32 with NaN where nothing could be filled, a uint8
 provenance code per pixel (``PROVENANCE_*``), the age in days of the date each pixel came from (int16: 0
@@ -51,7 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -155,16 +159,25 @@ class FillConfig(BaseModel):
         "falling linearly to 0); observed pixels farther away are returned exactly.",
     )
     shadow_check_px: int = Field(
-        0, ge=0,
+        40, ge=0,
         description="Pixels the mask calls clear within this distance of its clouds are compared with their own "
         "history (the fill's estimate of them): one darker than it in every visible band (shadow_visible_max) and "
-        "far darker in NIR and SWIR1 (shadow_infrared_max) is a cloud shadow the mask missed and is filled. The "
-        "scene mask keeps water-like dark pixels out of its shadows so as not to mask a flood; on the synthetic "
-        "demo after the event these misses (6 % and 2 % of the hidden pixels) carry 89 % (08-21) and 83 % (08-31) "
-        "of the fill's squared error there and read as flood water; 40 takes them from 29.35 to 35.66 dB (08-21). Off "
-        "(0) by default: on the flood's first day (the demo date, 2021-07-22) it also fills flooded pixels under "
-        "thin haze from the pre-flood history (water F1 0.549 -> 0.495). Turn it on (40) for dates after a flood's "
-        "onset or without one; it needs the blue, green, red, NIR and SWIR1 bands.",
+        "far darker in NIR and SWIR1 (shadow_infrared_max) is a cloud shadow the mask missed and is filled, unless "
+        "S1 shows the ground changed there (shadow_sar_change_db). The scene mask keeps water-like dark pixels out "
+        "of its shadows so as not to mask a flood; on the synthetic demo after the event these misses carry 89 % "
+        "(08-21) and 83 % (08-31) of the fill's squared error on the hidden pixels and read as flood water; the "
+        "check takes 08-21 from 29.35 to 35.66 dB. 0 turns it off; it needs the blue, green, red, NIR and SWIR1 "
+        "bands.",
+    )
+    shadow_sar_change_db: float | None = Field(
+        2.0, gt=0,
+        description="A pixel the shadow check flags is left as observed when its S1 backscatter (5 x 5 mean, VV or "
+        "VH) differs by more than this many dB between the S1 nearest its history date and an S1 within "
+        "sar_max_days of the target date: a shadow does not change the backscatter, a flood does (on the synthetic "
+        "flood's first day 80 % of the flooded pixels the optical test flags change by more than 2 dB, against "
+        "1-3 % of the true shadows after it). Without S1 near the target the check does not run. None: no S1 test, "
+        "the check runs on optical alone (on a flood's first day it then fills flooded pixels under thin haze from "
+        "the pre-flood history).",
     )
     shadow_visible_max: float = Field(
         0.9, gt=0, le=1,
@@ -196,6 +209,37 @@ class FillResult:
     source_age_days: np.ndarray  # (H, W) int16: 0 observed, age of the fill date, AGE_NONE for none
     notes: list[dict[str, Any]] = field(default_factory=list)  # one per fill date used, oldest last
     missed_shadow: np.ndarray | None = None  # (H, W) bool: clear by the mask, filled as a missed shadow (shadow check)
+    # (H, W) bool: flagged by the shadow check's optical test, left as observed because S1 changed there
+    shadow_kept_by_sar: np.ndarray | None = None
+    # the missed-shadow check: "off" (shadow_check_px 0 or no shadow bands), "optical" (no S1 test), "optical+S1",
+    # or "no S1" (the S1 test is required and no S1 was near the target date: the check did not run)
+    shadow_check: str = "off"
+
+
+class GroundChange(Protocol):
+    """S1 backscatter in dB (bands VV and/or VH, (S, H, W) on the fill's grid) for the shadow check's S1 test."""
+
+    def near_target(self) -> list[np.ndarray]:
+        """S1 within the allowed days of the target date (before and after it); empty when there is none."""
+        ...
+
+    def near_history(self, age_days: float) -> np.ndarray | None:
+        """S1 nearest the history date ``age_days`` before the target; None when none is near it."""
+        ...
+
+
+@dataclass
+class GroundChangeArrays:
+    """``GroundChange`` from arrays already read: ``target`` S1 near the target date, ``history`` by age."""
+
+    target: list[np.ndarray]
+    history: Mapping[float, np.ndarray]
+
+    def near_target(self) -> list[np.ndarray]:
+        return list(self.target)
+
+    def near_history(self, age_days: float) -> np.ndarray | None:
+        return self.history.get(float(age_days))
 
 
 SHADOW_BANDS = ("blue", "green", "red", "nir", "swir1")
@@ -810,7 +854,7 @@ def _given_fit(given: DateFit, x: np.ndarray, x_ok: np.ndarray, target: np.ndarr
 
 def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: FillConfig | None = None, *,
               fits: Mapping[float, DateFit] | None = None, origin: tuple[int, int] = (0, 0),
-              shadow_bands: Sequence[int] | None = None) -> FillResult:
+              shadow_bands: Sequence[int] | None = None, ground_change: GroundChange | None = None) -> FillResult:
     """Fill the pixels the target date does not see clearly from earlier clear dates, harmonized to the target.
 
     ``target`` is the target date's reflectance (C, H, W) with NaN nodata, ``clear`` its clear mask (H, W);
@@ -825,7 +869,10 @@ def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: F
     ``shadow_bands``: indices of blue, green, red, NIR and SWIR1 in the bands (``shadow_bands()``); with them and
     ``shadow_check_px`` > 0, clear pixels near the mask's clouds that are darker than their own history as a shadow
     is are filled too (``FillResult.missed_shadow``): the fill runs once to estimate them from the history, with
-    that ring hidden, and once more with the missed shadows hidden.
+    that ring hidden, and once more with the missed shadows hidden. ``ground_change``: S1 near the target and the
+    history dates; a flagged pixel whose S1 changed by more than ``shadow_sar_change_db`` stays observed
+    (``FillResult.shadow_kept_by_sar``). With ``shadow_sar_change_db`` set and no S1 near the target the check
+    does not run (``FillResult.shadow_check`` "no S1").
     """
     cfg = config or FillConfig()
     if not cfg.shadow_check_px or shadow_bands is None:
@@ -833,16 +880,74 @@ def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: F
     if len(shadow_bands) != len(SHADOW_BANDS):
         raise DataError(f"fill_gaps: shadow_bands {list(shadow_bands)} must give the indices of "
                         f"{', '.join(SHADOW_BANDS)}; see pipeline.harmonize.shadow_bands")
+    status = "optical"
+    if cfg.shadow_sar_change_db is not None:
+        status = "optical+S1" if ground_change is not None else "no S1"
     values, t_clear = _check_pair(target, clear, "target", None)
     near = t_clear & _dilate(~t_clear, cfg.shadow_check_px)
-    if not near.any():
-        return _fill(target, clear, history, cfg, fits, origin)
+    if not near.any() or status == "no S1":
+        res = _fill(target, clear, history, cfg, fits, origin)
+        res.shadow_check = status
+        return res
     probe = _fill(target, t_clear & ~near, history, cfg, fits, origin)
     missed = near & (probe.provenance == PROVENANCE_FILLED)
     missed &= _darker_than_history(values, probe.image, shadow_bands, cfg)
+    kept = None
+    if status == "optical+S1" and missed.any():
+        assert ground_change is not None and cfg.shadow_sar_change_db is not None
+        now = ground_change.near_target()
+        if not now:
+            res = _fill(target, clear, history, cfg, fits, origin)
+            res.shadow_check = "no S1"
+            return res
+        kept = missed & _ground_changed(now, ground_change, probe.source_age_days, missed, cfg.shadow_sar_change_db)
+        missed &= ~kept
     res = _fill(target, t_clear & ~missed, history, cfg, fits, origin)
     res.missed_shadow = missed
+    res.shadow_kept_by_sar = kept
+    res.shadow_check = status
     return res
+
+
+# S1's change test averages this many pixels a side (in linear power): ~100 looks on GRD, so speckle moves the
+# difference of two dates by ~0.6 dB (1 sigma) against the 2 dB threshold
+SAR_CHANGE_WINDOW_PX = 5
+
+
+def _smoothed_db(db: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    lin = np.power(10.0, np.asarray(db, dtype=np.float64) / 10.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.stack([10.0 * np.log10(ndimage.uniform_filter(b, SAR_CHANGE_WINDOW_PX, mode="nearest"))
+                        for b in lin])
+    return out
+
+
+def _ground_changed(now: Sequence[np.ndarray], change: GroundChange, ages: np.ndarray, where: np.ndarray,
+                    threshold_db: float) -> np.ndarray:
+    """Where S1 changed by more than ``threshold_db`` (any band, any S1 near the target) between each pixel's
+    history date (``ages``) and the target; a pixel without S1 on either side counts as changed, so it stays as
+    observed (the check's default before it existed)."""
+    changed = np.zeros(where.shape, bool)
+    now_db = [_smoothed_db(x) for x in now]
+    for age in np.unique(ages[where]):
+        sel = where & (ages == age)
+        before = change.near_history(float(age))
+        if before is None:
+            changed |= sel
+            continue
+        then = _smoothed_db(before)
+        for n in now_db:
+            if n.shape != then.shape:
+                raise DataError(f"fill_gaps: S1 near the target has shape {n.shape} but S1 near the date "
+                                f"{age:g} days before it has {then.shape}; both must be on the fill's grid")
+            with np.errstate(invalid="ignore"):
+                moved = ~(np.abs(n - then) <= threshold_db).all(axis=0)  # NaN (no S1 there) counts as changed
+            # the mean blurs a change's edge over half its window: the pixels there count as changed too (else
+            # speckle lets single edge pixels of a flood through, and their fill's buffer and feather spread)
+            changed |= sel & _dilate(moved, SAR_CHANGE_WINDOW_PX // 2)
+    return changed
 
 
 def _darker_than_history(observed: np.ndarray, history: np.ndarray, bands: Sequence[int],

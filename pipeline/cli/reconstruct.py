@@ -72,6 +72,10 @@ def reconstruct_cmd(
     max_age_days: int = _fill_option("max_age_days"),
     fit: Fit = _fill_option("fit"),
     shadow_check_px: int = _fill_option("shadow_check_px"),
+    shadow_sar_change_db: str = typer.Option(
+        f"{FillConfig.model_fields['shadow_sar_change_db'].default:g}", "--shadow-sar-change-db",
+        help=f"Checkpoint composite: {FillConfig.model_fields['shadow_sar_change_db'].description} Pass 'none' "
+        "for no S1 test."),
     fill_unobserved: Unobserved = _option("fill_unobserved"),
     yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
 ) -> None:
@@ -87,7 +91,8 @@ def reconstruct_cmd(
         "source": SourceSpec.parse(source, root), "keep_clear": keep_clear, "dask_address": dask_address, "tile": tile,
         "overlap": overlap, "batch_size": batch_size, "block": block, "dtype": dtype, "compress": compress,
         "mask_method": mask_method, "sar_max_days": sar_max_days, "aux_dates": aux_dates, "device": device,
-        "fill": {"max_age_days": max_age_days, "fit": Fit(fit).value, "shadow_check_px": shadow_check_px},
+        "fill": {"max_age_days": max_age_days, "fit": Fit(fit).value, "shadow_check_px": shadow_check_px,
+                 "shadow_sar_change_db": None if shadow_sar_change_db.lower() == "none" else shadow_sar_change_db},
         "fill_unobserved": fill_unobserved,
     }, option=_spelled)
     dates = [parse_date(d) for d in date]

@@ -480,7 +480,7 @@ class SearchCache:
 
 
 class CaseSource:
-    """One case through the ``Source`` protocol: pasted dates served from memory, later dates hidden.
+    """One case through the ``Source`` protocol: pasted dates served from memory, later optical dates hidden.
 
     Each pasted date is served as its first scene (the others of that date are hidden, since the series holds
     the date's mosaic); every other scene is the archive's own, read through the wrapped source. The archive is
@@ -503,7 +503,9 @@ class CaseSource:
         self.scenes: Callable[..., list[Scene]] | None = self._scenes if callable(listing) else None
 
     def _keep(self, s: Scene) -> bool:
-        if s.date > self._last or s.id in self._hidden:
+        # later optical dates would show the hidden ground; S1 after the target cannot, and the product reads it
+        # (the fill's S1 test of a flood, a model's S1 nearest the target)
+        if (s.date > self._last and s.family != "s1") or s.id in self._hidden:
             return False
         if s.family == self._family and s.date < self._first:
             return False

@@ -14,6 +14,7 @@ harmonization once for the whole AOI, on a decimated sample grid, so all blocks 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 from collections.abc import Mapping
@@ -167,8 +168,9 @@ class FillLoader:
     """
 
     def __init__(self, source: Source, grid: Grid, plan: InputPlan, *, mask_method: str, fill: FillConfig,
-                 least_cloudy: bool = False, sar_bands: Sequence[str] = ()) -> None:
+                 least_cloudy: bool = False, sar_bands: Sequence[str] = (), sar_max_days: int = 6) -> None:
         self.source, self.grid, self.plan = source, grid, plan
+        self.sar_max_days = sar_max_days
         self.mask_method, self.fill, self.least_cloudy = mask_method, fill, least_cloudy
         # S1 of the target date (plan.sar_scenes[-1]) for a refine model that reads it, in [0, 1]
         self.sar_bands = tuple(sar_bands)
@@ -219,8 +221,44 @@ class FillLoader:
         if self.sar_bands:
             sar = sar_to_unit(mosaic_sar(self.source, self.plan.sar_scenes[-1], sub, self.sar_bands), self.sar_bands,
                               axis=0)
+        change = None
+        if self.plan.change_sar and cfg.shadow_check_px and cfg.shadow_sar_change_db is not None:
+            change = SarGroundChange(self.source, sub, self.plan, self.sar_max_days)
         return FillInputs(target, t_clear, history, seen, read,
-                          None if least is None else (least.value, least.age), sar=sar)
+                          None if least is None else (least.value, least.age), sar=sar, ground_change=change)
+
+
+class SarGroundChange:
+    """``harmonize.GroundChange`` read from the plan's S1 (``plan.change_sar``) on a window, only when the shadow
+    check asks: near the target, the nearest S1 date before it and the nearest on or after it (S1 from before the
+    target cannot see a flood that arrived since; the run checks one on or after it exists, ``shadow_check_status``);
+    near a history date, the nearest S1 date."""
+
+    def __init__(self, source: Source, sub: Grid, plan: InputPlan, max_days: int) -> None:
+        self.source, self.sub, self.plan, self.max_days = source, sub, plan, max_days
+        self._read: dict[dt.date, np.ndarray] = {}
+
+    def _mosaic(self, day: dt.date) -> np.ndarray:
+        if day not in self._read:
+            scenes = dict(self.plan.change_sar)[day]
+            self._read[day] = mosaic_sar(self.source, scenes, self.sub, self.plan.change_sar_bands)
+        return self._read[day]
+
+    def _within(self, day: dt.date) -> list[dt.date]:
+        return [d for d, _ in self.plan.change_sar if abs((d - day).days) <= self.max_days]
+
+    def near_target(self) -> list[np.ndarray]:
+        t = self.plan.target_date
+        near = self._within(t)
+        picks = [max((d for d in near if d < t), default=None), min((d for d in near if d >= t), default=None)]
+        return [self._mosaic(d) for d in picks if d is not None]
+
+    def near_history(self, age_days: float) -> np.ndarray | None:
+        day = self.plan.target_date - dt.timedelta(days=int(round(age_days)))
+        near = self._within(day)
+        if not near:
+            return None
+        return self._mosaic(min(near, key=lambda d: (abs((d - day).days), d)))
 
 
 class _Least:

@@ -16,6 +16,7 @@ every date of the region's optical family within the fill's maximum age before D
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -29,6 +30,8 @@ from pipeline.reconstruct.config import AUX_MAX_DAYS, AuxDates, ReconstructConfi
 from pipeline.regions import Region
 from pipeline.sensors import get_sensor
 from pipeline.sources.base import Scene, Source
+
+log = logging.getLogger(__name__)
 
 LOOKBACK_DAYS = 120  # how far before D optical input dates are searched
 COMPOSITE = "composite"  # the training-free checkpoint
@@ -46,9 +49,13 @@ class InputPlan:
     sar_dates: list[dt.date] = field(default_factory=list)  # the date each SAR slot stands for
     sar_scenes: list[list[Scene]] = field(default_factory=list)
     target_scenes: list[Scene] = field(default_factory=list)  # optical scenes on D (observed pixels)
+    # S1 by date, oldest first, over the fill's dates: the missed-shadow check's test of a changed ground (flood)
+    change_sar: list[tuple[dt.date, list[Scene]]] = field(default_factory=list)
+    change_sar_bands: tuple[str, ...] = ()
 
     def scene_ids(self) -> list[str]:
-        ids = [s.id for group in self.optical_scenes + self.sar_scenes + [self.target_scenes] for s in group]
+        groups = self.optical_scenes + self.sar_scenes + [self.target_scenes] + [g for _, g in self.change_sar]
+        ids = [s.id for group in groups for s in group]
         return sorted(dict.fromkeys(ids))
 
 
@@ -297,3 +304,34 @@ def plan_fill(region: Region, date: dt.date, source: Source, config: Reconstruct
             "before); pick a later --date or raise --max-age-days")
     dates = earlier + [date]
     return InputPlan(date, sensor_key, dates, [days[d] for d in dates], target_scenes=days[date])
+
+
+CHANGE_SAR_BANDS = ("VV", "VH")
+
+
+def plan_change_sar(region: Region, plan: InputPlan, source: Source, max_days: int) -> InputPlan:
+    """Adds to a fill plan the S1 dates within ``max_days`` of its optical dates (``change_sar``), for the missed-
+    shadow check's S1 test; none when the source has no S1 there (the check then does not run, and the run's
+    metadata says so). A region that does not list s1 in its sensors, or a source that cannot search S1, is the
+    same as one without S1 here: the fill does not need it, and the check only runs when it is there."""
+    if "s1" not in region.sensors:
+        return plan
+    margin = dt.timedelta(days=max_days)
+    try:
+        found = source.search(region, plan.optical_dates[0] - margin, plan.target_date + margin, "s1")
+    except SourceError as exc:
+        log.info("no S1 for the missed-shadow check over %s: %s", region.name, exc)
+        return plan
+    by_bands: dict[tuple[str, ...], list[Scene]] = {}
+    for s in found:
+        have = tuple(b for b in CHANGE_SAR_BANDS if b in get_sensor(s.sensor).band_names)
+        if have:
+            by_bands.setdefault(have, []).append(s)
+    if not by_bands:
+        return plan
+    # one set of bands for every date: the most common (an archive mixing VV-only and VV+VH tests VV on both)
+    bands = max(by_bands, key=lambda b: (len(by_bands[b]), len(b)))
+    usable = [s for group in by_bands.values() for s in group if set(bands) <= set(get_sensor(s.sensor).band_names)]
+    plan.change_sar = sorted(_by_date(usable).items())
+    plan.change_sar_bands = bands
+    return plan

@@ -70,7 +70,7 @@ from pipeline.harmonize import FillConfig, shadow_bands
 from pipeline.reconstruct.cog import BlockWriter, RasterSpec, build_vrt, raw_tiled_bytes, validate_cog
 from pipeline.reconstruct.config import ReconstructConfig, Unobserved
 from pipeline.reconstruct.mosaic import FillLoader, MosaicLoader, SampleFits
-from pipeline.reconstruct.plan import COMPOSITE, InputPlan, plan_fill, plan_inputs, sar_scenes
+from pipeline.reconstruct.plan import COMPOSITE, InputPlan, plan_change_sar, plan_fill, plan_inputs, sar_scenes
 from pipeline.reconstruct.styles import style_run
 from pipeline.reconstruct.tiling import Filler, Outputs, Progress, TorchPredictor, plan_blocks, run_blocks
 from pipeline.regions import Region, load_region
@@ -486,7 +486,35 @@ def _fill_tags(region: Region, date: dt.date, plan: InputPlan, source_name: str,
         "mask_method": config.mask_method,
         "fill_config": json.dumps(config.fill.model_dump(), sort_keys=True),
         "fill_unobserved": str(config.fill_unobserved),
+        "shadow_check": shadow_check_status(plan, config),
     }
+
+
+def shadow_check_status(plan: InputPlan, config: ReconstructConfig) -> str:
+    """How the fill's missed-shadow check runs for this plan (after ``plan_change_sar``): one line for the
+    metadata (``shadow_check`` tag, STAC ``cloudfree:shadow_check``)."""
+    fill = config.fill
+    if not fill.shadow_check_px:
+        return "off (shadow_check_px 0)"
+    if shadow_bands(plan.optical_sensor, get_sensor(plan.optical_sensor).reflectance_bands) is None:
+        return f"off ({plan.optical_sensor} lacks one of blue, green, red, NIR, SWIR1)"
+    if fill.shadow_sar_change_db is None:
+        return f"on within {fill.shadow_check_px} px, optical test only (shadow_sar_change_db none)"
+    near = [d for d, _ in plan.change_sar if abs((d - plan.target_date).days) <= config.sar_max_days]
+    # S1 from before D cannot see a flood that arrived since: without one on or after D the test could pass a flood
+    if not any(d >= plan.target_date for d in near):
+        return (f"off: no S1 on {plan.target_date} or within {config.sar_max_days} days after it to tell a flood "
+                "from a shadow the mask missed (--shadow-sar-change-db none runs the check on optical alone)")
+    return (f"on within {fill.shadow_check_px} px, flagged pixels whose S1 {'/'.join(plan.change_sar_bands)} "
+            f"changed by more than {fill.shadow_sar_change_db:g} dB stay observed (S1 {', '.join(map(str, near))})")
+
+
+def _effective_fill(plan: InputPlan, config: ReconstructConfig) -> FillConfig:
+    """``config.fill`` as the blocks run it: without its shadow check when the check cannot run, so the reach and
+    halo of the fill do not read dates for a ring no one checks."""
+    if shadow_check_status(plan, config).startswith("off"):
+        return config.fill.model_copy(update={"shadow_check_px": 0})
+    return config.fill
 
 
 def _fill_summary(info: dict[str, Any], date: dt.date) -> dict[str, Any]:
@@ -550,6 +578,9 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
     src_name = getattr(src, "name", type(src).__name__)
     grid = region.grid()
     plan = plan_fill(region, date, src, config)
+    if config.fill.shadow_check_px and config.fill.shadow_sar_change_db is not None:
+        plan_change_sar(region, plan, src, config.sar_max_days)
+    fill = _effective_fill(plan, config)
     if refiner is not None:
         _check_refiner(refiner, plan)
         if refiner.spec.sar_bands:
@@ -559,6 +590,7 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
     log.info("reconstruct %s %s with the harmonized fill%s: %d earlier %s date(s) within %d days (%s .. %s)",
              region.name, date, f" corrected by {refiner.name}" if refiner else "", len(plan.optical_dates) - 1,
              plan.optical_sensor, config.fill.max_age_days, plan.optical_dates[0], plan.optical_dates[-2])
+    log.info("missed-shadow check: %s", shadow_check_status(plan, config))
     paths = OutputPaths(out_dir, f"{region.name}_{date:%Y%m%d}_{refiner.name if refiner else COMPOSITE}")
     tags = _fill_tags(region, date, plan, src_name, config)
     if refiner is not None:
@@ -577,11 +609,12 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
         outputs = Outputs(writer(paths.cog, RasterSpec.reflectance(bands, dtype=config.dtype, tags=tags)),
                           writer(paths.provenance, RasterSpec.provenance(tags)), None, resume,
                           source_days=writer(paths.source_days, RasterSpec.source_days(tags)))
-        loader = FillLoader(src, grid, plan, mask_method=config.mask_method, fill=config.fill,
+        loader = FillLoader(src, grid, plan, mask_method=config.mask_method, fill=fill,
+                            sar_max_days=config.sar_max_days,
                             least_cloudy=config.fill_unobserved == Unobserved.least_cloudy,
                             sar_bands=refiner.spec.sar_bands if refiner else ())
         predictor = None if refiner is None else TorchPredictor(refiner.model, device=config.device, bf16=config.bf16)
-        filler = Filler(config.fill, SampleFits(loader), refiner=predictor,
+        filler = Filler(fill, SampleFits(loader), refiner=predictor,
                         shadow_bands=shadow_bands(plan.optical_sensor, loader.bands))
         computed = _compute(grid, loader, filler, config, outputs, progress, client,
                             compute=tiling.compute_fill_block)
@@ -593,7 +626,8 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
         validation = _commit(outputs, progress, paths, notes)
 
     _write_quicklook(paths.quicklook, paths.cog, src, plan, bands, grid)
-    props = {"cloudfree:fill_config": config.fill.model_dump(), "cloudfree:fill_notes": summary["dates"],
+    props = {"cloudfree:fill_config": config.fill.model_dump(), "cloudfree:shadow_check": tags["shadow_check"],
+             "cloudfree:fill_notes": summary["dates"],
              "cloudfree:fill_pixels": summary["counts"], "cloudfree:warnings": warnings}
     validation.update(_write_stac(paths, grid, date, bands, plan, tags, with_source_days=True, properties=props))
     return ReconstructResult(
@@ -617,8 +651,8 @@ def _refiner_config(lm: LoadedModel, config: ReconstructConfig) -> ReconstructCo
     raise CheckpointError(
         f"checkpoint {lm.checkpoint}: {lm.name} was trained to correct the fill with "
         f"{trained.differences(config.fill, 'this run')}; "
-        "leave the fill options (--max-age-days, --fit, --shadow-check-px) at their defaults to use the checkpoint's, "
-        "or retrain with composite_fill set to this run's")
+        "leave the fill options (--max-age-days, --fit, --shadow-check-px, --shadow-sar-change-db) at their "
+        "defaults to use the checkpoint's, or retrain with composite_fill set to this run's")
 
 
 def _check_refiner(lm: LoadedModel, plan: InputPlan) -> None:

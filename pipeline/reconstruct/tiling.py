@@ -33,7 +33,7 @@ import torch
 from scipy import ndimage
 
 from pipeline.files import write_text_atomic
-from pipeline.harmonize import DateFit, FillConfig, fill_gaps
+from pipeline.harmonize import DateFit, FillConfig, GroundChange, fill_gaps
 from pipeline.masking.codes import MaskClass
 from pipeline.reconstruct.cog import (
     PROVENANCE_FILLED,
@@ -137,6 +137,7 @@ class FillInputs:
     dates_read: int = 0
     least_cloudy: tuple[np.ndarray, np.ndarray] | None = None
     sar: np.ndarray | None = None  # S1 of the target date (S, h, w) in [0, 1], for a refine model that reads it
+    ground_change: GroundChange | None = None  # S1 for the missed-shadow check's test of a changed ground
 
 
 class Loader(Protocol):
@@ -358,7 +359,7 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
     b0, b1 = max(0, block.c0 - halo), min(width, block.c1 + halo)
     inputs = loader(a0, a1, b0, b1)
     res = fill_gaps(inputs.target, inputs.clear, inputs.history, filler.fill, fits=filler.fits, origin=(a0, b0),
-                    shadow_bands=filler.shadow_bands)
+                    shadow_bands=filler.shadow_bands, ground_change=inputs.ground_change)
     crop = (slice(block.r0 - a0, block.r1 - a0), slice(block.c0 - b0, block.c1 - b0))
     image = np.clip(res.image[(slice(None),) + crop], 0.0, 1.0)  # NaN stays NaN
     prov = res.provenance[crop].copy()
@@ -389,6 +390,8 @@ def compute_fill_block(block: Block, height: int, width: int, loader: FillLoader
         ("nodata", PROVENANCE_NODATA))}
     if res.missed_shadow is not None:  # part of "filled": clear by the mask, filled as a shadow it missed
         counts["missed_shadow"] = int((res.missed_shadow[crop] & (prov == PROVENANCE_FILLED)).sum())
+    if res.shadow_kept_by_sar is not None:  # part of "observed": the optical test flagged them, S1 had changed
+        counts["shadow_kept_by_sar"] = int(res.shadow_kept_by_sar[crop].sum())
     info = {"counts": counts, "notes": notes, "dates_read": inputs.dates_read}
     if predicted is not None:  # counted as the fill made them (notes, counts); the layer says a model corrected them
         counts["predicted"] = int(predicted.sum())

@@ -130,11 +130,17 @@ def meta_spec(meta: Mapping[str, Any]) -> InputSpec:
 
 
 def meta_fill(meta: Mapping[str, Any]) -> FillConfig:
-    """The harmonized fill a composite-taking model was trained to correct (``TrainConfig.composite_fill``); runs
-    written before it was recorded were trained on the default."""
+    """The harmonized fill a composite-taking model was trained to correct (``TrainConfig.composite_fill``). Runs
+    written before it was recorded were trained on the then default, which had no missed-shadow check; runs written
+    before the check's S1 test existed ran its optical test alone."""
     recorded = (meta.get("train") or {}).get("composite_fill")
     if recorded is None:
-        return FillConfig()
+        return FillConfig(shadow_check_px=0)
+    recorded = dict(recorded)
+    if "shadow_check_px" not in recorded:
+        recorded["shadow_check_px"] = 0
+    else:
+        recorded.setdefault("shadow_sar_change_db", None)
     try:
         return FillConfig.model_validate(recorded)
     except ValueError as exc:

@@ -37,10 +37,12 @@ from pipeline.harmonize import (
     PROVENANCE_NO_CLEAR,
     PROVENANCE_NODATA,
     FillConfig,
+    GroundChangeArrays,
     fill_gaps,
     shadow_bands,
 )
 from pipeline.masking.codes import MaskClass
+from pipeline.normalize import unit_to_sar
 from pipeline.sensors import S1_BANDS, S2_BANDS, SENSORS
 from pipeline.train.config import AugmentConfig  # defined there so the config stays torch-free
 
@@ -270,7 +272,12 @@ def _sample_composite(raw: Mapping[str, Any], opt: np.ndarray, masks: np.ndarray
     if contaminated is not None:
         clear &= ~contaminated
     target = refl(ref, cloudy)
-    res = fill_gaps(target, clear, history, fill, shadow_bands=bands)
+    change = None
+    if "s1" in raw:  # the S1 nearest each date, as reconstruct tests a flagged shadow against (FillLoader)
+        s1 = unit_to_sar(np.asarray(raw["s1"], dtype=np.float32), tuple(raw.get("s1_bands") or S1_BANDS), axis=1)
+        change = GroundChangeArrays([s1[ref]], {float(days[ref] - days[d]): s1[d] for d in range(ref)
+                                                if days[ref] > days[d]})
+    res = fill_gaps(target, clear, history, fill, shadow_bands=bands, ground_change=change)
     return composite_arrays(res.image, res.provenance, res.source_age_days, target)
 
 

@@ -91,6 +91,29 @@ def test_observed_pixels_away_from_the_fill_are_returned_exactly(fill_run):
     assert (prov[~clear] == 1).all()
 
 
+def test_the_shadow_check_runs_with_s1_after_the_date_and_says_so(fill_run, tmp_path):
+    """07-22: S1 on 07-19 and 07-25 (6-day repeat). The check runs with S1 and the metadata names the S1 dates; a
+    region without S1, or S1 only before the date, leaves the mask as it is and says why."""
+    stac = json.loads(fill_run.stac.read_text())["properties"]
+    assert stac["cloudfree:shadow_check"].startswith("on within 40 px, flagged pixels whose S1 VV/VH changed by more "
+                                                    "than 2 dB stay observed (S1 2021-07-19, 2021-07-25)")
+    with rasterio.open(fill_run.cog) as ds:
+        assert ds.tags()["shadow_check"] == stac["cloudfree:shadow_check"]
+    assert {"2021-07-19", "2021-07-25"} <= {s.date.isoformat() for _, g in fill_run.plan.change_sar for s in g}
+    counts = fill_run.fill["counts"]
+    assert "missed_shadow" in counts and "shadow_kept_by_sar" in counts
+
+    optical_only = _region("tiny-s2", 113.6225, 34.7295, sensors=("s2",))
+    res = reconstruct(optical_only, DATE, "composite", tmp_path / "s2", fast(block=512))
+    status = json.loads(res.stac.read_text())["properties"]["cloudfree:shadow_check"]
+    assert status == ("off: no S1 on 2021-07-22 or within 6 days after it to tell a flood from a shadow the mask "
+                      "missed (--shadow-sar-change-db none runs the check on optical alone)")
+    assert "missed_shadow" not in res.fill["counts"]
+    # S1 only before the date (3 days after it is too late here) cannot see a flood that arrived since
+    late = reconstruct(SMALL, DATE, "composite", tmp_path / "late", fast(block=512, sar_max_days=2))
+    assert json.loads(late.stac.read_text())["properties"]["cloudfree:shadow_check"].startswith("off: no S1")
+
+
 def test_never_filled_from_a_pixel_its_dates_mask_calls_not_clear(fill_run):
     src, grid = SyntheticSource(), SMALL.grid()
     prov, days = _read(fill_run.provenance)[0], _read(fill_run.source_days)[0]
@@ -294,3 +317,27 @@ def test_cli_lists_the_source_days_layer_and_warns_when_nothing_is_fillable(tmp_
     assert "mini_20210722_composite_source_days.tif" in "".join(text.split())  # rich wraps long lines anywhere
     assert "warning:2021-07-22:nothingcouldbefilled:everyhiddenpixel" in "".join(text.split())
     assert (out / "mini_20210722_composite_source_days.tif").is_file()
+
+
+def test_cli_shadow_sar_change_db_takes_none_and_refuses_a_bad_value_in_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import pipeline.cli.reconstruct  # noqa: F401  (registers the command)
+    from pipeline.cli import main
+
+    def run(value: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["cloudfree", "reconstruct", "zhengzhou-demo", "--date", "2021-07-22",
+                                          "--out", str(tmp_path / value), "--mask-method", "cloudscore",
+                                          "--max-age-days", "5", "--shadow-sar-change-db", value])
+        with pytest.raises(SystemExit) as done:
+            main()
+        return int(done.value.code or 0), capsys.readouterr().err
+
+    for bad in ("-1", "two"):
+        code, err = run(bad)
+        assert code != 0 and "--shadow-sar-change-db" in err and "Traceback" not in err, err
+        assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    # "none" parses (the run then stops where the AOI size is checked, before any scene is read)
+    monkeypatch.setattr(pipeline.cli.reconstruct, "check_size",
+                        lambda aoi, **kw: (_ for _ in ()).throw(SystemExit(0)))
+    assert run("none")[0] == 0

@@ -17,6 +17,7 @@ from pipeline.harmonize import (
     PROVENANCE_NODATA,
     PROVENANCE_OBSERVED,
     FillConfig,
+    GroundChangeArrays,
     fill_gaps,
     shadow_bands,
 )
@@ -476,8 +477,9 @@ def test_a_shadow_the_mask_missed_beside_a_cloud_is_filled_and_a_flood_there_is_
     history = [(10.0, old, np.ones((H, W), bool))]
     bands = (0, 1, 2, 3, 4)
 
-    check = FillConfig(shadow_check_px=40)
+    check = FillConfig(shadow_check_px=40, shadow_sar_change_db=None)  # the optical test alone
     res = fill_gaps(target, clear, history, check, shadow_bands=bands)
+    assert res.shadow_check == "optical"
     assert res.missed_shadow is not None
     assert res.missed_shadow[shadow].mean() > 0.9
     assert not res.missed_shadow[flood].any() and not res.missed_shadow[far_dark].any()
@@ -489,11 +491,64 @@ def test_a_shadow_the_mask_missed_beside_a_cloud_is_filled_and_a_flood_there_is_
 
     # without the bands' order, or with the check off, the mask is taken as it is
     for plain in (fill_gaps(target, clear, history, check),
-                  fill_gaps(target, clear, history, FillConfig(), shadow_bands=bands)):  # off by default
+                  fill_gaps(target, clear, history, FillConfig(shadow_check_px=0), shadow_bands=bands)):
         assert plain.missed_shadow is None and (plain.provenance[shadow] == PROVENANCE_OBSERVED).all()
     with pytest.raises(DataError, match=r"shadow_bands \[0, 1, 2\] must give the indices of blue, green, red, nir, "
                                         r"swir1"):
         fill_gaps(target, clear, history, check, shadow_bands=(0, 1, 2))
+
+
+def test_the_shadow_checks_s1_test_keeps_a_flood_that_arrived_since_the_history_date() -> None:
+    """On a flood's first day, flooded ground under thin haze passes the optical test (every band darker than the
+    pre-flood history). S1 tells it from a shadow: the backscatter of flooded ground changed, a shadow's did not.
+    The default check needs S1 near the target; without it the mask is taken as it is."""
+    rng = np.random.default_rng(3)
+    old = _texture(bands=5)
+    cloud = _disk(48, 30, 10)
+    shadow = _disk(48, 52, 6)
+    flood = _disk(26, 36, 6)
+    target = old.copy()
+    target[:, shadow] *= np.array([0.8, 0.7, 0.65, 0.4, 0.3], dtype=np.float32)[:, None]
+    target[:, flood] *= np.array([0.8, 0.8, 0.8, 0.3, 0.2], dtype=np.float32)[:, None]  # hazy flood: all darker
+    target[:, cloud] = 0.6
+    clear = ~cloud
+    history = [(10.0, old, np.ones((H, W), bool))]
+    bands = (0, 1, 2, 3, 4)
+
+    def s1(flooded: bool) -> np.ndarray:
+        db = np.stack([np.full((H, W), -9.0), np.full((H, W), -16.0)]).astype(np.float32)
+        if flooded:
+            db[:, flood] -= 10.0  # open water: specular, dark
+        speckle = rng.gamma(4.4, 1 / 4.4, db.shape)  # GRD's ~4.4 looks
+        return (db + 10 * np.log10(speckle)).astype(np.float32)
+
+    change = GroundChangeArrays([s1(flooded=True)], {10.0: s1(flooded=False)})
+    optical = fill_gaps(target, clear, history, FillConfig(shadow_sar_change_db=None), shadow_bands=bands)
+    assert optical.missed_shadow is not None and optical.missed_shadow[flood].mean() > 0.9  # what S1 must undo
+
+    res = fill_gaps(target, clear, history, FillConfig(), shadow_bands=bands, ground_change=change)
+    assert res.shadow_check == "optical+S1"
+    assert res.missed_shadow is not None and res.shadow_kept_by_sar is not None
+    assert res.missed_shadow[shadow].mean() > 0.9 and (res.provenance[_disk(48, 52, 4)] == PROVENANCE_FILLED).all()
+    core = _disk(26, 36, 4)  # the 5 x 5 mean blurs the flood's edge with dry ground
+    # speckle may let a lone edge pixel through (its fill's buffer and feather then touch its neighbours)
+    assert res.missed_shadow[flood].mean() < 0.05 and res.shadow_kept_by_sar[core].all()
+    assert (res.provenance[core] == PROVENANCE_OBSERVED).all()
+    assert (res.image[:, core] == target[:, core]).all(axis=0).mean() > 0.9
+
+    # S1 missing at a pixel on either date counts as changed: the pixel stays as the mask has it
+    holed = GroundChangeArrays([s1(flooded=False)], {10.0: s1(flooded=False)})
+    holed.target[0][:, shadow] = np.nan
+    kept = fill_gaps(target, clear, history, FillConfig(), shadow_bands=bands, ground_change=holed)
+    assert kept.shadow_kept_by_sar is not None and kept.shadow_kept_by_sar[_disk(48, 52, 3)].all()
+    # no S1 near the target, or none for the history date: the check cannot tell a flood, and leaves the mask be
+    for change in (None, GroundChangeArrays([], {10.0: s1(flooded=False)})):
+        none = fill_gaps(target, clear, history, FillConfig(), shadow_bands=bands, ground_change=change)
+        assert none.shadow_check == "no S1" and none.missed_shadow is None
+        assert (none.provenance[shadow] == PROVENANCE_OBSERVED).all()
+    no_history = fill_gaps(target, clear, history, FillConfig(), shadow_bands=bands,
+                           ground_change=GroundChangeArrays([s1(flooded=False)], {}))
+    assert no_history.missed_shadow is not None and not no_history.missed_shadow.any()
 
 
 def test_shadow_bands_are_found_by_sensor() -> None:

@@ -12,8 +12,9 @@ import torch
 
 from models.registry import build_model, model_spec
 from pipeline.errors import DataError
-from pipeline.harmonize import PROVENANCE_FILLED, FillConfig, fill_gaps, shadow_bands
+from pipeline.harmonize import PROVENANCE_FILLED, FillConfig, GroundChangeArrays, fill_gaps, shadow_bands
 from pipeline.masking.codes import MaskClass
+from pipeline.normalize import unit_to_sar
 from pipeline.train.checkpoint import load_checkpoint, meta_fill, read_meta
 from pipeline.train.config import AugmentConfig, TrainConfig, TrainConfigError
 from pipeline.train.loop import train
@@ -48,7 +49,11 @@ def test_untrained_refine_reproduces_the_composite_exactly():
                 raw["s2_mask"][d] == MaskClass.CLEAR) for d in range(3)]
     bands = shadow_bands("s2_l1c", model.spec.optical_bands)
     assert bands is not None  # the missed-shadow check (when configured) runs in training as in reconstruct
-    want = fill_gaps(cloudy, clear, history, FillConfig(), shadow_bands=bands)
+    # and with the S1 of each date, which tests a flagged shadow for a changed ground as reconstruct's S1 does
+    s1 = unit_to_sar(raw["s1"], axis=1)
+    change = GroundChangeArrays([s1[3]], {float(30 - 10 * d): s1[d] for d in range(3)})
+    want = fill_gaps(cloudy, clear, history, FillConfig(), shadow_bands=bands, ground_change=change)
+    assert want.shadow_check == "optical+S1"
     # where no earlier date was clear the fill has no value: the composite keeps the cloudy observation and says so
     none = ~np.isfinite(want.image).all(axis=0)
     np.testing.assert_array_equal(sample["composite"].numpy(), np.clip(np.where(none, cloudy, want.image), 0, 1))
@@ -66,6 +71,11 @@ def test_a_few_training_steps_move_only_the_pixels_the_fill_took_from_an_earlier
                 progress=False)
     # the fill the model learnt to correct travels with it; resuming on another one would mix two targets
     assert meta_fill(read_meta(tmp_path / "run")) == FillConfig(max_age_days=60)
+    # older runs read as what they were trained on: before the record no shadow check, before its S1 test optical only
+    assert meta_fill({"train": {}}) == FillConfig(shadow_check_px=0)
+    assert meta_fill({"train": {"composite_fill": {"max_age_days": 60}}}) == FillConfig(max_age_days=60,
+                                                                                        shadow_check_px=0)
+    assert meta_fill({"train": {"composite_fill": {"shadow_check_px": 40}}}) == FillConfig(shadow_sar_change_db=None)
     with pytest.raises(TrainConfigError, match=r"composite_fill max_age_days 60 \(this config: 90\); resume with the "
                                                r"same composite_fill"):
         train(cfg.model_copy(update={"epochs": 4, "composite_fill": FillConfig()}), None, tmp_path / "run",
