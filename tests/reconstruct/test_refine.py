@@ -12,11 +12,14 @@ import rasterio
 
 from pipeline.errors import CheckpointError
 from pipeline.files import sha256_file
+from pipeline.harmonize import FillConfig
 from pipeline.regions import parse_region
 from pipeline.train.checkpoint import save_model
 from tests.reconstruct.test_reconstruct import DATE, SMALL, fast
 
 SMALL_REFINE = {"base": "small", "base_channels": 8, "depth": 1}
+# as ``cloudfree train`` records it: the fill the model learnt to correct, here the product's default
+TRAINED_ON = {"composite_fill": FillConfig().model_dump(mode="json")}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def refine_run(tmp_path_factory):
     cfg = resolve_config("refine", SMALL_REFINE)
     model = build_model("refine", cfg)
     run = tmp_path_factory.mktemp("refine-run")
-    save_model(run, model, {"model": "refine", "config": cfg, "spec": model.spec.to_dict()})
+    save_model(run, model, {"model": "refine", "config": cfg, "spec": model.spec.to_dict(), "train": TRAINED_ON})
     return run
 
 
@@ -70,7 +73,7 @@ def sar_refine_run(tmp_path_factory):
     cfg = resolve_config("refine", {**SMALL_REFINE, "sar_bands": ["VV", "VH"]})
     model = build_model("refine", cfg)
     run = tmp_path_factory.mktemp("sar-refine-run")
-    save_model(run, model, {"model": "refine", "config": cfg, "spec": model.spec.to_dict()})
+    save_model(run, model, {"model": "refine", "config": cfg, "spec": model.spec.to_dict(), "train": TRAINED_ON})
     return run
 
 
