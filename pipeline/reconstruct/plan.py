@@ -28,7 +28,7 @@ from pipeline.errors import CheckpointError, SourceError
 from pipeline.grid import Grid
 from pipeline.reconstruct.config import AUX_MAX_DAYS, AuxDates, ReconstructConfig
 from pipeline.regions import Region
-from pipeline.sensors import get_sensor
+from pipeline.sensors import S1_BANDS, get_sensor
 from pipeline.sources.base import Scene, Source
 
 log = logging.getLogger(__name__)
@@ -306,9 +306,6 @@ def plan_fill(region: Region, date: dt.date, source: Source, config: Reconstruct
     return InputPlan(date, sensor_key, dates, [days[d] for d in dates], target_scenes=days[date])
 
 
-CHANGE_SAR_BANDS = ("VV", "VH")
-
-
 def plan_change_sar(region: Region, plan: InputPlan, source: Source, max_days: int) -> InputPlan:
     """Adds to a fill plan the S1 dates within ``max_days`` of its optical dates (``change_sar``), for the missed-
     shadow check's S1 test; none when the source has no S1 there (the check then does not run, and the run's
@@ -322,16 +319,9 @@ def plan_change_sar(region: Region, plan: InputPlan, source: Source, max_days: i
     except SourceError as exc:
         log.info("no S1 for the missed-shadow check over %s: %s", region.name, exc)
         return plan
-    by_bands: dict[tuple[str, ...], list[Scene]] = {}
-    for s in found:
-        have = tuple(b for b in CHANGE_SAR_BANDS if b in get_sensor(s.sensor).band_names)
-        if have:
-            by_bands.setdefault(have, []).append(s)
-    if not by_bands:
-        return plan
-    # one set of bands for every date: the most common (an archive mixing VV-only and VV+VH tests VV on both)
-    bands = max(by_bands, key=lambda b: (len(by_bands[b]), len(b)))
-    usable = [s for group in by_bands.values() for s in group if set(bands) <= set(get_sensor(s.sensor).band_names)]
-    plan.change_sar = sorted(_by_date(usable).items())
-    plan.change_sar_bands = bands
+    # the bands every scene has, so each date is tested on the same ones (a VV-only archive tests VV)
+    bands = tuple(b for b in S1_BANDS if found and all(b in get_sensor(s.sensor).band_names for s in found))
+    if bands:
+        plan.change_sar = sorted(_by_date(found).items())
+        plan.change_sar_bands = bands
     return plan

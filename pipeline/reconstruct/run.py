@@ -466,7 +466,7 @@ def _reconstruct_model(region: Region, date: dt.date, lm: LoadedModel, out_dir: 
 
 
 def _fill_tags(region: Region, date: dt.date, plan: InputPlan, source_name: str,
-               config: ReconstructConfig) -> dict[str, str]:
+               config: ReconstructConfig, shadow_check: str) -> dict[str, str]:
     """Provenance of a fill, written into every raster and the STAC Item (and, with the grid, the resume key:
     a changed fill config starts over)."""
     return {
@@ -486,7 +486,7 @@ def _fill_tags(region: Region, date: dt.date, plan: InputPlan, source_name: str,
         "mask_method": config.mask_method,
         "fill_config": json.dumps(config.fill.model_dump(), sort_keys=True),
         "fill_unobserved": str(config.fill_unobserved),
-        "shadow_check": shadow_check_status(plan, config),
+        "shadow_check": shadow_check,
     }
 
 
@@ -507,14 +507,6 @@ def shadow_check_status(plan: InputPlan, config: ReconstructConfig) -> str:
                 "from a shadow the mask missed (--shadow-sar-change-db none runs the check on optical alone)")
     return (f"on within {fill.shadow_check_px} px, flagged pixels whose S1 {'/'.join(plan.change_sar_bands)} "
             f"changed by more than {fill.shadow_sar_change_db:g} dB stay observed (S1 {', '.join(map(str, near))})")
-
-
-def _effective_fill(plan: InputPlan, config: ReconstructConfig) -> FillConfig:
-    """``config.fill`` as the blocks run it: without its shadow check when the check cannot run, so the reach and
-    halo of the fill do not read dates for a ring no one checks."""
-    if shadow_check_status(plan, config).startswith("off"):
-        return config.fill.model_copy(update={"shadow_check_px": 0})
-    return config.fill
 
 
 def _fill_summary(info: dict[str, Any], date: dt.date) -> dict[str, Any]:
@@ -580,7 +572,9 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
     plan = plan_fill(region, date, src, config)
     if config.fill.shadow_check_px and config.fill.shadow_sar_change_db is not None:
         plan_change_sar(region, plan, src, config.sar_max_days)
-    fill = _effective_fill(plan, config)
+    shadow_check = shadow_check_status(plan, config)
+    # without its check when it cannot run, so the fill's reach and halo do not read dates for a ring no one checks
+    fill = config.fill.model_copy(update={"shadow_check_px": 0}) if shadow_check.startswith("off") else config.fill
     if refiner is not None:
         _check_refiner(refiner, plan)
         if refiner.spec.sar_bands:
@@ -590,9 +584,9 @@ def _reconstruct_fill(region: Region, date: dt.date, out_dir: Path, config: Reco
     log.info("reconstruct %s %s with the harmonized fill%s: %d earlier %s date(s) within %d days (%s .. %s)",
              region.name, date, f" corrected by {refiner.name}" if refiner else "", len(plan.optical_dates) - 1,
              plan.optical_sensor, config.fill.max_age_days, plan.optical_dates[0], plan.optical_dates[-2])
-    log.info("missed-shadow check: %s", shadow_check_status(plan, config))
+    log.info("missed-shadow check: %s", shadow_check)
     paths = OutputPaths(out_dir, f"{region.name}_{date:%Y%m%d}_{refiner.name if refiner else COMPOSITE}")
-    tags = _fill_tags(region, date, plan, src_name, config)
+    tags = _fill_tags(region, date, plan, src_name, config, shadow_check)
     if refiner is not None:
         tags.update(model=refiner.name, checkpoint=refiner.checkpoint, checkpoint_sha256=refiner.sha256,
                     method=tags["method"] + f"; the filled pixels corrected by the trained {refiner.name} model")
