@@ -5,7 +5,9 @@ Default (``make bench``):
      Adam) on the same model and the same pre-assembled batches, and a full ``train()`` epoch vs a bare loop over
      the same DataLoader (data assembly included in both);
   2. CPU samples/s of small ``unet`` and ``crgennet`` at 128 x 128;
-  3. with a CUDA GPU: samples/s of CRGenNet's paper config at 256 x 256, bf16 autocast + channels_last.
+  3. with a CUDA GPU: training samples/s of the paper configs (CRGenNet with its VGG16 perceptual term and GAN,
+     UnCRtainTS, CA-Fusion) at 256 x 256 and their published batch sizes, fp32 vs bf16 autocast vs bf16 +
+     channels_last, through ``train_step``; ``--cuda`` runs this part alone.
 ``--demo``: build ``zhengzhou-demo`` from the synthetic source (skipped when already built), train a small unet and
 a small crgennet for ``--minutes`` each on CPU, evaluate both next to the composite baseline on the test split,
 print the tables.
@@ -37,11 +39,11 @@ from pipeline.train.samples import AssembledDataset, AugmentConfig, model_inputs
 CRGEN_NO_VGG = {"base": "small", "loss": {"perceptual": 0.0}}  # no ImageNet VGG weights offline
 
 
-def _toy(n: int, size: int):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_assemble import toy_raw_samples
+def _toy(n: int, size: int, dates: int = 3):
+    sys.path.insert(0, str(ROOT / "tests" / "train"))
+    from test_samples import toy_raw_samples
 
-    return toy_raw_samples(n, dates=3, size=size, seed=0)
+    return toy_raw_samples(n, dates=dates, size=size, seed=0)
 
 
 def _batches(cfg: TrainConfig, spec, raw, batch: int, n: int) -> list[dict]:
@@ -151,17 +153,51 @@ def epoch_overhead(model_name: str, params, size: int, batch: int, n: int, round
             "epoch_overhead_pct": 100 * (best_bare / best_ours - 1), "rounds": rounds}
 
 
-def cuda_paper_crgennet(size: int = 256, batch: int = 8, steps: int = 20) -> dict | None:
-    if not torch.cuda.is_available():
-        return None
-    params = {"base": "paper", "loss": {"perceptual": 0.0}}
-    cfg = TrainConfig(model="crgennet", model_params=params, batch_size=batch, num_workers=0, precision="bf16",
-                      deterministic=False)
-    spec = build_model("crgennet", params).spec
-    batches = _batches(cfg, spec, _toy(batch, size), batch, steps)
+# (model, published batch size, toy dates): UnCRtainTS reads three earlier dates, the others one
+CUDA_PAPER = (("crgennet", 8, 3), ("uncrtaints", 4, 4), ("cafusion", 8, 3))
+PRECISIONS = (("fp32", False), ("bf16", False), ("bf16", True))
+
+
+def cuda_paper(model: str, batch: int, dates: int, precision: str, channels_last: bool, vgg: str | None,
+               size: int = 256, steps: int = 20) -> dict:
+    """Training samples/s of a paper config through the trainer's own step, on the device setup_runtime picks."""
+    params: dict = {"base": "paper"}
+    cfg = TrainConfig(model=model, model_params=params, batch_size=batch, num_workers=0, precision=precision,
+                      channels_last=channels_last, deterministic=False, vgg_weights=vgg)
+    spec = build_model(model, params).spec
+    batches = _batches(cfg, spec, _toy(batch, size, dates), batch, steps)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     s = trainer_steps(cfg, batches)
-    return {"model": "crgennet paper", "size": size, "batch": batch, "precision": "bf16", "channels_last": True,
-            "s_per_step": s, "samples_per_s": batch / s, "gpu": torch.cuda.get_device_name()}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    n_params = sum(p.numel() for p in build_model(model, params).parameters())
+    return {"model": model, "size": size, "batch": batch, "precision": precision, "channels_last": channels_last,
+            "s_per_step": s, "samples_per_s": batch / s, "peak_gib": peak, "params_m": n_params / 1e6,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def cuda_sweep(size: int = 256, steps: int = 20, models: tuple[str, ...] | None = None) -> list[dict]:
+    """Every paper config in every precision, interleaved per model so clock drift hits all three alike."""
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        from tests.models.helpers import write_random_vgg
+
+        # random weights: the same arithmetic as ImageNet's (timing only; nothing is downloaded)
+        vgg = write_random_vgg(Path(d) / "vgg16-random.pth")
+        for model, batch, dates in CUDA_PAPER:
+            if models and model not in models:
+                continue
+            base = None
+            for precision, cl in PRECISIONS:
+                r = cuda_paper(model, batch, dates, precision, cl, vgg, size, steps)
+                base = base or r["samples_per_s"]
+                r["speedup_vs_fp32"] = r["samples_per_s"] / base
+                rows.append(r)
+                print(f"{model:10s} paper ({r['params_m']:.1f} M params) {size}px batch {batch} {precision}"
+                      f"{' + channels_last' if cl else ''} on {r['gpu']}: {r['s_per_step'] * 1e3:.1f} ms/step, "
+                      f"{r['samples_per_s']:.1f} samples/s (x{r['speedup_vs_fp32']:.2f} vs fp32), "
+                      f"peak {r['peak_gib']:.1f} GiB", flush=True)
+    return rows
 
 
 def demo(
@@ -204,10 +240,18 @@ def main() -> None:
     ap.add_argument("--extend", type=float, default=0.0, help="--demo: resume finished runs for this many more minutes")
     ap.add_argument("--only", choices=["unet", "crgennet"], help="--demo: just this model")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--cuda", action="store_true", help="only the paper-config precision sweep (on a CUDA GPU)")
+    ap.add_argument("--size", type=int, default=256, help="--cuda: crop size")
+    ap.add_argument("--models", nargs="*", help="--cuda: a subset of " + ", ".join(m for m, _, _ in CUDA_PAPER))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.demo:
         demo(args.data, args.runs, args.minutes, extend=args.extend, only=args.only)
+        return
+    if args.cuda:
+        if not torch.cuda.is_available():
+            print("note: no CUDA GPU, the sweep runs on CPU (a check of the script, not a figure)", flush=True)
+        print(json.dumps(cuda_sweep(args.size, max(args.steps, 4), tuple(args.models or ())), default=float))
         return
     rows = [overhead("unet", "small", 128, 8, args.steps), overhead("crgennet", CRGEN_NO_VGG, 128, 8, args.steps)]
     for r in rows:
@@ -222,12 +266,9 @@ def main() -> None:
         "samples/s, train() "
         f"{e['trainer_samples_per_s']:.1f} samples/s -> overhead {e['epoch_overhead_pct']:+.1f} %"
     )
-    g = cuda_paper_crgennet()
+    g = cuda_sweep() if torch.cuda.is_available() else None
     if g is None:
-        print("no CUDA GPU: CRGenNet paper-config bf16 figure skipped")
-    else:
-        print(f"CRGenNet paper config {g['size']}px batch {g['batch']} bf16 channels_last on {g['gpu']}: "
-              f"{g['s_per_step'] * 1e3:.0f} ms/step, {g['samples_per_s']:.1f} samples/s")
+        print("no CUDA GPU: the paper-config precision sweep is skipped (--cuda)")
     print(json.dumps({"cpu": rows, "epoch": e, "cuda": g}, default=float))
 
 

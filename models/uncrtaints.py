@@ -41,8 +41,11 @@ class TemporalAttention(nn.Module):
         x = x + self.pos[:t]
         k = self.key(x).view(-1, t, self.heads, self.d_k).transpose(1, 2)  # (N, heads, T, dk)
         v = x.view(-1, t, self.heads, c // self.heads).transpose(1, 2)  # (N, heads, T, c/heads)
-        q = self.query.unsqueeze(0).unsqueeze(2).expand(k.shape[0], -1, 1, -1)
-        o = F.scaled_dot_product_attention(q, k, v)  # (N, heads, 1, c/heads)
+        # One query per head shared by every pixel: an explicit softmax over the few dates. Handing SDPA the query
+        # expanded to N pixels (stride 0) broke its CUDA backward ("more than one element of the written-to
+        # tensor refers to a single memory location"); a materialised copy would cost N x heads x dk for nothing.
+        att = torch.einsum("hd,nhtd->nht", self.query.to(k.dtype), k) / math.sqrt(self.d_k)
+        o = torch.einsum("nht,nhtc->nhc", att.softmax(-1), v)  # (N, heads, c/heads)
         o = o.reshape(b, h, w, c).permute(0, 3, 1, 2)
         return self.out(o) + feats.mean(1)
 

@@ -116,7 +116,10 @@ class TrainConfig(BaseModel):
     d_steps: int = Field(1, ge=1, description="discriminator steps per generator step (GAN models)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto | fp32 | bf16 | fp16 (auto: bf16 autocast on CUDA, fp32 on CPU)")
-    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    # Off by default: on an H200 it slowed every paper config's training step (bench/training.py --cuda, bf16:
+    # CRGenNet 43.7 -> 36.8 samples/s, UnCRtainTS 14.3 -> 11.6, CA-Fusion 68.4 -> 64.2). Measured, not profiled:
+    # their Swin windows, attention and pixel-(un)shuffle reshape NCHW views, which channels_last turns into copies.
+    channels_last: bool = Field(False, description="channels_last memory format on CUDA (slower for the zoo's models)")
     seed: int = Field(0, description="seeds weights, shuffling and augmentation (same seed: same run)")
     deterministic: bool = Field(True, description="torch deterministic algorithms where PyTorch has them")
     monitor: str = Field("cloud_psnr", description="validation metric that picks the best checkpoint")
