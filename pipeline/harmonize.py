@@ -19,6 +19,16 @@ correlation below ``min_correlation``: a flood, a harvest - a fit there would ca
 pixel), are chained through an intermediate date; when nothing can be fitted the identity is used, windows that
 share clear pixels with the target still follow their own local fit around it, and the notes say why.
 
+Under a large cloud no window shares clear pixels with the target, and the fill falls back to the date's global
+line, although the surface did not change alike everywhere: crops greened up, stubble dried, towns stayed. So the
+global line is refined by class (``class_offsets``): the fill date's pixels are grouped into spectral classes
+(k-means on its log reflectance), and each class gets the median residual of the target against the global line
+over its common clear pixels, shrunk towards 0 with ``class_prior_pixels`` pseudo-pixels. The local fit is then
+fitted to the target minus those offsets and adds them back, so near clear pixels the windows still follow their
+own fit and inside a cloud the class's change carries the fill (``cloudfree benchmark`` on the real series: +0.22 dB
+on the hidden pixels of the standard cases, +0.34 dB under persistent cloud). A median, so a flood that covers a
+minority of a class's visible pixels does not pull it.
+
 Cloud masks miss the semi-transparent fringe of a cloud, so the target's not-clear mask is dilated by
 ``buffer_px`` before deciding what is hidden (a ring pixel with nothing to fill it from keeps its
 observation), and each history date's clear mask is eroded by ``history_buffer_px`` before it may be used as
@@ -54,6 +64,7 @@ the block fills exactly as the whole AOI would.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Protocol, Sequence
 
@@ -141,6 +152,18 @@ class FillConfig(BaseModel):
         "milder changes (phenology, harvest) usually continue under the hole, and following them pays on real "
         "pixels (3 sigma costs 0.2 dB there, 20 nothing; on the synthetic demo's 2021-08-31 3..20 all gain "
         "0.5 dB). None keeps every common pixel.",
+    )
+    class_offsets: int = Field(
+        12, ge=0, le=64,
+        description="Spectral classes of each fill date (k-means on log reflectance) that get their own offset from "
+        "the date's global line: the median residual of the target over the class's common clear pixels. 0 turns "
+        "them off. Real series (cloudfree benchmark, hidden pixels): +0.22 dB in the standard cases, +0.34 dB under "
+        "persistent cloud.",
+    )
+    class_prior_pixels: float = Field(
+        200.0, ge=0,
+        description="Pseudo-pixels at offset 0 added to every class: a class with few common clear pixels keeps "
+        "the global line.",
     )
     buffer_px: int = Field(
         2, ge=0, description="Dilate the target's not-clear mask by this many pixels before deciding what is hidden.",
@@ -263,6 +286,75 @@ def shadow_bands(sensor_key: str, bands: Sequence[str]) -> tuple[int, ...] | Non
     return tuple(out)
 
 
+_CLASS_SAMPLE = 2048  # common pixels the classes are clustered on (k-means cost grows with it)
+_CLASS_PIXELS = 65536  # common pixels the class medians are taken over (evenly spread; counts scale to all of them)
+_CLASS_MIN_COMMON = 30  # fewer common pixels in a class than this: no offset (a median of a handful is noise)
+
+
+def _spread_pick(n: int, m: int) -> np.ndarray:
+    """``m`` of ``n`` indices evenly spread: a deterministic sample that covers the whole area in raster order."""
+    return np.linspace(0, n - 1, m).astype(np.intp)
+
+
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
+class ClassOffsets:
+    """A fill date's spectral classes and each class's offset from the date's global line (``class_offsets``)."""
+
+    centre: np.ndarray  # (K, C) class centres in standardized log reflectance
+    mean: np.ndarray  # (C,) the standardization: log reflectance mean ...
+    scale: np.ndarray  # (C,) ... and standard deviation over the common clear pixels
+    offset: np.ndarray  # (K, C) reflectance added to the global (and local) fit of the class's pixels
+
+    def at(self, x: np.ndarray) -> np.ndarray:
+        """The offsets (C, N) float32 of the fill date's pixels ``x`` (C, N)."""
+        out = np.empty(x.shape, dtype=np.float32)
+        c2 = (self.centre.astype(np.float32) ** 2).sum(axis=1)
+        for p0 in range(0, x.shape[1], _PIXEL_CHUNK):
+            sl = slice(p0, p0 + _PIXEL_CHUNK)
+            z = (np.log(np.clip(x[:, sl], 1e-3, None)).T - self.mean) / self.scale
+            # nearest centre by |z|^2 - 2 z.c + |c|^2 (the |z|^2 term is the same for every class)
+            label = np.argmin(c2[None] - 2 * (z.astype(np.float32) @ self.centre.T.astype(np.float32)), axis=1)
+            out[:, sl] = self.offset[label].T
+        return out
+
+
+def _class_offsets(xs: np.ndarray, ys: np.ndarray, a: np.ndarray, b: np.ndarray,
+                   cfg: FillConfig) -> ClassOffsets | None:
+    """Spectral classes of the fill date's common clear pixels ``xs`` (C, N) and each class's median residual of the
+    target ``ys`` against the global line ``a x + b``, shrunk towards 0."""
+    k = cfg.class_offsets
+    n_all = xs.shape[1]
+    if k < 2 or n_all < k * _CLASS_MIN_COMMON:
+        return None
+    from scipy.cluster.vq import kmeans2
+
+    # fixed samples and seed: the same pixels give the same classes, so a resumed run fills identically
+    if n_all > _CLASS_PIXELS:
+        pick = _spread_pick(n_all, _CLASS_PIXELS)
+        xs, ys = xs[:, pick], ys[:, pick]
+    n = xs.shape[1]
+    x32 = xs.astype(np.float32)
+    z = np.log(np.clip(x32, 1e-3, None)).T
+    mean, scale = z.mean(axis=0), z.std(axis=0) + 1e-6
+    z = (z - mean) / scale
+    sample = z[_spread_pick(n, _CLASS_SAMPLE)] if n > _CLASS_SAMPLE else z
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "one of the clusters is empty": it gets no pixels and no offset
+        centre, _ = kmeans2(sample.astype(np.float64), k, seed=np.random.default_rng(1), minit="++")
+    classes = ClassOffsets(centre.astype(np.float32), mean, scale, np.zeros((k, xs.shape[0]), dtype=np.float32))
+    label = np.argmin((classes.centre ** 2).sum(axis=1)[None] - 2 * (z @ classes.centre.T), axis=1)
+    order = np.argsort(label, kind="stable")
+    bounds = np.searchsorted(label[order], np.arange(k + 1))
+    res = (ys - (a[:, None] * xs + b[:, None])).astype(np.float32)[:, order]
+    for j in range(k):
+        m = int(bounds[j + 1] - bounds[j])
+        if m >= _CLASS_MIN_COMMON:
+            m_all = m * n_all / n  # the class's share of every common pixel, not of the sample
+            shrink = m_all / (m_all + cfg.class_prior_pixels)
+            classes.offset[j] = np.median(res[:, bounds[j]:bounds[j + 1]], axis=1) * shrink
+    return classes
+
+
 @dataclass(frozen=True)
 class DateFit:
     """A fill date's global harmonization to the target, fitted once for a whole AOI (``fit_date``) and handed to
@@ -280,6 +372,7 @@ class DateFit:
     moments: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None = None
     # a direct fit's robust residual standard deviation per band (``window_outlier_sigma``), the same in every block
     spread: tuple[float, ...] | None = None
+    classes: ClassOffsets | None = None  # a direct fit's class offsets (``class_offsets``), the same in every block
 
 
 @dataclass
@@ -291,6 +384,7 @@ class _Fit:
     via_age: float | None = None
     reason: str | None = None  # why a date was not fitted directly (chained or identity)
     values: np.ndarray | None = None  # the local fit's harmonized values (C, K) at the pixels it was fitted for
+    classes: ClassOffsets | None = None  # offsets from the line by spectral class (in ``values`` already, if local)
 
 
 def _disk_rects(radius: int) -> list[tuple[int, int]]:
@@ -681,7 +775,8 @@ def _local_fill(x2: np.ndarray, y2: np.ndarray, common: np.ndarray, a_g: np.ndar
 
 
 def _fit_date(src: np.ndarray, src_ok: np.ndarray, dst: np.ndarray, dst_ok: np.ndarray, cfg: FillConfig,
-              local: bool, idx: np.ndarray | None = None, lat: _Lattice | None = None) -> _Fit | None:
+              local: bool, idx: np.ndarray | None = None, lat: _Lattice | None = None,
+              classes: bool = False) -> _Fit | None:
     common = (src_ok & dst_ok).reshape(-1)
     n = int(common.sum())
     if n < cfg.min_common_pixels:
@@ -693,13 +788,31 @@ def _fit_date(src: np.ndarray, src_ok: np.ndarray, dst: np.ndarray, dst_ok: np.n
     if _correlation(xs, ys) < cfg.min_correlation:
         return None
     a, b = _global_fit(xs, ys, cfg)
+    by_class = _class_offsets(xs, ys, a, b, cfg) if classes else None
     if not local or idx is None or lat is None:
-        return _Fit("global", n, a, b)
+        return _Fit("global", n, a, b, classes=by_class)
     moments = (xs.mean(axis=1), ys.mean(axis=1), xs.var(axis=1))
     x2, y2 = src.reshape(c, -1), dst.reshape(c, -1)
-    points = _window_points(x2, y2, common, a, b, _residual_spread(xs, ys, a, b), cfg)
+    values = _local_fill_by_class(x2, y2, common, a, b, _residual_spread(xs, ys, a, b), cfg, moments, idx, lat,
+                                  by_class)
+    return _Fit("local", n, a, b, values=values, classes=by_class)
+
+
+def _local_fill_by_class(x2: np.ndarray, y2: np.ndarray, common: np.ndarray, a: np.ndarray, b: np.ndarray,
+                         spread: Sequence[float] | np.ndarray | None, cfg: FillConfig,
+                         moments: tuple[Sequence[float], Sequence[float], Sequence[float]] | None, idx: np.ndarray,
+                         lat: _Lattice, classes: ClassOffsets | None) -> np.ndarray:
+    """The local fit at ``idx`` (C, K), fitted to the target minus the class offsets, which are then added back:
+    windows near clear pixels follow their own fit, and where none reaches the class's change remains."""
+    if classes is not None:
+        at = np.flatnonzero(common)
+        y2 = y2.astype(np.float32, copy=True)
+        y2[:, at] -= classes.at(np.take(x2, at, axis=1))
+    points = _window_points(x2, y2, common, a, b, spread, cfg)
     values = _local_fill(x2, y2, points, a, b, cfg, moments, idx, lat)
-    return _Fit("local", n, a, b, values=values)
+    if classes is not None:
+        values += classes.at(np.take(x2, idx, axis=1))
+    return values
 
 
 def _correlation(x: np.ndarray, y: np.ndarray) -> float:
@@ -732,7 +845,7 @@ def _harmonize(ages: Sequence[float], stack: Sequence[np.ndarray], usable: Seque
     c = target.shape[0]
     if cfg.fit == "none":
         return _Fit("none", int((usable[i] & fit_pixels).sum()), np.ones(c), np.zeros(c))
-    direct = _fit_date(stack[i], usable[i], target, fit_pixels, cfg, cfg.fit == "local", idx, lat)
+    direct = _fit_date(stack[i], usable[i], target, fit_pixels, cfg, cfg.fit == "local", idx, lat, classes=True)
     if direct is not None:
         return direct
     reason = _why_not_direct(stack[i], usable[i], target, fit_pixels, cfg)
@@ -765,7 +878,10 @@ def _apply(fit: _Fit, x2: np.ndarray, idx: np.ndarray) -> np.ndarray:
     if fit.values is not None:
         return fit.values
     xs = np.take(x2, idx, axis=1)
-    return fit.gain.astype(np.float32)[:, None] * xs + fit.offset.astype(np.float32)[:, None]
+    out = fit.gain.astype(np.float32)[:, None] * xs + fit.offset.astype(np.float32)[:, None]
+    if fit.classes is not None:
+        out += fit.classes.at(xs)
+    return out
 
 
 def _note(age: float, fit: _Fit, pixels: int) -> dict[str, Any]:
@@ -788,6 +904,9 @@ def _note(age: float, fit: _Fit, pixels: int) -> dict[str, Any]:
             note["local_fit"] = "windows sharing clear pixels with the target follow their own fit around the identity"
     elif fit.kind == "local":
         note["gain_offset"] = "the date's global fit; the local (moving-window) fit varies around it"
+    if fit.classes is not None:
+        note["class_offsets"] = {"classes": int(fit.classes.offset.shape[0]),
+                                 "largest": round(float(np.abs(fit.classes.offset).max()), 5)}
     return note
 
 
@@ -833,7 +952,7 @@ def fit_date(index: int, ages: Sequence[float], refl: Sequence[np.ndarray], usab
         if fit.kind == "global":  # an identity is no line: its windows keep every common pixel
             spread = tuple(float(v) for v in _residual_spread(xs, ys, fit.gain, fit.offset))
     return DateFit(fit.kind, fit.common, tuple(float(v) for v in fit.gain), tuple(float(v) for v in fit.offset),
-                   fit.via_age, fit.reason, moments, spread)
+                   fit.via_age, fit.reason, moments, spread, fit.classes)
 
 
 def _given_fit(given: DateFit, x: np.ndarray, x_ok: np.ndarray, target: np.ndarray, fit_pixels: np.ndarray,
@@ -845,11 +964,13 @@ def _given_fit(given: DateFit, x: np.ndarray, x_ok: np.ndarray, target: np.ndarr
         if common.any():
             c = x.shape[0]
             x2, y2 = x.reshape(c, -1), target.reshape(c, -1)
-            points = _window_points(x2, y2, common.reshape(-1), gain, offset, given.spread, cfg)
-            values = _local_fill(x2, y2, points, gain, offset, cfg, given.moments, idx, lat)
+            values = _local_fill_by_class(x2, y2, common.reshape(-1), gain, offset, given.spread, cfg, given.moments,
+                                          idx, lat, given.classes)
             kind = "local" if given.kind == "global" else given.kind
-            return _Fit(kind, int(common.sum()), gain, offset, reason=given.reason, values=values)
-    return _Fit(given.kind, given.common, gain, offset, via_age=given.via_age, reason=given.reason)
+            return _Fit(kind, int(common.sum()), gain, offset, reason=given.reason, values=values,
+                        classes=given.classes)
+    return _Fit(given.kind, given.common, gain, offset, via_age=given.via_age, reason=given.reason,
+                classes=given.classes)
 
 
 def fill_gaps(target: np.ndarray, clear: np.ndarray, history: History, config: FillConfig | None = None, *,

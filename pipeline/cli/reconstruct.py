@@ -72,6 +72,7 @@ def reconstruct_cmd(
     max_age_days: int = _fill_option("max_age_days"),
     fit: Fit = _fill_option("fit"),
     shadow_check_px: int = _fill_option("shadow_check_px"),
+    class_offsets: int = _fill_option("class_offsets"),
     shadow_sar_change_db: str = typer.Option(
         f"{FillConfig.model_fields['shadow_sar_change_db'].default:g}", "--shadow-sar-change-db",
         help=f"Checkpoint composite: {FillConfig.model_fields['shadow_sar_change_db'].description} Pass 'none' "
@@ -92,6 +93,7 @@ def reconstruct_cmd(
         "overlap": overlap, "batch_size": batch_size, "block": block, "dtype": dtype, "compress": compress,
         "mask_method": mask_method, "sar_max_days": sar_max_days, "aux_dates": aux_dates, "device": device,
         "fill": {"max_age_days": max_age_days, "fit": Fit(fit).value, "shadow_check_px": shadow_check_px,
+                 "class_offsets": class_offsets,
                  "shadow_sar_change_db": None if shadow_sar_change_db.lower() == "none" else shadow_sar_change_db},
         "fill_unobserved": fill_unobserved,
     }, option=_spelled)

@@ -645,8 +645,8 @@ def _refiner_config(lm: LoadedModel, config: ReconstructConfig) -> ReconstructCo
     raise CheckpointError(
         f"checkpoint {lm.checkpoint}: {lm.name} was trained to correct the fill with "
         f"{trained.differences(config.fill, 'this run')}; "
-        "leave the fill options (--max-age-days, --fit, --shadow-check-px, --shadow-sar-change-db) at their "
-        "defaults to use the checkpoint's, or retrain with composite_fill set to this run's")
+        "leave the fill options (--max-age-days, --fit, --class-offsets, --shadow-check-px, --shadow-sar-change-db) "
+        "at their defaults to use the checkpoint's, or retrain with composite_fill set to this run's")
 
 
 def _check_refiner(lm: LoadedModel, plan: InputPlan) -> None:

@@ -132,11 +132,13 @@ def meta_spec(meta: Mapping[str, Any]) -> InputSpec:
 def meta_fill(meta: Mapping[str, Any]) -> FillConfig:
     """The harmonized fill a composite-taking model was trained to correct (``TrainConfig.composite_fill``). Runs
     written before it was recorded were trained on the then default, which had no missed-shadow check; runs written
-    before the check's S1 test existed ran its optical test alone."""
+    before the check's S1 test existed ran its optical test alone, and runs written before the fill's class offsets
+    existed were trained without them."""
     recorded = (meta.get("train") or {}).get("composite_fill")
     if recorded is None:
-        return FillConfig(shadow_check_px=0)
+        return FillConfig(shadow_check_px=0, class_offsets=0)
     recorded = dict(recorded)
+    recorded.setdefault("class_offsets", 0)  # recorded before the fill had class offsets
     if "shadow_check_px" not in recorded:
         recorded["shadow_check_px"] = 0
     else:

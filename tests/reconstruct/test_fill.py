@@ -341,3 +341,19 @@ def test_cli_shadow_sar_change_db_takes_none_and_refuses_a_bad_value_in_one_line
     monkeypatch.setattr(pipeline.cli.reconstruct, "check_size",
                         lambda aoi, **kw: (_ for _ in ()).throw(SystemExit(0)))
     assert run("none")[0] == 0
+
+
+def test_cli_class_offsets_out_of_range_is_one_line_naming_the_option(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import pipeline.cli.reconstruct  # noqa: F401  (registers the command)
+    from pipeline.cli import main
+
+    for bad in ("-1", "65"):
+        monkeypatch.setattr(sys, "argv", ["cloudfree", "reconstruct", "zhengzhou-demo", "--date", "2021-07-22",
+                                          "--out", str(tmp_path / bad), "--class-offsets", bad])
+        with pytest.raises(SystemExit) as done:
+            main()
+        err = capsys.readouterr().err
+        assert done.value.code and "--class-offsets" in err and "Traceback" not in err, err
+        assert len([line for line in err.splitlines() if line.strip()]) == 1, err

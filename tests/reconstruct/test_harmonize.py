@@ -396,7 +396,8 @@ def test_local_fit_on_the_lattice_follows_the_fit_at_every_pixel(monkeypatch: py
     cloud = _disk(50, 45, 25)
     target = np.where(cloud[None], 0.9, truth).astype(np.float32)
     history = [(10, old, np.ones((H, W), bool))]
-    cfg = FillConfig(buffer_px=0, history_buffer_px=0, feather_px=0, robust_sigma=None)
+    # the local fit's construction alone (the class offsets shift its target; tested on their own)
+    cfg = FillConfig(buffer_px=0, history_buffer_px=0, feather_px=0, robust_sigma=None, class_offsets=0)
     a_g, b_g = harmonize._global_fit(old[:, ~cloud].astype(np.float64), truth[:, ~cloud].astype(np.float64), cfg)
     reference = _reference_local(old, target, ~cloud, a_g, b_g, cfg)[:, cloud]
     globally = fill_gaps(target, ~cloud, history, cfg.model_copy(update={"fit": "global"})).image[:, cloud]
@@ -410,6 +411,41 @@ def test_local_fit_on_the_lattice_follows_the_fit_at_every_pixel(monkeypatch: py
     # the lattice costs a small share of what the local fit gains over the global one
     assert off < 0.1 * np.sqrt(((globally - reference) ** 2).mean()), off
     assert np.sqrt(((lattice - truth[:, cloud]) ** 2).mean()) < np.sqrt(((globally - truth[:, cloud]) ** 2).mean())
+
+
+def _two_class_fields(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """8 px fields of two classes with the same red but different NIR and SWIR; by the target date the crop
+    (high NIR) greened up (red 0.08 -> 0.05) and the bare fields dried (red 0.08 -> 0.11): the change differs by
+    class in a band where no line through the old reflectance can tell the classes apart."""
+    rng = np.random.default_rng(seed)
+    crop = rng.random((H // 8, W // 8)).repeat(8, 0).repeat(8, 1) < 0.5
+    noise = 0.004 * rng.standard_normal((4, H, W))
+    old = np.stack([np.full((H, W), 0.06), np.full((H, W), 0.08), np.where(crop, 0.35, 0.2),
+                    np.where(crop, 0.18, 0.3)]) + noise
+    truth = old.copy()
+    truth[1] += np.where(crop, -0.03, 0.03)
+    return old.astype(np.float32), truth.astype(np.float32)
+
+
+def test_class_offsets_carry_each_classs_change_into_a_large_cloud() -> None:
+    old, truth = _two_class_fields(seed=21)
+    cloud = _disk(48, 48, 30)
+    target = np.where(cloud[None], 0.9, truth).astype(np.float32)
+    history = [(12.0, old, np.ones((H, W), bool))]
+    interior = _disk(48, 48, 30 - 15)  # beyond the local fit's 15 px windows: there the line alone used to decide
+
+    def rmse(cfg: FillConfig) -> float:
+        out = fill_gaps(target, ~cloud, history, cfg).image
+        return float(np.sqrt(((out[:, interior] - truth[:, interior]) ** 2).mean()))
+
+    off = rmse(FillConfig(class_offsets=0))
+    on = fill_gaps(target, ~cloud, history)
+    assert on.notes[0]["class_offsets"]["classes"] == FillConfig().class_offsets
+    on_rmse = float(np.sqrt(((on.image[:, interior] - truth[:, interior]) ** 2).mean()))
+    assert on_rmse < 0.4 * off, (on_rmse, off)
+    assert rmse(FillConfig(fit="global")) < 0.4 * rmse(FillConfig(fit="global", class_offsets=0))
+    # deterministic (a fixed sample and seed): a resumed run fills identically
+    assert np.array_equal(fill_gaps(target, ~cloud, history).image, on.image, equal_nan=True)
 
 
 def test_a_block_fills_as_the_whole_image_when_it_says_where_it_lies() -> None:

@@ -71,11 +71,14 @@ def test_a_few_training_steps_move_only_the_pixels_the_fill_took_from_an_earlier
                 progress=False)
     # the fill the model learnt to correct travels with it; resuming on another one would mix two targets
     assert meta_fill(read_meta(tmp_path / "run")) == FillConfig(max_age_days=60)
-    # older runs read as what they were trained on: before the record no shadow check, before its S1 test optical only
-    assert meta_fill({"train": {}}) == FillConfig(shadow_check_px=0)
-    assert meta_fill({"train": {"composite_fill": {"max_age_days": 60}}}) == FillConfig(max_age_days=60,
-                                                                                        shadow_check_px=0)
-    assert meta_fill({"train": {"composite_fill": {"shadow_check_px": 40}}}) == FillConfig(shadow_sar_change_db=None)
+    # older runs read as what they were trained on: before the record no shadow check, before its S1 test optical
+    # only, before the class offsets none
+    assert meta_fill({"train": {}}) == FillConfig(shadow_check_px=0, class_offsets=0)
+    assert meta_fill({"train": {"composite_fill": {"max_age_days": 60}}}) == FillConfig(
+        max_age_days=60, shadow_check_px=0, class_offsets=0)
+    assert meta_fill({"train": {"composite_fill": {"shadow_check_px": 40}}}) == FillConfig(
+        shadow_sar_change_db=None, class_offsets=0)
+    assert meta_fill({"train": {"composite_fill": FillConfig().model_dump()}}) == FillConfig()
     with pytest.raises(TrainConfigError, match=r"composite_fill max_age_days 60 \(this config: 90\); resume with the "
                                                r"same composite_fill"):
         train(cfg.model_copy(update={"epochs": 4, "composite_fill": FillConfig()}), None, tmp_path / "run",
