@@ -40,8 +40,7 @@ CRGEN_NO_VGG = {"base": "small", "loss": {"perceptual": 0.0}}  # no ImageNet VGG
 
 
 def _toy(n: int, size: int, dates: int = 3):
-    sys.path.insert(0, str(ROOT / "tests" / "train"))
-    from test_samples import toy_raw_samples
+    from tests.train.test_samples import toy_raw_samples
 
     return toy_raw_samples(n, dates=dates, size=size, seed=0)
 
@@ -164,13 +163,14 @@ def cuda_paper(model: str, batch: int, dates: int, precision: str, channels_last
     params: dict = {"base": "paper"}
     cfg = TrainConfig(model=model, model_params=params, batch_size=batch, num_workers=0, precision=precision,
                       channels_last=channels_last, deterministic=False, vgg_weights=vgg)
-    spec = build_model(model, params).spec
-    batches = _batches(cfg, spec, _toy(batch, size, dates), batch, steps)
+    probe = build_model(model, params)
+    n_params = sum(p.numel() for p in probe.parameters())
+    batches = _batches(cfg, probe.spec, _toy(batch, size, dates), batch, steps)
+    del probe  # the trainer builds its own; this one only gave the spec and the size
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     s = trainer_steps(cfg, batches)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    n_params = sum(p.numel() for p in build_model(model, params).parameters())
     return {"model": model, "size": size, "batch": batch, "precision": precision, "channels_last": channels_last,
             "s_per_step": s, "samples_per_s": batch / s, "peak_gib": peak, "params_m": n_params / 1e6,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}

@@ -54,6 +54,10 @@ def make_batch(spec: InputSpec, batch: int = 2, size: int = 64, seed: int = 0) -
     return out
 
 
+ALL_MODELS = ["cafusion", "cmsn", "composite", "crgennet", "refine", "srggan", "uncrtaints", "unet"]
+TRAINABLE = [n for n in ALL_MODELS if n != "composite"]
+
+
 def write_random_vgg(path) -> str:
     """A VGG16 ``features.*`` state dict with random weights, in torchvision's key format (tests never download)."""
     from models.vgg import VGG16Features
@@ -62,6 +66,12 @@ def write_random_vgg(path) -> str:
     net = VGG16Features()
     torch.save({f"features.{k}": v for k, v in net.features.state_dict().items()}, path)
     return str(path)
+
+
+@pytest.fixture(scope="module", name="vgg_file")
+def vgg_file_fixture(tmp_path_factory) -> str:
+    """A random VGG16 file per test module (import this and request ``vgg_file``)."""
+    return write_random_vgg(tmp_path_factory.mktemp("vgg") / "vgg16_random.pth")
 
 
 # learning rates per model for the 20-step overfit (cafusion has no normalisation in its dense trunk and,

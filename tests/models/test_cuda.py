@@ -14,17 +14,9 @@ from models.registry import build_model
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import LoopState, build_parts, train_step
 from pipeline.train.runtime import setup_runtime
-from tests.models.helpers import make_batch, write_random_vgg
+from tests.models.helpers import TRAINABLE, make_batch, vgg_file_fixture  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-TRAINABLE = ["cafusion", "cmsn", "crgennet", "refine", "srggan", "uncrtaints", "unet"]
-
-
-@pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory) -> str:
-    return write_random_vgg(tmp_path_factory.mktemp("vgg") / "vgg16_random.pth")
-
 
 @pytest.mark.parametrize("precision,channels_last", [("fp32", False), ("bf16", True)])
 @pytest.mark.parametrize("name", TRAINABLE)

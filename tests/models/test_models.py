@@ -24,15 +24,14 @@ from models.registry import (
     resolve_config,
 )
 from models.spec import InputSpec, ModelOutput
-from tests.models.helpers import OVERFIT_LR, make_batch, one_thread, write_random_vgg  # noqa: F401 (fixture)
-
-ALL = ["cafusion", "cmsn", "composite", "crgennet", "refine", "srggan", "uncrtaints", "unet"]
-TRAINABLE = [n for n in ALL if n != "composite"]
-
-
-@pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory) -> str:
-    return write_random_vgg(tmp_path_factory.mktemp("vgg") / "vgg16_random.pth")
+from tests.models.helpers import (  # noqa: F401 (fixtures)
+    ALL_MODELS,
+    OVERFIT_LR,
+    TRAINABLE,
+    make_batch,
+    one_thread,
+    vgg_file_fixture,
+)
 
 
 def _build(name: str, seed: int = 0) -> torch.nn.Module:
@@ -44,8 +43,8 @@ def _build(name: str, seed: int = 0) -> torch.nn.Module:
 
 
 def test_registry_lists_every_model_with_info():
-    assert list_models() == ALL
-    for name in ALL:
+    assert list_models() == ALL_MODELS
+    for name in ALL_MODELS:
         info = model_info(name)
         assert info["name"] == name and info["description"]
         assert InputSpec.from_dict(info["spec_small"]) == model_spec(name, "small")
@@ -116,7 +115,7 @@ def test_batch_that_does_not_match_the_spec_is_rejected():
 # --------------------------------------------------------------------------- every model
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_forward_64_shape_range_and_determinism(name):
     outs = []
     for _ in range(2):
@@ -135,7 +134,7 @@ def test_forward_64_shape_range_and_determinism(name):
         assert o.var is None
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_forward_256(name):
     m = _build(name).eval()
     with torch.no_grad():
