@@ -97,12 +97,12 @@ def build_summary_markdown(summary: Mapping[str, Any], stats: Sequence[Mapping[s
 
 def metrics_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """``pipeline.train.evaluate.evaluate`` output -> one row per method, all pixels and cloud-covered pixels."""
-    from pipeline.train.evaluate import METRICS
+    from pipeline.train.evaluate import METRICS, baseline_label
 
     rows = []
     for who in ("model", "composite"):
         s = result["results"][who]["all"]
-        method = result["model"] if who == "model" else "composite (recent clear)"
+        method = result["model"] if who == "model" else baseline_label(result)
         row: dict[str, Any] = {"method": method, "split": result["split"], "samples": result["n_samples"]}
         row.update({f"{k}_all": round(float(s.get(k, math.nan)), 4) for k in METRICS})
         # evaluate's scores over cloud-covered pixels are named cloud_<metric>

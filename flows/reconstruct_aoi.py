@@ -231,6 +231,8 @@ def benchmark(checkpoint: str) -> list[dict[str, Any]]:
 def metrics_table(model: str, truth: dict[str, Any] | None, evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (what was scored, method, pixel set): this COG against the simulator's truth, and the
     checkpoint's evaluation next to the composite baseline."""
+    from pipeline.train.evaluate import baseline_label
+
     rows: list[dict[str, Any]] = []
     if truth:
         m = truth["metrics"]
@@ -239,7 +241,7 @@ def metrics_table(model: str, truth: dict[str, Any] | None, evaluations: list[di
                          "pixels": label, **{k: round(float(m.get(pre + k, math.nan)), 4) for k in METRICS}})
     for ev in evaluations:
         where = f"{ev.get('split', '?')} split of {ev.get('data', '?')} ({ev.get('n_samples', '?')} samples)"
-        for who, method in (("model", ev.get("model", model)), ("composite", "composite (recent clear)")):
+        for who, method in (("model", ev.get("model", model)), ("composite", baseline_label(ev))):
             s = ev["results"].get(who, {}).get("all", {})
             for label, pre in PIXEL_GROUPS:
                 rows.append({"scored on": where, "method": method, "pixels": label,
@@ -250,6 +252,8 @@ def metrics_table(model: str, truth: dict[str, Any] | None, evaluations: list[di
 def summary_markdown(params: ReconstructParams, region: Region, result: dict[str, Any],
                      truth: dict[str, Any] | None, evaluations: list[dict[str, Any]] | None = None) -> str:
     """The run's report: inputs, output files, checks, provenance shares, metrics."""
+    from pipeline.train.evaluate import baseline_label
+
     simulated = " (SIMULATED archive)" if params.source == "synthetic" else ""
     model = result.get("model") or model_name(params.checkpoint)
     blocks = f"{result['blocks']} block(s)"
@@ -287,7 +291,7 @@ def summary_markdown(params: ReconstructParams, region: Region, result: dict[str
         lines += ["", f"## The checkpoint's evaluation: {ev.get('split')} split of `{ev.get('data')}` "
                       f"({ev.get('n_samples')} samples)", "",
                   "| method | pixels | PSNR | SSIM | SAM | MAE | RMSE |", "|---|---|---:|---:|---:|---:|---:|"]
-        for who, method in (("model", ev.get("model", model)), ("composite", "composite (recent clear)")):
+        for who, method in (("model", ev.get("model", model)), ("composite", baseline_label(ev))):
             s = ev["results"].get(who, {}).get("all", {})
             for label, pre in PIXEL_GROUPS:
                 lines.append(f"| {method} | {label} | " + " | ".join(_fmt(s.get(pre + k)) for k in METRICS) + " |")

@@ -58,7 +58,7 @@ def _run_files(result: dict[str, Any]) -> list[Path]:
 def train_model(params: TrainParams) -> dict[str, Any]:
     """Train a model on a dataset built by build-dataset; score it against the composite baseline."""
     from pipeline.files import sha256_file
-    from pipeline.train.evaluate import markdown_table
+    from pipeline.train.evaluate import baseline_label, markdown_table
 
     library_logs_to_runs()
     logger = get_run_logger()
@@ -76,7 +76,7 @@ def train_model(params: TrainParams) -> dict[str, Any]:
         logger.info("scoring %s and the composite baseline on the %s split", result["run_dir"], params.evaluate_split)
         model_sha = sha256_file(Path(result["run_dir"]) / "model.pt")
         ev = evaluate_task(result["run_dir"], params.data, params.evaluate_split, model_sha)
-        title = f"{params.model} vs composite on {params.evaluate_split}"
+        title = f"{params.model} vs {baseline_label(ev)} on {params.evaluate_split}"
         publish_table(f"metrics-{params.model}", metrics_rows(ev), f"{title}: all and cloud-covered pixels")
         publish_markdown(f"evaluation-{params.model}", markdown_table(ev), title)
         result["evaluation"] = ev

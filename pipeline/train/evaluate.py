@@ -230,6 +230,17 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
     return result
 
 
+def baseline_label(result: Mapping[str, Any]) -> str:
+    """The name of what ``result`` scored the model against, as tables show it.
+
+    A refine run's baseline is the harmonized fill (the output composite); every other model's is the plain most
+    recent clear pixel, which is not the composite a reconstruct writes: naming both "composite" read as two
+    different scores for one method.
+    """
+    method = str(result.get("composite", {}).get("method", "recent"))
+    return "harmonized fill" if method.startswith("harmonized") else "last clear (not harmonized)"
+
+
 def _fmt(v: float, k: str) -> str:
     if math.isnan(v):
         return "-"
@@ -254,14 +265,15 @@ def markdown_table(result: Mapping[str, Any]) -> str:
     """The evaluation as markdown: one table for all/cloud pixels, one per band group (PSNR / MAE)."""
     res = result["results"]
     name = result["model"]
-    lines = [f"# {name} vs composite on `{result['split']}` ({result['n_samples']} samples)", "",
+    base = baseline_label(result)
+    lines = [f"# {name} vs {base} on `{result['split']}` ({result['n_samples']} samples)", "",
              f"Cloud pixels: {result['cloud_pixels']}.", ""]
     head = ("| method | " + " | ".join(f"{k.upper()} all" for k in METRICS) + " | "
             + " | ".join(f"{k.upper()} cloud" for k in METRICS) + " |")
     lines += [head, "|" + "---|" * (1 + 2 * len(METRICS))]
     for who in ("model", "composite"):
         s = res[who]["all"]
-        label = name if who == "model" else "composite (recent clear)"
+        label = name if who == "model" else base
         lines.append(f"| {label} | " + " | ".join(_fmt(s.get(k, float('nan')), k) for k in METRICS) + " | "
                      + " | ".join(_fmt(s.get(f"cloud_{k}", float('nan')), k) for k in METRICS) + " |")
     groups = [g for g in GROUPS if g in res["model"]]
@@ -269,7 +281,7 @@ def markdown_table(result: Mapping[str, Any]) -> str:
         group_head = " | ".join(f"{g} PSNR all | {g} PSNR cloud | {g} MAE cloud" for g in groups)
         lines += ["", f"| method | {group_head} |", "|" + "---|" * (1 + 3 * len(groups))]
         for who in ("model", "composite"):
-            label = name if who == "model" else "composite (recent clear)"
+            label = name if who == "model" else base
             cells = []
             for g in groups:
                 s = res[who][g]

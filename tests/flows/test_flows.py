@@ -366,7 +366,7 @@ def test_train_flow_checkpoint_and_metrics_table(tiny_build, tmp_path):
 
     ev = res["evaluation"]
     rows = {r["method"]: r for r in metrics_rows(ev)}
-    for who, name in (("model", "unet"), ("composite", "composite (recent clear)")):
+    for who, name in (("model", "unet"), ("composite", "last clear (not harmonized)")):
         s = ev["results"][who]["all"]
         assert rows[name]["mae_all"] == pytest.approx(s["mae"], abs=1e-4)
         assert rows[name]["mae_cloud"] == pytest.approx(s["cloud_mae"], abs=1e-4)

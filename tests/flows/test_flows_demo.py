@@ -62,7 +62,8 @@ def test_demo_command_writes_cog_stac_quicklook_and_prints_metrics(tmp_path):
     assert (out / "zhengzhou-demo_20210722_composite_quicklook.png").is_file()
     # rich wraps long paths inside table cells: compare without whitespace and cell borders
     flat = "".join(result.output.replace("│", "").split())
-    for needle in (str(cog), "STACitem", "quicklook", "unetall", "unetcloud", "compositeall", "compositecloud",
+    for needle in (str(cog), "STACitem", "quicklook", "unetall", "unetcloud", "baselineall", "baselinecloud",
+                   "baseline=themostrecentclearobservation,notharmonized",
                    "PSNRdB"):
         assert needle in flat, needle
     # every cell of the metrics table holds a figure (all and cloud-covered pixels, model and composite)

@@ -177,7 +177,7 @@ def test_summary_is_readable_markdown_not_a_dict(monkeypatch):
     assert "- STAC extension eo v1.1.0: not checked: schema not available offline" in md
     assert "4 block(s), 1 computed in this run (the rest resumed)" in md
     assert "| unet | cloud-covered | 25.0000 | 0.8000 |" in md
-    assert "| composite (recent clear) | cloud-covered | - |" in md  # no figure is not "nan"
+    assert "| last clear (not harmonized) | cloud-covered | - |" in md  # no figure is not "nan"
 
 
 def test_metrics_table_has_truth_and_the_checkpoints_benchmark(tmp_path, monkeypatch):
@@ -186,7 +186,7 @@ def test_metrics_table_has_truth_and_the_checkpoints_benchmark(tmp_path, monkeyp
     rows = fr.metrics_table("unet", truth, [EVAL])
     assert [(r["method"], r["pixels"]) for r in rows] == [
         ("unet", "all"), ("unet", "cloud-covered"), ("unet", "all"), ("unet", "cloud-covered"),
-        ("composite (recent clear)", "all"), ("composite (recent clear)", "cloud-covered")]
+        ("last clear (not harmonized)", "all"), ("last clear (not harmonized)", "cloud-covered")]
     assert rows[1]["psnr"] == 31.0 and rows[3]["psnr"] == 25.0 and rows[4]["psnr"] == 28.0
     assert rows[0]["scored on"].startswith("this COG vs true clear scene") and "test split" in rows[2]["scored on"]
     assert fr.metrics_table("composite", None, []) == []

@@ -63,9 +63,14 @@ def test_evaluate_scores_model_and_composite_on_the_same_pixels(run, dataset, tm
     assert res["band_groups"]["swir"] == ["B10", "B11", "B12"]
     assert res["band_groups"]["visible"] == ["B1", "B2", "B3", "B4"]
     md = (tmp_path / "ev" / "metrics.md").read_text()
-    assert "| unet |" in md and "| composite (recent clear) |" in md and "PSNR cloud" in md
+    assert "| unet |" in md and "| last clear (not harmonized) |" in md and "PSNR cloud" in md
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["split"] == "test"
     assert md == markdown_table(res)
+    # a refine run is scored against the harmonized fill it corrects, and its tables say so
+    refine_like = {**res, "model": "refine",
+                   "composite": {"method": "harmonized fill (pipeline.harmonize, the refine model's input)"}}
+    md_refine = markdown_table(refine_like)
+    assert "| harmonized fill |" in md_refine and "last clear" not in md_refine
 
 
 def test_image_without_cloud_pixels_is_left_out_not_infinite():
