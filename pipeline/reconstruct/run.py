@@ -530,8 +530,10 @@ def _fill_summary(info: dict[str, Any], date: dt.date) -> dict[str, Any]:
             agg["filled_pixels"] += int(note["filled_pixels"])
             if "via_age_days" in note:
                 agg["via_date"] = (date - dt.timedelta(days=int(note["via_age_days"]))).isoformat()
-            if "warning" in note:
-                agg["warning"] = note["warning"]
+            # AOI-wide (``fit_date``), so every block's note says the same: the first one speaks for the date
+            for key in ("class_offsets", "not_fitted_directly", "warning"):
+                if key in note:
+                    agg.setdefault(key, note[key])
     # dates_read: the most history dates a block had to read (and mask) before every hidden pixel had a source
     return {"counts": counts, "dates": [dates[a] for a in sorted(dates)], "dates_read": dates_read}
 

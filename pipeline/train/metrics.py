@@ -230,6 +230,7 @@ def masked_psnr(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -
         raise DataError(f"metrics: pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be (C, H, W)")
     if where.shape != pred.shape[-2:]:
         raise DataError(f"metrics: psnr mask has shape {tuple(where.shape)}, expected {tuple(pred.shape[-2:])}")
-    diff = pred.double() - target.double()
+    # pixels outside ``where`` may be nodata (NaN): a weight of 0 does not cancel a NaN
+    diff = torch.where(where.bool(), pred.double() - target.double(), 0.0)
     w = where.bool().double()[None, None]
     return float(_psnr(torch.sqrt(_masked_mean((diff * diff)[None], w)))[0])

@@ -66,6 +66,10 @@ def test_masked_psnr_by_hand():
     assert masked_psnr(pred, target, where) == pytest.approx(20.0)
     assert masked_psnr(target, target, where) == math.inf
     assert math.isnan(masked_psnr(pred, target, torch.zeros(4, 4, dtype=torch.bool)))
+    # nodata (NaN) outside the scored pixels leaves the score as it was
+    holes = pred.clone()
+    holes[:, ~where] = math.nan
+    assert masked_psnr(holes, target, where) == pytest.approx(20.0)
     with pytest.raises(DataError, match="psnr mask"):
         masked_psnr(pred, target, where[:3])
 

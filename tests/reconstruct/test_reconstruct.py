@@ -107,6 +107,9 @@ def test_outputs_on_region_grid_valid_cogs_with_metadata(tiny_run, tiny_fill):
     notes = json.loads(fill_tags["fill_notes"])
     assert notes and all({"date", "age_days", "harmonization", "filled_pixels", "gain", "offset"} <= set(n)
                          for n in notes)
+    # the dates fitted directly carry their spectral classes' offsets (the fill's class_offsets)
+    direct = [n for n in notes if "class_offsets" in n]
+    assert direct and all(n["class_offsets"]["classes"] >= 1 and "via_date" not in n for n in direct)
     for run in (tiny_run, tiny_fill):
         out_dir = run.cog.parent
         assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".")]  # no partials, no progress file
