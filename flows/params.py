@@ -235,6 +235,9 @@ class TrainParams(_Params):
         train_default("seed"), description="Seeds weights, shuffling and augmentation (same seed: same run).")
     out: str = Field("runs/zhengzhou-demo-unet", description="Run folder: model.pt, model.json, train_state.pt, tb/.")
     resume: bool = Field(False, description="Continue the run in `out` where it stopped.")
+    init_from: str | None = Field(
+        None, description="Fine-tune: a finished run folder (same model and config) whose weights start this run, "
+        "e.g. a model trained on another AOI.")
     evaluate_split: str | None = Field(
         "test", description="Split scored against the composite baseline after training (empty: skip).")
 

@@ -25,15 +25,25 @@ def _dataset_sha(data: str) -> str:
     return str(dataset_fingerprint(Path(data)))
 
 
+def _init_sha(init_from: str | None) -> str | None:
+    # new weights under the same init_from folder must not hit the cache of a run started from the old ones
+    if init_from is None:
+        return None
+    from pipeline.files import sha256_file
+
+    path = Path(init_from) / "model.pt"
+    return sha256_file(path) if path.is_file() else None  # train() names the missing file in one line
+
+
 @task(name="train", **CACHED)
 def train_task(data: str, model: str, config: str, epochs: int, batch_size: int | None, max_steps_per_epoch: int | None,
                time_limit_s: float | None, num_workers: int, seed: int, out: str, resume: bool,
-               dataset_sha: str) -> dict[str, Any]:
+               dataset_sha: str, init_from: str | None = None, init_sha: str | None = None) -> dict[str, Any]:
     from pipeline.train.config import load_train_config
     from pipeline.train.loop import train
 
     cfg = load_train_config(config, model, epochs=epochs, batch_size=batch_size, seed=seed, num_workers=num_workers,
-                            max_steps_per_epoch=max_steps_per_epoch, time_limit_s=time_limit_s)
+                            max_steps_per_epoch=max_steps_per_epoch, time_limit_s=time_limit_s, init_from=init_from)
     r = train(cfg, Path(data), Path(out), resume=resume, progress=sys.stderr.isatty())
     get_run_logger().info("trained %s for %d epoch(s) in %.0f s; best %s %s at epoch %s", model, r.epochs_run,
                           r.seconds, r.monitor, "-" if r.best_value is None else f"{r.best_value:.4f}", r.best_epoch)
@@ -66,7 +76,8 @@ def train_model(params: TrainParams) -> dict[str, Any]:
                 params.out)
     result = run_cached(train_task, _run_files, params.data, params.model, params.config, params.epochs,
                         params.batch_size, params.max_steps_per_epoch, params.time_limit_s, params.num_workers,
-                        params.seed, params.out, params.resume, _dataset_sha(params.data))
+                        params.seed, params.out, params.resume, _dataset_sha(params.data), params.init_from,
+                        _init_sha(params.init_from))
     hist = result["history"]
     if hist:
         rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in hist]

@@ -52,6 +52,8 @@ def train_cmd(
     max_steps: Optional[int] = _override("max_steps_per_epoch", "--max-steps-per-epoch"),
     time_limit: Optional[float] = _override("time_limit_s", "--time-limit"),
     vgg_weights: Optional[str] = _override("vgg_weights", "--vgg-weights"),
+    init_from: Optional[str] = _override("init_from", "--init-from",
+                                         help="fine-tune: a finished run folder whose weights start this run"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out exactly where it stopped"),
 ) -> None:
     """Train a model on a dataset's cubes; best checkpoint by a validation metric, TensorBoard logs in OUT/tb."""
@@ -65,7 +67,8 @@ def train_cmd(
     logging.getLogger("pipeline").setLevel(logging.INFO)
     cfg = load_train_config(config, model, epochs=epochs, batch_size=batch_size, seed=seed, precision=precision,
                             grad_clip=grad_clip, patience=patience, monitor=monitor, num_workers=workers,
-                            max_steps_per_epoch=max_steps, time_limit_s=time_limit, vgg_weights=vgg_weights)
+                            max_steps_per_epoch=max_steps, time_limit_s=time_limit, vgg_weights=vgg_weights,
+                            init_from=init_from)
     if lr is not None:
         # --lr changes one field of the file's (or the model's published) optimiser, keeping the others
         try:

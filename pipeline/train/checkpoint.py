@@ -203,19 +203,20 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
     return model.to(map_location).eval(), meta
 
 
-def check_spec_matches(meta: Mapping[str, Any], model: str, spec: InputSpec, where: Path) -> None:
+def check_spec_matches(meta: Mapping[str, Any], model: str, spec: InputSpec, where: Path,
+                       fix: str = "a new --out folder") -> None:
     """Resuming or fine-tuning needs the same architecture and input spec as the checkpoint."""
     if meta.get("model") != model:
         raise CheckpointError(
             f"{where} is a checkpoint of model {meta.get('model')!r}, not {model!r}; "
-            f"use --model {meta.get('model')} or a new --out folder"
+            f"use --model {meta.get('model')} or {fix}"
         )
     theirs = InputSpec.from_dict(meta["spec"])
     if theirs != spec:
         diff = {k: (v, getattr(spec, k)) for k, v in theirs.to_dict().items() if getattr(spec, k) != v}
         raise CheckpointError(
             f"{where}: the checkpoint's input spec differs from {model!r} as configured now "
-            f"(checkpoint vs now: {diff}); use a new --out folder"
+            f"(checkpoint vs now: {diff}); use {fix}"
         )
 
 

@@ -134,6 +134,9 @@ class TrainConfig(BaseModel):
     train_split: str = Field("train", description="cube split trained on (cubes/SPLIT.zarr)")
     val_split: str = Field("val", description="cube split validated on every val_every epochs")
     vgg_weights: str | None = Field(None, description="torchvision vgg16 state dict for perceptual/style losses")
+    init_from: str | None = Field(
+        None, description="fine-tuning: a finished run folder (of `cloudfree train`) whose model.pt starts the "
+        "weights; same model and input spec, fresh optimiser; a composite-taking model may have learned another fill")
     augment: AugmentConfig = Field(AugmentConfig(), description="synthetic clouds, flips, rotations, crops")
     composite_fill: FillConfig = Field(
         FillConfig(), description="the harmonized fill that models taking a composite (refine) learn to correct; the "

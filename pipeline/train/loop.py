@@ -37,6 +37,7 @@ from pipeline.errors import CheckpointError, CloudfreeError, DataError
 from pipeline.files import OutputLock
 from pipeline.train.checkpoint import (
     META_FILE,
+    MODEL_FILE,
     STATE_FILE,
     atomic_torch_save,
     check_spec_matches,
@@ -467,16 +468,36 @@ def _setup(cfg: TrainConfig, rt: Runtime, data_dir: Path | None, out: Path, resu
     assert sampler is not None  # sharded loaders always have one
     val_loader, _ = _loader(val_ds, per_rank, rt, cfg, shuffle=False, sharded=False)
     st = _restore(parts, out, cfg) if resume else LoopState()
+    if cfg.init_from is not None and not resume:  # a resumed run's weights are its own by now
+        _init_weights(parts, cfg)
     manifest_sha = dataset_fingerprint(data_dir)
     writer = _writer(out, rt)  # last: nothing between here and train()'s try may leave it open
     return _Run(cfg, rt, out, parts, st, train_ds, sampler, train_loader, val_loader, writer, manifest_sha, progress,
                 start_epoch=st.epoch, t_start=time.perf_counter() - st.elapsed_s)
 
 
+def _init_weights(parts: Parts, cfg: TrainConfig) -> None:
+    """Fine-tuning: the weights of a finished run, checked for the same model and input spec."""
+    assert cfg.init_from is not None
+    src = Path(cfg.init_from)
+    meta = read_meta(src)
+    check_spec_matches(meta, cfg.model, parts.spec, src / META_FILE,
+                       fix=f"--init-from a run of {cfg.model!r} with the same model parameters")
+    load_weights(parts.model, safe_load(src / MODEL_FILE, "model weights"), src / MODEL_FILE, cfg.model)
+    note = ""
+    if parts.spec.needs_composite and meta_fill(meta) != cfg.composite_fill:
+        # allowed on purpose: moving a correction onto a better fill is what fine-tuning it is for
+        note = f"; it learned to correct another fill ({meta_fill(meta).differences(cfg.composite_fill, 'this run')})"
+    monitor = meta.get("monitor") or {}
+    value = monitor.get("value")
+    log.info("weights from %s (epoch %s, %s %s)%s", src, meta.get("epoch"), monitor.get("name"),
+             f"{value:.4f}" if isinstance(value, (int, float)) else value, note)
+
+
 def _epoch_loop(run: _Run) -> bool:
     """Epochs from the first not yet run up to ``cfg.epochs``; True when early stopping ended them."""
     cfg, st = run.cfg, run.st
-    if run.start_epoch == 0 and run.parts.spec.needs_composite:
+    if run.start_epoch == 0 and (run.parts.spec.needs_composite or run.cfg.init_from is not None):
         _composite_baseline(run)
     for epoch in range(run.start_epoch, cfg.epochs):
         epoch_logs = _train_epoch(run, epoch)
@@ -500,14 +521,16 @@ def _epoch_loop(run: _Run) -> bool:
 def _composite_baseline(run: _Run) -> None:
     """Epoch 0 of a model that corrects the composite: the untrained model IS the composite, so validating it scores
     the training-free baseline, and saving it makes that the checkpoint until an epoch beats it on validation. A run
-    whose training never helps hands over the composite, not a worse model."""
+    whose training never helps hands over the composite, not a worse model. A fine-tuned run (``init_from``) starts
+    the same way from the weights it was given, so it never hands back worse than it started."""
     cfg, st = run.cfg, run.st
     value, metrics = _validate_epoch(run.parts, run.val_loader, run.rt, cfg, run.writer, -1, {})
     st.best_value, st.best_epoch = value, 0
     st.history.append({"epoch": 0, **metrics})
     if run.rt.main:
         save_model(run.out, run.parts.bare, _meta(cfg, run.parts, st, metrics, run.manifest_sha))
-        log.info("epoch 0 (the untrained model = the composite): %s=%.4f", cfg.monitor, value)
+        start = "the weights of init_from" if cfg.init_from is not None else "the untrained model = the composite"
+        log.info("epoch 0 (%s): %s=%.4f", start, cfg.monitor, value)
     if run.rt.distributed:
         dist.barrier()
 

@@ -375,6 +375,12 @@ def test_train_flow_checkpoint_and_metrics_table(tiny_build, tmp_path):
         assert rows[name]["water_f1_cloud"] == pytest.approx(s["cloud_water_f1"], abs=1e-4, nan_ok=True)
     # the trained checkpoint is a valid reconstruct parameter now
     assert ReconstructParams(region=TINY, date=DATE, checkpoint=str(tmp_path / "run")).checkpoint
+    # and a start for fine-tuning: the tuned run's epoch 0 scores the given weights
+    tuned = train_model(params.model_copy(update={"out": str(tmp_path / "tuned"), "init_from": str(tmp_path / "run"),
+                                                  "evaluate_split": None}), return_state=True)
+    assert tuned.is_completed(), tuned.message
+    first_epoch = tuned.result()["history"][0]
+    assert first_epoch["epoch"] == 0 and first_epoch["cloud_psnr"] == pytest.approx(res["best_value"], abs=1e-4)
 
 
 def test_dask_task_runner_is_chosen_by_environment_and_runs_tasks(harness, monkeypatch):

@@ -124,6 +124,12 @@ def test_cli_errors_are_one_line(run, dataset, tmp_path, monkeypatch, capsys):
         monkeypatch, capsys, "evaluate", "--checkpoint", str(run), "--data", str(dataset), "--split", "nope"
     )
     assert code == 2 and "no cube for split 'nope'" in out.err
+    code, out = _cli(
+        monkeypatch, capsys, "train", "--data", str(dataset), "--model", "cmsn", "--out", str(tmp_path / "ft"),
+        "--init-from", str(run), "--epochs", "1"
+    )
+    assert code == 2 and "is a checkpoint of model 'unet', not 'cmsn'" in out.err and "--init-from a run" in out.err
+    assert len(out.err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -169,3 +169,31 @@ def test_a_run_folder_in_use_is_refused_in_one_line(tmp_path, data):
         done.set()
         t.join()
     assert not (run / STATE_FILE).exists()
+
+
+def test_init_from_starts_from_a_finished_runs_weights_and_never_hands_back_worse(tmp_path, data):
+    source = tmp_path / "source"
+    train(_cfg(epochs=3), None, source, train_data=data[0], val_data=data[1], progress=False)
+    _, source_meta = load_checkpoint(source)
+    tuned = tmp_path / "tuned"
+    res = train(_cfg(epochs=1, init_from=str(source), optimizer={"lr": 1e-2}), None, tuned, train_data=data[0],
+                val_data=data[1], progress=False)
+    # epoch 0 validates the given weights on the same samples: the source's best score, not an untrained model's
+    assert res.history[0]["epoch"] == 0
+    assert res.history[0]["cloud_psnr"] == pytest.approx(source_meta["monitor"]["value"], abs=1e-4)
+    assert res.best_value >= res.history[0]["cloud_psnr"]
+    _, meta = load_checkpoint(tuned)
+    assert meta["train"]["init_from"] == str(source)
+
+
+def test_init_from_another_model_or_no_run_is_one_clear_line(tmp_path, data):
+    source = tmp_path / "source"
+    train(_cfg(epochs=1), None, source, train_data=data[0], val_data=data[1], progress=False)
+    other = {**SMALL_UNET, "optical_bands": ["B2", "B3", "B4"]}
+    with pytest.raises(CheckpointError, match="input spec differs.*--init-from a run of 'unet'") as err:
+        train(_cfg(model_params=other, init_from=str(source)), None, tmp_path / "a", train_data=data[0],
+              val_data=data[1], progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(_cfg(init_from=str(tmp_path / "nowhere")), None, tmp_path / "b", train_data=data[0], val_data=data[1],
+              progress=False)
