@@ -526,13 +526,30 @@ def _composite_baseline(run: _Run) -> None:
     cfg, st = run.cfg, run.st
     value, metrics = _validate_epoch(run.parts, run.val_loader, run.rt, cfg, run.writer, -1, {})
     st.best_value, st.best_epoch = value, 0
-    st.history.append({"epoch": 0, **metrics})
+    first: dict[str, Any] = {"epoch": 0, **metrics}
     if run.rt.main:
-        save_model(run.out, run.parts.bare, _meta(cfg, run.parts, st, metrics, run.manifest_sha))
         start = "the weights of init_from" if cfg.init_from is not None else "the untrained model = the composite"
         log.info("epoch 0 (%s): %s=%.4f", start, cfg.monitor, value)
+        if cfg.init_from is not None and run.parts.spec.needs_composite:
+            # a fine-tuned correction's floor is the weights it was given, which may score under the fill it
+            # corrects: say by how much, so nobody reads a fine-tuned run's "best" as a gain over the composite
+            composite = _untrained_score(run)
+            first[f"composite_{cfg.monitor}"] = composite
+            log.info("the composite itself (an untrained %s): %s=%.4f", cfg.model, cfg.monitor, composite)
+        save_model(run.out, run.parts.bare, _meta(cfg, run.parts, st, metrics, run.manifest_sha))
+    st.history.append(first)
     if run.rt.distributed:
         dist.barrier()
+
+
+def _untrained_score(run: _Run) -> float:
+    """The monitored validation metric of an untrained model that corrects the composite, i.e. of the composite."""
+    from models.registry import build_model
+
+    with torch.random.fork_rng(devices=[]):  # the run's own random stream must not notice
+        plain = build_model(run.cfg.model, run.parts.resolved).to(run.rt.device)
+    metrics, _ = validate(plain, run.val_loader, run.rt, want_images=False)
+    return float(metrics[run.cfg.monitor])
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:

@@ -90,6 +90,12 @@ def test_a_few_training_steps_move_only_the_pixels_the_fill_took_from_an_earlier
     assert meta["spec"]["needs_composite"] and meta["epoch"] == res.best_epoch
     assert res.best_value >= res.history[0]["cloud_psnr"]
 
+    # fine-tuned from that run, epoch 0 scores its weights and, next to them, the composite they correct
+    tuned = train(cfg.model_copy(update={"epochs": 1, "init_from": str(tmp_path / "run")}), None, tmp_path / "tuned",
+                  train_data=raw_samples(8, seed=1), val_data=raw_samples(4, seed=2), progress=False)
+    assert tuned.history[0]["cloud_psnr"] == pytest.approx(res.best_value, abs=1e-4)
+    assert tuned.history[0]["composite_cloud_psnr"] == pytest.approx(res.history[0]["cloud_psnr"], abs=1e-6)
+
     trained = build_model("refine", SMALL).eval()
     with torch.no_grad():  # an arbitrary correction: what a trained head does
         trained.net.head.bias.fill_(0.05)
