@@ -305,17 +305,25 @@ class ClassOffsets:
     scale: np.ndarray  # (C,) ... and standard deviation over the common clear pixels
     offset: np.ndarray  # (K, C) reflectance added to the global (and local) fit of the class's pixels
 
+    def labels(self, x: np.ndarray) -> np.ndarray:
+        """The class (N,) of each of the fill date's pixels ``x`` (C, N): the nearest centre in standardized log
+        reflectance, by |z|^2 - 2 z.c + |c|^2 (the |z|^2 term is the same for every class)."""
+        z = ((_log_reflectance(x).T - self.mean) / self.scale).astype(np.float32)
+        centre = self.centre.astype(np.float32)
+        return np.argmin((centre ** 2).sum(axis=1)[None] - 2 * (z @ centre.T), axis=1)
+
     def at(self, x: np.ndarray) -> np.ndarray:
         """The offsets (C, N) float32 of the fill date's pixels ``x`` (C, N)."""
         out = np.empty(x.shape, dtype=np.float32)
-        c2 = (self.centre.astype(np.float32) ** 2).sum(axis=1)
         for p0 in range(0, x.shape[1], _PIXEL_CHUNK):
             sl = slice(p0, p0 + _PIXEL_CHUNK)
-            z = (np.log(np.clip(x[:, sl], 1e-3, None)).T - self.mean) / self.scale
-            # nearest centre by |z|^2 - 2 z.c + |c|^2 (the |z|^2 term is the same for every class)
-            label = np.argmin(c2[None] - 2 * (z.astype(np.float32) @ self.centre.T.astype(np.float32)), axis=1)
-            out[:, sl] = self.offset[label].T
+            out[:, sl] = self.offset[self.labels(x[:, sl])].T
         return out
+
+
+def _log_reflectance(x: np.ndarray) -> np.ndarray:
+    """Log reflectance as the classes see it (float32; dark pixels clipped so a 0 is no -inf)."""
+    return np.log(np.clip(x.astype(np.float32, copy=False), 1e-3, None))
 
 
 def _class_offsets(xs: np.ndarray, ys: np.ndarray, a: np.ndarray, b: np.ndarray,
@@ -333,8 +341,7 @@ def _class_offsets(xs: np.ndarray, ys: np.ndarray, a: np.ndarray, b: np.ndarray,
         pick = _spread_pick(n_all, _CLASS_PIXELS)
         xs, ys = xs[:, pick], ys[:, pick]
     n = xs.shape[1]
-    x32 = xs.astype(np.float32)
-    z = np.log(np.clip(x32, 1e-3, None)).T
+    z = _log_reflectance(xs).T
     mean, scale = z.mean(axis=0), z.std(axis=0) + 1e-6
     z = (z - mean) / scale
     sample = z[_spread_pick(n, _CLASS_SAMPLE)] if n > _CLASS_SAMPLE else z
@@ -342,7 +349,7 @@ def _class_offsets(xs: np.ndarray, ys: np.ndarray, a: np.ndarray, b: np.ndarray,
         warnings.simplefilter("ignore")  # "one of the clusters is empty": it gets no pixels and no offset
         centre, _ = kmeans2(sample.astype(np.float64), k, seed=np.random.default_rng(1), minit="++")
     classes = ClassOffsets(centre.astype(np.float32), mean, scale, np.zeros((k, xs.shape[0]), dtype=np.float32))
-    label = np.argmin((classes.centre ** 2).sum(axis=1)[None] - 2 * (z @ classes.centre.T), axis=1)
+    label = classes.labels(xs)
     order = np.argsort(label, kind="stable")
     bounds = np.searchsorted(label[order], np.arange(k + 1))
     res = (ys - (a[:, None] * xs + b[:, None])).astype(np.float32)[:, order]
