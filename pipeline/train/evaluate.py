@@ -3,8 +3,9 @@
 Metrics come from ``pipeline.train.metrics`` (UnCRtainTS conventions: per image over the bands on [0, 1]
 reflectance, then the mean over images; no centre crops, no clamping of predictions). Two pixel sets:
 ``all`` = valid target pixels, ``cloud`` = valid target pixels that the latest optical input does not see
-(cloud, shadow, nodata: the ``cloud`` map of ``pipeline.train.samples``). Images without cloud pixels do not
-enter the cloud means; the counts are reported. ``evaluate`` adds per band group scores (visible < 700 nm,
+(cloud, shadow, nodata: the ``cloud`` map of ``pipeline.train.samples``); for a ``refine`` model only those its
+fill took from an earlier date (``scored_cloud``). Images without cloud pixels do not enter the cloud means; the
+counts are reported. ``evaluate`` adds per band group scores (visible < 700 nm,
 NIR 700-1000 nm, SWIR > 1000 nm) and scores the ``composite`` baseline (most recent clear pixel) on the very
 same samples and synthetic clouds, so the table compares like with like. Of the flood-aware scores of
 ``cloudfree benchmark`` it adds the water-under-cloud F1 (``cloud_water_f1``: the prediction's MNDWI water map
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from models.base import CloudRemovalModel
+from models.refine import filled_pixels
 from models.spec import InputSpec
 from pipeline.errors import DataError
 from pipeline.sensors import SENSORS
@@ -70,6 +72,22 @@ def image_scores(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, 
         for i, row in enumerate(rows):
             row["cloud_water_f1"] = water_f1(pw[i], tw[i], where[i])
     return rows
+
+
+def scored_cloud(batch: Mapping[str, Any], spec: InputSpec) -> torch.Tensor:
+    """(B, H, W) the cloud pixels a method is scored on: those the latest optical input does not see, and for a
+    ``needs_composite`` model only those its fill took from an earlier date.
+
+    A ``refine`` model corrects the fill's pixels only; where no earlier date was clear, ``reconstruct`` writes no
+    data (provenance 3), the benchmark leaves the pixel unscored, and the batch's composite holds the target's own
+    cloudy value there, the same for the model and its baseline. Scored, those pixels set the validation score:
+    99.6 % of the composite's squared error on the synthetic 128-px build's validation split, so checkpoint
+    selection could not see a correction that cut the error on the filled pixels by a quarter.
+    """
+    cloud = batch["cloud"]
+    if spec.needs_composite:
+        cloud = cloud * filled_pixels(batch["composite_info"])[:, 0].to(cloud.dtype)
+    return cloud
 
 
 def ndvi_indices(bands: tuple[str, ...]) -> tuple[int, int] | None:
@@ -138,7 +156,8 @@ def validate(model: CloudRemovalModel, loader: DataLoader, rt: Runtime,
     try:
         for b in loader:
             pred = predict(model, b, rt).cpu()
-            rows += image_scores(pred, b["target"], b["target_valid"], b["cloud"], ndvi_indices(model.spec.out_bands))
+            rows += image_scores(pred, b["target"], b["target_valid"], scored_cloud(b, model.spec),
+                                 ndvi_indices(model.spec.out_bands))
             if want_images and not images:
                 images = image_grid(b, pred, model.spec)
     finally:
@@ -199,7 +218,7 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
     for bm, bc in zip(DataLoader(ds_model, **kw), DataLoader(ds_comp, **kw)):
         if bm["sample_id"] != bc["sample_id"] or not torch.equal(bm["cloud"], bc["cloud"]):
             raise RuntimeError("model and composite batches disagree on samples or cloud maps")  # a bug, not user input
-        valid, cloud = bm["target_valid"][:, 0], bm["cloud"]
+        valid, cloud = bm["target_valid"][:, 0], scored_cloud(bm, spec)
         for name, m, b in (("model", model, bm), ("composite", comp, bc)):
             # a refine model's baseline is the harmonized fill it corrects, which its batch already holds
             pred = bm["composite"] if name == "composite" and spec.needs_composite else predict(m, b, rt).cpu()
@@ -214,7 +233,9 @@ def evaluate(run_dir: Path, data_dir: Path, split: str = "test", out: Path | Non
         "split": split,
         "n_samples": len(raw),
         "cloud_seed": seed,
-        "cloud_pixels": "valid target pixels the latest optical input does not see (cloud, shadow, nodata)",
+        "cloud_pixels": "valid target pixels the latest optical input does not see (cloud, shadow, nodata)"
+                        + (" and the fill took from an earlier date (the pixels the model corrects)"
+                           if spec.needs_composite else ""),
         "band_groups": {g: [spec.out_bands[i] for i in idx] for g, idx in groups.items()},
         "water_index": str(water) if water is not None else None,
         "composite": ({"method": "harmonized fill (pipeline.harmonize, the refine model's input)"}

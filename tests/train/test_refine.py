@@ -139,3 +139,32 @@ def test_a_real_cloud_can_bring_its_own_pixels():
     np.testing.assert_array_equal(hidden, masks[0] != MaskClass.CLEAR)
     np.testing.assert_array_equal(cloudy[:, hidden], donor[0][:, hidden])
     np.testing.assert_array_equal(cloudy[:, ~hidden], clear[:, ~hidden])
+
+
+def test_a_refine_model_is_validated_on_the_cloud_pixels_its_fill_covers():
+    # where no earlier date was clear, model and composite both hold the cloudy observation and reconstruct writes no
+    # data: scored, those pixels swamp the score and checkpoint selection cannot see the correction
+    from torch.utils.data import DataLoader
+
+    from pipeline.train.evaluate import image_scores, mean_scores, scored_cloud, validate
+    from pipeline.train.runtime import Runtime
+    from pipeline.train.samples import AssembledDataset
+
+    model = build_model("refine", SMALL).eval()
+    loader = DataLoader(AssembledDataset(raw_samples(4, seed=2), model.spec, train=False, seed=0), batch_size=4)
+    batch = next(iter(loader))
+    filled = batch["composite_info"][:, 0] > 0
+    cloud = batch["cloud"] > 0
+    assert (cloud & filled).any() and (cloud & ~filled).any()
+    np.testing.assert_array_equal(scored_cloud(batch, model.spec).numpy(), (cloud & filled).numpy())
+
+    scores, _ = validate(model, loader, Runtime.local())
+    valid = batch["target_valid"]
+    on_filled = mean_scores(image_scores(batch["composite"], batch["target"], valid, (cloud & filled).float()))
+    on_all = mean_scores(image_scores(batch["composite"], batch["target"], valid, cloud.float()))
+    assert scores["cloud_psnr"] == pytest.approx(on_filled["cloud_psnr"], abs=1e-4)
+    assert on_filled["cloud_psnr"] > on_all["cloud_psnr"] + 3.0  # the unfilled pixels are the cloud itself
+
+    # a model that fills every pixel itself is scored on every cloud pixel
+    unet = build_model("unet", SMALL)
+    assert scored_cloud(batch, unet.spec) is batch["cloud"]
