@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -117,6 +118,25 @@ def test_case_pastes_the_donor_cloud_and_scores_what_it_hid():
     assert np.allclose(case.truth, 0.4)
     assert (case.codes_on(3)[left] == MaskClass.CLOUD).all() and (case.codes_on(3)[~left] == 0).all()
     assert (case.codes_on(1) == s.codes[1]).all()
+
+
+def test_stale_pixels_are_those_no_recent_date_saw_clear():
+    s = _series()  # dates 5 days apart; date 2 cloudy on the left half, date 4 overcast
+    standard = make_case(s, build_cases(s, persistent=0)[0])  # target 3 under date 2's cloud
+    age = bm.last_clear_age(standard)
+    assert (age[:, :4] == 10).all() and (age[:, 4:] == 5).all()  # date 1 saw the left half, date 2 the right
+    truth = standard.truth[[s.bands.index(b) for b in s.reflectance_bands]]
+    off = truth + np.float32(0.1)
+    assert bm.stale_scores(standard, off, truth, standard.hidden, min_pixels=1)["stale_hidden"] == 0.0
+
+    case = make_case(s, [c for c in build_cases(s, persistent=2) if c.variant == "persistent"][0])
+    case.product_codes.update(case.pasted_codes)  # what remask finds: the pasted overcast masked as cloud
+    assert (bm.last_clear_age(case) == 15).all()  # dates 1 and 2 clouded: date 0 is the last to see the ground
+    case.product_codes[0] = np.full(GRID.shape, MaskClass.CLOUD, np.uint8)
+    assert np.isinf(bm.last_clear_age(case)).all()
+    got = bm.stale_scores(case, off, truth, case.hidden, min_pixels=1)
+    assert got["stale_hidden"] == 1.0 and got["stale_hidden_psnr"] == pytest.approx(20.0, abs=1e-4)
+    assert math.isnan(bm.stale_scores(case, off, truth, case.hidden)["stale_hidden_psnr"])  # 24 pixels: too few
 
 
 def test_case_source_serves_pasted_dates_and_hides_later_ones():
