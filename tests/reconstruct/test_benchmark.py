@@ -127,16 +127,17 @@ def test_stale_pixels_are_those_no_recent_date_saw_clear():
     assert (age[:, :4] == 10).all() and (age[:, 4:] == 5).all()  # date 1 saw the left half, date 2 the right
     truth = standard.truth[[s.bands.index(b) for b in s.reflectance_bands]]
     off = truth + np.float32(0.1)
-    assert bm.stale_scores(standard, off, truth, standard.hidden, min_pixels=1)["stale_hidden"] == 0.0
+    assert bm.stale_scores(age, off, truth, standard.hidden, min_pixels=1)["stale_hidden"] == 0.0
 
     case = make_case(s, [c for c in build_cases(s, persistent=2) if c.variant == "persistent"][0])
     case.product_codes.update(case.pasted_codes)  # what remask finds: the pasted overcast masked as cloud
     assert (bm.last_clear_age(case) == 15).all()  # dates 1 and 2 clouded: date 0 is the last to see the ground
     case.product_codes[0] = np.full(GRID.shape, MaskClass.CLOUD, np.uint8)
-    assert np.isinf(bm.last_clear_age(case)).all()
-    got = bm.stale_scores(case, off, truth, case.hidden, min_pixels=1)
+    age = bm.last_clear_age(case)
+    assert np.isinf(age).all()
+    got = bm.stale_scores(age, off, truth, case.hidden, min_pixels=1)
     assert got["stale_hidden"] == 1.0 and got["stale_hidden_psnr"] == pytest.approx(20.0, abs=1e-4)
-    assert math.isnan(bm.stale_scores(case, off, truth, case.hidden)["stale_hidden_psnr"])  # 24 pixels: too few
+    assert math.isnan(bm.stale_scores(age, off, truth, case.hidden)["stale_hidden_psnr"])  # 24 pixels: too few
 
 
 def test_case_source_serves_pasted_dates_and_hides_later_ones():

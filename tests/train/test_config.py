@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,20 @@ def test_cli_bad_lr_is_one_line(tmp_path, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "--lr -1.0: Input should be greater than 0" in err and "Traceback" not in err
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "docs" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_training_recipes_load_and_fit_the_cpu_budget(path):
+    import yaml
+
+    cfg = load_train_config(path, yaml.safe_load(path.read_text())["model"])
+    assert cfg.time_limit_s is not None and cfg.time_limit_s <= 600  # the README's figures are 10-min CPU runs
+    makefile = (path.parents[2] / "Makefile").read_text()
+    assert f"docs/recipes/{path.name}" in makefile  # `make refine-demo` runs every shipped recipe
+
+
+def test_recipes_are_shipped():
+    assert {p.stem for p in RECIPES} == {"refine-sar-base", "refine-sar"}
