@@ -35,7 +35,7 @@ bench: setup
 
 # The learned correction of the README ("A learned correction on top"), end to end on the synthetic archive: the
 # self-supervised build, two 10-min CPU trainings (the fill without class offsets, then fine-tuned onto today's
-# default) and the benchmark of composite against the model on the dates after the hold-out. About 35 min on 2 cores.
+# default) and the benchmark of composite against the model on the dates after the hold-out. About 32 min on 2 cores.
 REFINE_OUT ?= runs/refine-demo
 refine-demo: setup
 	$(BIN)/cloudfree build-dataset zhengzhou-demo-selfsup --source synthetic --out $(REFINE_OUT)/data
