@@ -78,7 +78,7 @@ from pipeline.sources.base import Source
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OPTIONAL_COLUMNS", "MIN_WATER_PIXELS", "TABLE_COLUMNS", "BenchmarkError", "BenchmarkReport",
+__all__ = ["MIN_WATER_PIXELS", "OPTIONAL_COLUMNS", "TABLE_COLUMNS", "BenchmarkError", "BenchmarkReport",
            "archive_region", "columns", "default_methods", "flood_scores", "hidden_water_f1", "markdown_table",
            "resolve_methods", "run_benchmark", "table_columns", "table_rows"]
 
