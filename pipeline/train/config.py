@@ -64,7 +64,8 @@ class SchedulerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["plateau", "cosine", "none"] = Field(
-        "plateau", description="plateau: ReduceLROnPlateau on the monitored metric; cosine: annealing over all epochs")
+        "plateau", description="plateau: ReduceLROnPlateau on the monitored metric; cosine: annealing over all epochs, "
+        "or over time_limit_s when that ends the run first")
     factor: float = Field(0.1, gt=0, lt=1, description="ReduceLROnPlateau: lr multiplier")
     patience: int = Field(10, ge=0, description="ReduceLROnPlateau: epochs without improvement before lowering lr")
     min_lr: float = Field(0.0, ge=0, description="lower bound of the learning rate")
@@ -91,8 +92,11 @@ MODEL_DEFAULTS: dict[str, ModelDefaults] = {
     "cmsn": ModelDefaults(optimizer=OptimConfig(lr=1e-4), batch_size=8, source="not published: Adam 1e-4, batch 8"),
     "unet": ModelDefaults(optimizer=OptimConfig(lr=1e-3), batch_size=8, source="baseline: Adam 1e-3, batch 8"),
     # a correction that starts at zero: a smaller step keeps the first epochs from undoing the composite
-    "refine": ModelDefaults(optimizer=OptimConfig(lr=3e-4), batch_size=8,
-                            source="not published: Adam 3e-4, batch 8 (a correction of the composite)"),
+    # cosine: the refine+S1 recipe from scratch scored +0.89 dB over the composite with it and +0.37 under plateau
+    # (same 10 min, same validation score to 0.02 dB), and its water F1 rose instead of falling (0.962 / 0.937)
+    "refine": ModelDefaults(optimizer=OptimConfig(lr=3e-4), scheduler=SchedulerConfig(kind="cosine"), batch_size=8,
+                            source="not published: Adam 3e-4 with cosine annealing, batch 8 (a correction of the "
+                            "composite)"),
 }
 _FALLBACK = ModelDefaults(optimizer=OptimConfig(), source="generic: Adam 1e-3, batch 8")
 

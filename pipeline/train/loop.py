@@ -54,6 +54,7 @@ from pipeline.train.config import TrainConfig, TrainConfigError
 from pipeline.train.evaluate import validate
 from pipeline.train.runtime import Runtime, dataset_fingerprint, open_split, setup_runtime, teardown_runtime
 from pipeline.train.samples import AssembledDataset, model_inputs
+from pipeline.train.schedule import BudgetCosine
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +155,12 @@ def build_parts(cfg: TrainConfig, rt: Runtime, steps_per_epoch: int) -> Parts:
     d_opt = None
     if disc is not None:
         d_opt = _optimizer(disc.parameters(), oc.name, oc.d_lr or oc.lr, oc.betas, oc.weight_decay)
-    sched: torch.optim.lr_scheduler.LRScheduler | None
+    sched: torch.optim.lr_scheduler.LRScheduler | BudgetCosine | None
     if sc.kind == "plateau":
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=cfg.monitor_mode, factor=sc.factor,
                                                            patience=sc.patience, min_lr=sc.min_lr)
     elif sc.kind == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=sc.min_lr)
+        sched = BudgetCosine(opt, cfg.epochs, cfg.time_limit_s, sc.min_lr)
     else:
         sched = None
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
@@ -599,8 +600,9 @@ def _end_epoch(run: _Run, epoch: int, epoch_logs: dict[str, float], validated: b
     elif run.writer is not None:
         for k, v in epoch_logs.items():
             run.writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-    if parts.scheduler is not None and not plateau:
-        parts.scheduler.step()
+    if isinstance(parts.scheduler, BudgetCosine):
+        # rank 0's clock, as for the time limit: every rank must step at the same rate
+        parts.scheduler.step(epoch + 1, _broadcast_value(time.perf_counter() - run.t_start, run.rt))
     return metrics, improved
 
 

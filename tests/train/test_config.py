@@ -95,4 +95,4 @@ def test_shipped_training_recipes_load_and_fit_the_cpu_budget(path):
 
 
 def test_recipes_are_shipped():
-    assert {p.stem for p in RECIPES} == {"refine-sar-base", "refine-sar"}
+    assert {p.stem for p in RECIPES} == {"refine-sar"}
