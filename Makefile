@@ -35,7 +35,7 @@ bench: setup
 
 # The learned correction of the README ("A learned correction on top"), end to end on the synthetic archive: the
 # self-supervised build, two 10-min CPU trainings (from scratch, then fine-tuned from it at a third of the rate) and
-# the benchmark of composite against both runs on the dates after the hold-out. About 38 min on 2 cores.
+# the benchmark of composite against both runs on the dates after the hold-out. About 34 min on 2 cores.
 REFINE_OUT ?= runs/refine-demo
 refine-demo: setup
 	$(BIN)/cloudfree build-dataset zhengzhou-demo-selfsup --source synthetic --out $(REFINE_OUT)/data
