@@ -57,7 +57,7 @@ def test_a_time_limited_cosine_run_ends_annealed(tmp_path, data):  # noqa: F811
                 val_data=data[1], progress=False)
     assert res.epochs_run == 1
     assert _final_state(tmp_path / "limited")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6)
-    # without the limit the same first epoch leaves the rate near the start (1/50 of the way)
+    # without the limit the epochs set the pace: cosine over 50, however many early stopping lets run
     train(_cfg(epochs=50, max_steps_per_epoch=1, scheduler=sched, patience=1), None, tmp_path / "epochs",
           train_data=data[0], val_data=data[1], progress=False)
     state = _final_state(tmp_path / "epochs")
